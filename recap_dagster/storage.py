@@ -1,0 +1,193 @@
+"""Where the pipeline's outputs live: a root that is a local folder or an ``s3://`` prefix.
+
+Every output path is built from validated parts, so a partition key can never escape the
+root. Every write is atomic: a killed run leaves either the previous file or nothing at
+the final name, never a partial one.
+
+- Files: written to a local temporary file first, then ``os.replace``-d into place (local)
+  or uploaded in one ``put`` (S3, where an object appears only once its upload completes).
+- Directories (model checkpoints): local ones are built beside the target and renamed into
+  place; on S3, where a multi-object write cannot be atomic, the directory counts as
+  finished only once its ``_SUCCESS`` marker is written, which happens last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recap_dagster.fs import filesystem, is_local
+
+SUCCESS_MARKER = "_SUCCESS"
+_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,199}$")
+
+
+class StoragePathError(ValueError):
+    """A path part (e.g. a partition key) that is empty or would escape the storage root."""
+
+
+def validate_part(part: str) -> str:
+    """Return ``part`` if it is a safe single path component, else raise StoragePathError."""
+    if not isinstance(part, str) or not part:
+        raise StoragePathError("empty path component")
+    if part in {".", ".."} or "/" in part or "\\" in part or not _PART.match(part):
+        raise StoragePathError(
+            f"unsafe path component {part!r}: use letters, digits, '_', '-', '.', '=', '+' "
+            "(no leading '.', no separators)"
+        )
+    return part
+
+
+class Storage:
+    """Paths and atomic reads/writes under one root (local folder or ``s3://bucket/prefix``)."""
+
+    def __init__(self, root: str):
+        if not root:
+            raise StoragePathError("storage root is empty")
+        if "://" not in root:
+            root = str(Path(root).expanduser().resolve())
+        self.root = root.rstrip("/")
+        self.fs, self._root_path = filesystem(self.root)
+        self.local = is_local(self.fs)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    # -- paths -------------------------------------------------------------------------
+    def _fs_path(self, *parts: str) -> str:
+        return "/".join([self._root_path, *(validate_part(p) for p in parts)])
+
+    def uri(self, *parts: str) -> str:
+        """Full local path or URI of ``parts`` under the root (validated)."""
+        return "/".join([self.root, *(validate_part(p) for p in parts)])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self._fs_path(*parts))
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names directly under ``parts`` (empty if it does not exist)."""
+        path = self._fs_path(*parts) if parts else self._root_path
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    # -- files -------------------------------------------------------------------------
+    @contextmanager
+    def atomic_file(self, *parts: str) -> Iterator[str]:
+        """Yield a local temp path to write; it replaces ``parts`` only if the block succeeds."""
+        target = self._fs_path(*parts)
+        if self.local:
+            directory = os.path.dirname(target)
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=directory)
+            os.close(fd)
+            try:
+                yield tmp
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with tempfile.TemporaryDirectory(prefix="recap-upload-") as tmpdir:
+                tmp = os.path.join(tmpdir, os.path.basename(target))
+                yield tmp
+                self.fs.put_file(tmp, target)
+                self.fs.invalidate_cache(os.path.dirname(target))
+
+    def write_bytes(self, data: bytes, *parts: str) -> str:
+        with self.atomic_file(*parts) as tmp:
+            Path(tmp).write_bytes(data)
+        return self.uri(*parts)
+
+    def write_text(self, text: str, *parts: str) -> str:
+        return self.write_bytes(text.encode("utf-8"), *parts)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self._fs_path(*parts))
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode("utf-8")
+
+    def write_parquet(self, table: pa.Table, *parts: str) -> str:
+        with self.atomic_file(*parts) as tmp:
+            pq.write_table(table, tmp)
+        return self.uri(*parts)
+
+    def read_parquet(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self._fs_path(*parts), "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def parquet_schema(self, *parts: str) -> pa.Schema:
+        with self.fs.open(self._fs_path(*parts), "rb") as handle:
+            return pq.read_schema(handle)
+
+    def parquet_num_rows(self, *parts: str) -> int:
+        with self.fs.open(self._fs_path(*parts), "rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+
+    # -- directories (checkpoints) -------------------------------------------------------
+    def dir_complete(self, *parts: str) -> bool:
+        """True when the directory at ``parts`` was written to completion."""
+        return self.fs.exists(self._fs_path(*parts, SUCCESS_MARKER))
+
+    @contextmanager
+    def atomic_dir(self, *parts: str) -> Iterator[str]:
+        """Yield a local temp directory to fill; it replaces ``parts`` only on success."""
+        target = self._fs_path(*parts)
+        with tempfile.TemporaryDirectory(prefix="recap-dir-") as staging_root:
+            staging = os.path.join(staging_root, "out")
+            os.makedirs(staging)
+            yield staging
+            Path(staging, SUCCESS_MARKER).write_text("")
+            if self.local:
+                self._swap_local_dir(staging, target)
+            else:
+                marker = f"{target}/{SUCCESS_MARKER}"
+                if self.fs.exists(target):
+                    # Unmark first so no reader sees old and new files mixed as "complete".
+                    if self.fs.exists(marker):
+                        self.fs.rm_file(marker)
+                    self.fs.rm(target, recursive=True)
+                files = sorted(p for p in Path(staging).rglob("*") if p.is_file())
+                for path in files:
+                    if path.name != SUCCESS_MARKER:
+                        self.fs.put_file(str(path), f"{target}/{path.relative_to(staging)}")
+                self.fs.put_file(str(Path(staging, SUCCESS_MARKER)), marker)
+                self.fs.invalidate_cache(target)
+
+    @staticmethod
+    def _swap_local_dir(staging: str, target: str) -> None:
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        incoming = os.path.join(parent, f".{os.path.basename(target)}.in-{uuid.uuid4().hex}")
+        shutil.move(staging, incoming)  # may cross filesystems; the rename below does not
+        old = None
+        if os.path.exists(target):
+            old = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex}")
+            os.replace(target, old)
+        os.replace(incoming, target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @contextmanager
+    def local_dir(self, *parts: str) -> Iterator[str]:
+        """Yield a local path holding the finished directory ``parts`` (downloaded from S3)."""
+        if not self.dir_complete(*parts):
+            raise FileNotFoundError(f"{self.uri(*parts)} is missing or was not written completely")
+        if self.local:
+            yield self._fs_path(*parts)
+            return
+        with tempfile.TemporaryDirectory(prefix="recap-get-") as tmp:
+            self.fs.get(self._fs_path(*parts), tmp, recursive=True)
+            # fsspec puts the contents either in tmp or in tmp/<name> depending on version.
+            inner = os.path.join(tmp, parts[-1])
+            yield inner if os.path.isdir(inner) else tmp
