@@ -47,3 +47,20 @@ def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     s3fs.S3FileSystem.clear_instance_cache()
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def miniworld_paths(tmp_path_factory: pytest.TempPathFactory):
+    """A small generated miniworld shared by the tests (2 shards x 24 images)."""
+    from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld
+
+    root = tmp_path_factory.mktemp("miniworld")
+    config = MiniworldConfig(
+        shards=2,
+        images_per_shard=24,
+        human_captions=100,
+        human_heldout=8,
+        pretrain_images=64,
+        eval_prompts_per_category=2,
+    )
+    return generate_miniworld(str(root), config)

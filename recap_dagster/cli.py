@@ -1,0 +1,43 @@
+"""``recap-dagster``: the project's command line.
+
+- ``recap-dagster pipeline [--profile default|quick]``: the main job — generate the
+  miniworld and materialize the whole asset graph in the local Dagster instance.
+- ``recap-dagster miniworld --out DIR ...``: only generate a miniworld.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["miniworld"]:
+        from recap_dagster.miniworld.__main__ import main as miniworld_main
+
+        return miniworld_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="recap-dagster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pipeline = sub.add_parser("pipeline", help="run the full pipeline on the miniworld")
+    pipeline.add_argument(
+        "--profile",
+        default="default",
+        choices=["default", "quick"],
+        help="default: the documented miniworld sizes; quick: tiny sizes for tests",
+    )
+    sub.add_parser("miniworld", help="generate a miniworld (see: recap-dagster miniworld -h)")
+    args = parser.parse_args(argv)
+
+    if args.command == "pipeline":
+        from recap_dagster.pipeline import run_pipeline
+
+        summary = run_pipeline(args.profile)
+        print(summary.render())
+        return 0 if summary.succeeded else 1
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

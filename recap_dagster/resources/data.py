@@ -1,0 +1,40 @@
+"""Input data locations: the LAION shard source and the human-caption set."""
+
+from __future__ import annotations
+
+import dagster as dg
+from pydantic import Field
+
+from recap_dagster.imaging import DEFAULT_MAX_PIXELS
+
+
+class DataSourcesResource(dg.ConfigurableResource):
+    """Where the inputs live. Defaults point at the generated miniworld."""
+
+    shards_root: str = Field(
+        description="Folder or s3:// prefix holding img2dataset shards (NNNNN.tar/.parquet).",
+    )
+    human_captions_path: str = Field(
+        description="JSONL file of human captions (key, image, short, long), images beside it.",
+    )
+    tokenizer_path: str = Field(
+        description="Directory of the CLIP tokenizer used for the 77-token caption limit.",
+    )
+    min_human_captions: int = Field(
+        default=100, description="The human-caption set must have at least this many rows."
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        description="Images with more pixels than this are rejected (decompression bombs).",
+    )
+
+    @classmethod
+    def for_miniworld(
+        cls, miniworld_dir: str, shards_root: str | None = None
+    ) -> DataSourcesResource:
+        """Sources laid out as the miniworld generator writes them."""
+        return cls(
+            shards_root=shards_root or f"{miniworld_dir}/laion",
+            human_captions_path=f"{miniworld_dir}/human_captions/captions.jsonl",
+            tokenizer_path=f"{miniworld_dir}/tokenizer",
+        )

@@ -1,0 +1,46 @@
+"""Default locations, overridable by environment variables (never by code edits).
+
+``RECAP_WORKDIR`` (default ``./.recap``) holds the generated miniworld, the storage root
+and the local Dagster home. ``RECAP_STORAGE_ROOT`` and ``RECAP_SHARDS_ROOT`` point storage
+and the LAION source elsewhere, e.g. at ``s3://`` prefixes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def workdir() -> Path:
+    return Path(os.environ.get("RECAP_WORKDIR", ".recap")).expanduser().resolve()
+
+
+def miniworld_dir() -> Path:
+    return Path(os.environ.get("RECAP_MINIWORLD_DIR", workdir() / "miniworld"))
+
+
+def storage_root() -> str:
+    return os.environ.get("RECAP_STORAGE_ROOT", str(workdir() / "storage"))
+
+
+def shards_root() -> str:
+    return os.environ.get("RECAP_SHARDS_ROOT", str(miniworld_dir() / "laion"))
+
+
+def dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME", workdir() / "dagster_home"))
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_dagster_home() -> Path:
+    """Point DAGSTER_HOME at a folder holding the project's dagster.yaml (local instance)."""
+    home = dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = home / "dagster.yaml"
+    source = PROJECT_ROOT / "dagster.yaml"
+    if not instance_yaml.exists() and source.exists():
+        instance_yaml.write_text(source.read_text())
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home

@@ -1,0 +1,118 @@
+"""laion_shard_sensor: discovers complete shards on local disk and on a real S3 server."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from PIL import Image
+from recap_dagster.shards import ShardRecord, write_shard
+
+from recap_dagster.automation import laion_shard_sensor
+from recap_dagster.discovery import DiscoveryCursor, discover_new_shards
+from recap_dagster.fs import filesystem, join
+from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.resources import DataSourcesResource
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _write(root: str, index: int, n: int = 3) -> None:
+    records = [
+        ShardRecord(
+            key=f"{index:05d}{i:04d}",
+            image_bytes=_jpeg(),
+            caption="red square",
+            url=f"https://example.com/{index}/{i}.jpg",
+            metadata={},
+        )
+        for i in range(n)
+    ]
+    write_shard(root, index, records)
+
+
+def _tick(instance: dg.DagsterInstance, root: str, cursor: str | None) -> dg.SensorResult:
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={
+            "sources": DataSourcesResource(
+                shards_root=root, human_captions_path="unused", tokenizer_path="unused"
+            )
+        },
+    )
+    result = laion_shard_sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def _added(result: dg.SensorResult) -> list[str]:
+    return [k for r in result.dynamic_partitions_requests or [] for k in r.partition_keys]
+
+
+def _exercise_sensor(root: str) -> None:
+    for index in range(3):
+        _write(root, index)
+    # A shard still being written: tar present, no _stats.json yet.
+    fs, path = filesystem(join(root, "00003.tar"))
+    with fs.open(path, "wb") as handle:
+        handle.write(b"")
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, root, None)
+        assert _added(first) == ["00000", "00001", "00002"]
+        assert DiscoveryCursor.loads(first.cursor).pending == ["00003"]
+
+        second = _tick(instance, root, first.cursor)
+        assert _added(second) == [] and second.skip_reason
+
+        _write(root, 3)  # the pending shard completes
+        _write(root, 4)
+        third = _tick(instance, root, second.cursor)
+        assert _added(third) == ["00003", "00004"]
+        assert instance.get_dynamic_partitions(laion_shards_partitions.name) == [
+            "00000",
+            "00001",
+            "00002",
+            "00003",
+            "00004",
+        ]
+        assert DiscoveryCursor.loads(third.cursor) == DiscoveryCursor(after="00004", pending=[])
+
+
+def test_sensor_local(tmp_path: Path) -> None:
+    _exercise_sensor(str(tmp_path / "laion"))
+
+
+def test_sensor_s3(s3_env: str) -> None:
+    _exercise_sensor(f"{s3_env}/laion")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_cursor_skips_known_shards_among_thousands(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With thousands of shards, a tick only looks at keys after the cursor."""
+    root = str(tmp_path / "many") if where == "local" else f"{request.getfixturevalue('s3_env')}/m"
+    fs, base = filesystem(root)
+    fs.makedirs(base, exist_ok=True)
+    count = 3000 if where == "local" else 600
+    if where == "local":
+        for index in range(count):
+            Path(base, f"{index:05d}.tar").write_bytes(b"")
+            Path(base, f"{index:05d}_stats.json").write_text("{}")
+    else:
+        fs.pipe({f"{base}/{i:05d}.tar": b"" for i in range(count)})
+        fs.pipe({f"{base}/{i:05d}_stats.json": b"{}" for i in range(count)})
+    keys, cursor = discover_new_shards(root, None)
+    assert len(keys) == count
+    keys, cursor = discover_new_shards(root, DiscoveryCursor(after=f"{count - 2:05d}").dumps())
+    assert keys == [f"{count - 1:05d}"]
+    assert DiscoveryCursor.loads(cursor).after == f"{count - 1:05d}"
