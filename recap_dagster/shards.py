@@ -1,0 +1,846 @@
+"""Read and write LAION-style shards in img2dataset's on-disk format.
+
+Layout under a root (local folder or ``s3://`` prefix), per shard ``NNNNN``:
+
+- ``output_format="webdataset"``: ``NNNNN.tar`` with ``{key}.jpg``, ``{key}.txt`` (alt text)
+  and ``{key}.json`` (the sample's metadata) for every successfully downloaded sample, plus
+  ``NNNNN.parquet`` with one row per sample *including* failed downloads.
+- ``output_format="parquet"``: only ``NNNNN.parquet``, with the encoded image in a ``jpg``
+  (binary) column, null for failed samples.
+- ``NNNNN_stats.json``: img2dataset's per-shard stats. Written last, so its presence marks
+  the shard complete.
+
+Columns/json fields, in img2dataset's order: the additional input columns, ``caption``,
+``url``, ``key``, ``status``, ``error_message``, ``width``, ``height``, ``original_width``,
+``original_height``, ``exif``, ``sha256`` (and ``jpg`` in the parquet variant).
+
+Extra metadata: ``write_shard`` stores ``ShardRecord.metadata`` as one additional input
+column named ``metadata`` holding a JSON *string* (as img2dataset would store a string column
+passed through ``save_additional_columns``); it appears as that string in ``key.json`` too.
+On read, ``LaionRecord.metadata`` is every field that is not one of img2dataset's own, with
+a JSON-object ``metadata`` field decoded and merged in. So a record written with
+``metadata=m`` reads back with ``metadata == m``, and a real LAION shard's extra columns
+(``similarity``, ``punsafe``, ...) show up there as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch.utils.data
+from PIL import ExifTags, Image
+
+from recap_dagster.fs import filesystem, is_local, join
+from recap_dagster.imaging import (
+    DEFAULT_MAX_PIXELS,
+    STATUS_MISSING,
+    STATUS_OK,
+    DecodeResult,
+    decode_image,
+)
+
+FORMAT_WEBDATASET = "webdataset"
+FORMAT_PARQUET = "parquet"
+FORMATS = (FORMAT_WEBDATASET, FORMAT_PARQUET)
+
+# LaionRecord.status beyond imaging's vocabulary (ok, decode_error, too_large, missing).
+STATUS_BAD_METADATA = "bad_metadata"
+
+# img2dataset's statuses in the parquet/json "status" field.
+SOURCE_SUCCESS = "success"
+SOURCE_FAILED_TO_DOWNLOAD = "failed_to_download"
+SOURCE_FAILED_TO_RESIZE = "failed_to_resize"
+
+SHARD_DIGITS = 5  # img2dataset's default oom_shard_count
+SAMPLE_DIGITS = 4  # ceil(log10(number_sample_per_shard=10_000)), img2dataset's default
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices
+EXTRA_METADATA_FIELD = "metadata"
+# Fields img2dataset writes itself; everything else in a row is "extra" metadata.
+IMG2DATASET_FIELDS = frozenset(
+    {
+        "caption",
+        "url",
+        "key",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "sha256",
+        "md5",
+        "txt",
+        *IMAGE_EXTENSIONS,
+    }
+)
+
+PARQUET_ROWS_PER_GROUP = 100  # img2dataset's BufferedParquetWriter flushes every 100 samples
+READ_BATCH_SIZE = 64
+# Remote reads fetch this much at a time: large enough to amortise request latency, small
+# enough that a reader's memory does not grow with shard size (s3fs's default is 50 MiB).
+REMOTE_BLOCK_SIZE = 4 * 2**20
+
+_S3_PAGE_SIZE = 1000  # ListObjectsV2's maximum page
+
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read to the end; raised after every readable record was yielded.
+
+    Constructible from the message alone, so that DataLoader workers can re-raise it as
+    itself in the main process (``shard``/``records_read`` then keep their defaults).
+    """
+
+    def __init__(self, message: str, *, shard: str = "", records_read: int = 0) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.records_read = records_read
+
+
+def _read_error(shard: str, detail: str, records_read: int) -> ShardReadError:
+    message = f"{shard}: {detail} ({records_read} records read before the error)"
+    return ShardReadError(message, shard=shard, records_read=records_read)
+
+
+class _TarBroken(Exception):
+    """Internal: the tar stream failed after ``complete`` whole samples."""
+
+    def __init__(self, complete: int, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.complete = complete
+
+
+# --------------------------------------------------------------------------------- naming
+
+
+def shard_key(index: int) -> str:
+    """img2dataset's shard name: the index zero-padded to 5 digits (``3 -> "00003"``)."""
+    return f"{index:0{SHARD_DIGITS}d}"
+
+
+def sample_key(shard_index: int, index: int, samples_per_shard: int = 10_000) -> str:
+    """img2dataset's sample key: shard index then in-shard index, zero-padded (``"000030042"``)."""
+    digits = max(1, len(str(samples_per_shard - 1)))
+    return f"{shard_index * 10**digits + index:0{SHARD_DIGITS + digits}d}"
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class ShardRecord:
+    """One sample to write. ``metadata`` must be JSON-serialisable (see module docstring)."""
+
+    key: str
+    image_bytes: bytes | None
+    caption: str
+    url: str
+    metadata: dict
+    width: int | None = None
+    height: int | None = None
+    status: str = SOURCE_SUCCESS
+    error_message: str | None = None
+
+
+def _schema(output_format: str) -> pa.Schema:
+    fields = [
+        pa.field(EXTRA_METADATA_FIELD, pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("exif", pa.string()),
+        pa.field("sha256", pa.string()),
+    ]
+    if output_format == FORMAT_PARQUET:
+        fields.append(pa.field("jpg", pa.binary()))
+    return pa.schema(fields)
+
+
+def _probe(image_bytes: bytes) -> tuple[int | None, int | None, str | None]:
+    """Header size and EXIF (as img2dataset's JSON string of tag -> str) without decoding."""
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            width, height = image.size
+            exif = {
+                ExifTags.TAGS.get(tag, str(tag)): str(value).strip()
+                for tag, value in image.getexif().items()
+            }
+        return width, height, json.dumps(exif)
+    except Exception:  # bad bytes are written as given; the reader reports them
+        return None, None, None
+
+
+def _check_key(key: str, seen: set[str]) -> None:
+    # webdataset groups tar members by the name up to the first dot, so a key with a dot or
+    # slash, or a repeated key, would silently merge or split samples.
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"invalid sample key {key!r}: must be non-empty, without '.' or '/'")
+    if key in seen:
+        raise ValueError(f"duplicate sample key {key!r}")
+    seen.add(key)
+
+
+def _row(record: ShardRecord, output_format: str) -> tuple[dict[str, Any], bytes | None]:
+    """The parquet row / json metadata for a record, and the image bytes to store (if any)."""
+    status, error = record.status, record.error_message
+    image_bytes = record.image_bytes
+    if status == SOURCE_SUCCESS and image_bytes is None:
+        # img2dataset never writes a success without an image; keep the format consistent.
+        status, error = SOURCE_FAILED_TO_DOWNLOAD, error or "no image bytes"
+    if status != SOURCE_SUCCESS:
+        image_bytes = None  # img2dataset stores no image for failed samples
+    width, height, exif, digest = record.width, record.height, None, None
+    if image_bytes is not None:
+        probed_w, probed_h, exif = _probe(image_bytes)
+        width = probed_w if width is None else width
+        height = probed_h if height is None else height
+        digest = hashlib.sha256(image_bytes).hexdigest()
+    row: dict[str, Any] = {
+        EXTRA_METADATA_FIELD: None if record.metadata is None else json.dumps(record.metadata),
+        "caption": record.caption,
+        "url": record.url,
+        "key": record.key,
+        "status": status,
+        "error_message": error,
+        "width": width,
+        "height": height,
+        "original_width": width,
+        "original_height": height,
+        "exif": exif,
+        "sha256": digest,
+    }
+    if output_format == FORMAT_PARQUET:
+        row["jpg"] = image_bytes
+    return row, image_bytes
+
+
+def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    # Same member attributes as webdataset's TarWriter, which img2dataset uses.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o444
+    info.uname = info.gname = "bigdata"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _stage_files(
+    staging: str, name: str, records: Iterable[ShardRecord], output_format: str
+) -> tuple[dict[str, str], Counter, Counter]:
+    """Write the data files into ``staging``.
+
+    Returns ({suffix: staged path}, img2dataset's status_dict, counts per row status).
+    """
+    schema = _schema(output_format)
+    paths = {".parquet": os.path.join(staging, f"{name}.parquet")}
+    if output_format == FORMAT_WEBDATASET:
+        paths[".tar"] = os.path.join(staging, f"{name}.tar")
+    counts: Counter = Counter()
+    status_dict: Counter = Counter()
+    seen: set[str] = set()
+    buffer: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        writer = stack.enter_context(pq.ParquetWriter(paths[".parquet"], schema))
+        tar = stack.enter_context(tarfile.open(paths[".tar"], "w")) if ".tar" in paths else None
+        for record in records:
+            _check_key(record.key, seen)
+            row, image_bytes = _row(record, output_format)
+            status = row["status"]
+            counts[status] += 1
+            # img2dataset counts successes as "success" and failures by their error message
+            status_dict[status if status == SOURCE_SUCCESS else row["error_message"] or status] += 1
+            if tar is not None and image_bytes is not None:
+                now = time.time()
+                # sorted extensions, as webdataset's TarWriter writes them
+                meta_json = json.dumps(row, indent=4).encode()
+                _add_tar_member(tar, f"{record.key}.jpg", image_bytes, now)
+                _add_tar_member(tar, f"{record.key}.json", meta_json, now)
+                caption = "" if record.caption is None else str(record.caption)
+                _add_tar_member(tar, f"{record.key}.txt", caption.encode(), now)
+            buffer.append(row)
+            if len(buffer) >= PARQUET_ROWS_PER_GROUP:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                buffer.clear()
+        if buffer:
+            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+    for path in paths.values():
+        _fsync(path)
+    return paths, status_dict, counts
+
+
+def _commit(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    name: str,
+    staged: dict[str, str],
+    stats_bytes: bytes,
+    staging: str,
+) -> None:
+    """Move staged files to their final names; the stats file goes last."""
+    stats_path = f"{root}/{name}_stats.json"
+    stale = [f"{root}/{name}{suffix}" for suffix in (".tar",) if suffix not in staged]
+    if is_local(fs):
+        # Un-mark a previously complete shard before replacing its data files.
+        for path in [stats_path, *stale]:
+            with suppress(FileNotFoundError):
+                os.remove(path)
+        for suffix in (".tar", ".parquet"):
+            if suffix in staged:
+                os.replace(staged[suffix], f"{root}/{name}{suffix}")
+        staged_stats = os.path.join(staging, f"{name}_stats.json")
+        with open(staged_stats, "wb") as handle:
+            handle.write(stats_bytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staged_stats, stats_path)
+        return
+    # Object stores: whole-object uploads (put_file aborts a failed multipart upload, unlike
+    # a streamed file whose __exit__ would commit whatever was written).
+    for path in [stats_path, *stale]:
+        with suppress(FileNotFoundError):
+            fs.rm_file(path)
+    for suffix in (".tar", ".parquet"):
+        if suffix in staged:
+            fs.put_file(staged[suffix], f"{root}/{name}{suffix}")
+    fs.pipe_file(stats_path, stats_bytes)
+    fs.invalidate_cache(root)
+
+
+def write_shard(
+    root_url: str,
+    shard_index: int,
+    records: Iterable[ShardRecord],
+    output_format: str = FORMAT_WEBDATASET,
+) -> dict:
+    """Write one shard as img2dataset does, atomically; return its stats dict.
+
+    Records stream through (memory does not grow with shard size). Nothing appears at the
+    final names unless the whole shard was written; ``_stats.json`` is written last.
+    A ``"success"`` record without image bytes is stored as ``"failed_to_download"``; a
+    record with any other status keeps its row but no image, as img2dataset does.
+    """
+    if output_format not in FORMATS:
+        raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
+    fs, root = filesystem(root_url)
+    root = root.rstrip("/")
+    name = shard_key(shard_index)
+    if is_local(fs):
+        os.makedirs(root, exist_ok=True)
+        # A hidden folder beside the final files: same filesystem, so os.replace is atomic,
+        # and list_shards ignores it if a crash leaves it behind.
+        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
+    else:
+        staging = tempfile.mkdtemp(prefix=f"recap-shard-{name}-")
+    try:
+        start = time.time()
+        staged, status_dict, counts = _stage_files(staging, name, records, output_format)
+        end = time.time()
+        stats = {
+            "count": sum(counts.values()),
+            "successes": counts[SOURCE_SUCCESS],
+            "failed_to_download": counts[SOURCE_FAILED_TO_DOWNLOAD],
+            "failed_to_resize": counts[SOURCE_FAILED_TO_RESIZE],
+            "duration": end - start,
+            "start_time": start,
+            "end_time": end,
+            "status_dict": dict(status_dict),
+        }
+        _commit(fs, root, name, staged, json.dumps(stats, indent=4).encode(), staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+# --------------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard found under a root; ``complete`` iff its ``_stats.json`` exists."""
+
+    key: str
+    format: str
+    complete: bool
+
+
+def _after(key: str, after: str) -> bool:
+    if key.isdigit() and after.isdigit():
+        return int(key) > int(after)
+    return key > after
+
+
+def _list_s3_names(fs: fsspec.AbstractFileSystem, root: str, after: str | None) -> list[str]:
+    """Object names directly under ``root``, starting after shard ``after`` (server-side)."""
+    bucket, _, prefix = root.partition("/")
+    prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    kwargs: dict[str, Any] = {
+        "Bucket": bucket,
+        "Prefix": prefix,
+        "Delimiter": "/",  # shards sit directly under the root; don't walk sub-folders
+        "MaxKeys": _S3_PAGE_SIZE,
+    }
+    if after is not None:
+        # "~" sorts after ".", "_" and every digit, so the listing starts right after all of
+        # shard `after`'s objects (keys are fixed-width, as img2dataset writes them).
+        kwargs["StartAfter"] = f"{prefix}{after}~"
+    names: list[str] = []
+    while True:
+        response = fs.call_s3("list_objects_v2", **kwargs)
+        names.extend(obj["Key"][len(prefix) :] for obj in response.get("Contents", []))
+        if not response.get("IsTruncated"):
+            return names
+        kwargs["ContinuationToken"] = response["NextContinuationToken"]
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        return False
+    return isinstance(fs, s3fs.S3FileSystem)
+
+
+def _list_names(fs: fsspec.AbstractFileSystem, root: str, after: str | None) -> list[str]:
+    if is_local(fs):
+        try:
+            with os.scandir(root) as entries:
+                return [entry.name for entry in entries if entry.is_file()]
+        except FileNotFoundError:
+            return []
+    if _is_s3(fs):
+        return _list_s3_names(fs, root, after)
+    try:
+        return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def list_shards(root_url: str, after: str | None = None) -> list[ShardInfo]:
+    """Shards under ``root_url`` sorted by key; only keys after ``after`` when given.
+
+    A key with a ``.tar`` is webdataset, with only a ``.parquet`` it is the parquet format.
+    On S3 the listing starts server-side after ``after`` (ListObjectsV2 ``StartAfter``).
+    """
+    fs, root = filesystem(root_url)
+    found: dict[str, set[str]] = {}
+    for name in _list_names(fs, root.rstrip("/"), after):
+        match = _SHARD_FILE.match(name)
+        if match:
+            found.setdefault(match.group(1), set()).add(match.group(2))
+    infos = []
+    for key, suffixes in found.items():
+        if after is not None and not _after(key, after):
+            continue
+        if ".tar" in suffixes:
+            fmt = FORMAT_WEBDATASET
+        elif ".parquet" in suffixes:
+            fmt = FORMAT_PARQUET
+        else:
+            continue  # a stats file without data is nothing we can read
+        infos.append(ShardInfo(key=key, format=fmt, complete="_stats.json" in suffixes))
+    return sorted(infos, key=lambda info: (int(info.key), info.key))
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class LaionRecord:
+    """A sample as read from a shard. ``status``/``error`` use imaging's vocabulary plus
+    ``"bad_metadata"``; ``width``/``height`` are the decoded size (else the stored one).
+    ``image`` is RGB (or whatever a ``ShardDataset`` transform made of it)."""
+
+    key: str
+    url: str | None
+    alt_text: str
+    metadata: dict
+    image: Image.Image | None
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _extra_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    extra = {k: v for k, v in meta.items() if k not in IMG2DATASET_FIELDS}
+    packed = extra.pop(EXTRA_METADATA_FIELD, None)
+    if isinstance(packed, str):
+        try:
+            decoded = json.loads(packed)
+        except ValueError:
+            decoded = packed
+        packed = decoded
+    if isinstance(packed, dict):
+        extra.update(packed)
+    elif packed is not None:
+        extra[EXTRA_METADATA_FIELD] = packed
+    return extra
+
+
+def _make_record(
+    key: str,
+    meta: dict[str, Any],
+    alt_text: str,
+    image_bytes: bytes | None,
+    *,
+    decode: bool,
+    max_pixels: int,
+    meta_error: str | None = None,
+) -> LaionRecord:
+    if decode:
+        result = decode_image(image_bytes, max_pixels)
+    elif image_bytes:
+        result = DecodeResult(None, STATUS_OK, None, None, None)
+    else:
+        result = DecodeResult(None, STATUS_MISSING, "no image bytes", None, None)
+    status, error = result.status, result.error
+    source_status = meta.get("status")
+    if status == STATUS_MISSING and source_status not in (None, SOURCE_SUCCESS):
+        # Say why img2dataset has no image (e.g. "failed_to_download: HTTP Error 404").
+        error = f"{source_status}: {meta.get('error_message') or 'no image'}"
+    if meta_error is not None:
+        image_note = "" if status == STATUS_OK else f"; image {status}: {error}"
+        status, error = STATUS_BAD_METADATA, meta_error + image_note
+    stored_w, stored_h = _int_or_none(meta.get("width")), _int_or_none(meta.get("height"))
+    url = meta.get("url")
+    return LaionRecord(
+        key=key,
+        url=None if url is None else str(url),
+        alt_text=alt_text,
+        metadata=_extra_metadata(meta),
+        image=result.image,
+        width=result.width if result.width is not None else stored_w,
+        height=result.height if result.height is not None else stored_h,
+        status=status,
+        error=error,
+    )
+
+
+def _record_from_sample(
+    key: str, parts: dict[str, bytes], *, decode: bool, max_pixels: int
+) -> LaionRecord:
+    """A webdataset sample ({extension: bytes}) as a record; .txt/.json are the truth."""
+    image_bytes = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    meta: dict[str, Any] = {}
+    meta_error = None
+    raw = parts.get("json")
+    if raw is None:
+        meta_error = "sample has no .json member"
+    else:
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            meta_error = f"malformed .json: {type(exc).__name__}: {exc}"
+        else:
+            if isinstance(parsed, dict):
+                meta = parsed
+            else:
+                meta_error = f"malformed .json: expected an object, got {type(parsed).__name__}"
+    txt = parts.get("txt")
+    alt_text = (
+        txt.decode("utf-8", errors="replace") if txt is not None else str(meta.get("caption") or "")
+    )
+    return _make_record(
+        key,
+        meta,
+        alt_text,
+        image_bytes,
+        decode=decode,
+        max_pixels=max_pixels,
+        meta_error=meta_error,
+    )
+
+
+def _split_member(name: str) -> tuple[str, str, str] | None:
+    """(group id, sample key, extension) by the webdataset convention, or None."""
+    directory, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return f"{directory}/{stem}", stem, ext.lower()
+
+
+def _tar_samples(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream (key, {extension: bytes}) groups of consecutive tar members.
+
+    On a truncated/corrupt tar, raise _TarBroken after the last complete group; the group
+    being read when the error hit is dropped, since it may be missing members.
+    """
+    group: str | None = None
+    key = ""
+    parts: dict[str, bytes] = {}
+    complete = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            while (member := tar.next()) is not None:
+                # Stream mode keeps every TarInfo in tar.members; drop them to stay O(1).
+                tar.members.clear()
+                split = _split_member(member.name) if member.isfile() else None
+                if split is None:
+                    continue
+                member_group, member_key, ext = split
+                if member_group != group:
+                    # A new group's header means the previous group is complete.
+                    if group is not None:
+                        complete += 1
+                        yield key, parts
+                    group, key, parts = member_group, member_key, {}
+                handle = tar.extractfile(member)
+                parts[ext] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise _TarBroken(complete, exc) from exc
+    if group is not None:
+        yield key, parts
+
+
+def _open(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    if is_local(fs):
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE)
+
+
+def _parquet_rows(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
+    """Stream rows of a parquet file batch by batch (one row group in memory at a time)."""
+    with _open(fs, path) as handle:
+        # pre_buffer (pyarrow's default) would fetch every row group up front.
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
+        for batch in parquet.iter_batches(batch_size=READ_BATCH_SIZE):
+            yield from batch.to_pylist()
+
+
+Select = Callable[[int], bool]
+
+
+def _iter_webdataset(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    root_url: str,
+    key: str,
+    tar_handle: Any,
+    *,
+    decode: bool,
+    max_pixels: int,
+    select: Select | None,
+) -> Iterator[LaionRecord]:
+    shard = join(root_url, f"{key}.tar")
+    seen: set[str] = set()
+    index = 0
+    failure: _TarBroken | None = None
+    with tar_handle:
+        try:
+            for sample_key_, parts in _tar_samples(tar_handle):
+                seen.add(sample_key_)
+                if select is None or select(index):
+                    yield _record_from_sample(
+                        sample_key_, parts, decode=decode, max_pixels=max_pixels
+                    )
+                index += 1
+        except _TarBroken as exc:
+            failure = exc
+    # Failed downloads live only in the parquet file; they come after the tar's samples.
+    lost = 0
+    parquet_error: Exception | None = None
+    try:
+        for row in _parquet_rows(fs, f"{root}/{key}.parquet"):
+            row_key = str(row.get("key"))
+            if row_key in seen:
+                continue
+            if row.get("status") == SOURCE_SUCCESS:
+                lost += 1  # the tar should have had it
+                continue
+            if select is None or select(index):
+                alt_text = str(row.get("caption") or "")
+                yield _make_record(
+                    row_key, row, alt_text, None, decode=decode, max_pixels=max_pixels
+                )
+            index += 1
+    except FileNotFoundError:
+        pass  # a bare tar is still a valid webdataset shard
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        parquet_error = exc
+    if failure is not None:
+        lost_note = f"; {lost} successful samples in {key}.parquet never came" if lost else ""
+        detail = (
+            f"tar truncated or corrupt after {failure.complete} complete samples ({failure}); "
+            f"the sample being read was dropped{lost_note}"
+        )
+        raise _read_error(shard, detail, index) from failure.__cause__
+    if parquet_error is not None:
+        detail = (
+            f"unreadable parquet ({type(parquet_error).__name__}: {parquet_error}); failed "
+            "downloads listed only there are missing"
+        )
+        raise _read_error(join(root_url, f"{key}.parquet"), detail, index) from parquet_error
+    if lost:
+        detail = (
+            f"{lost} samples marked success in {key}.parquet are missing from the tar "
+            "(truncated at a member boundary?)"
+        )
+        raise _read_error(shard, detail, index)
+
+
+def _iter_parquet(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    root_url: str,
+    key: str,
+    *,
+    decode: bool,
+    max_pixels: int,
+    select: Select | None,
+) -> Iterator[LaionRecord]:
+    shard = join(root_url, f"{key}.parquet")
+    index = 0
+    try:
+        for row in _parquet_rows(fs, f"{root}/{key}.parquet"):
+            if select is None or select(index):
+                image_bytes = next(
+                    (row[ext] for ext in IMAGE_EXTENSIONS if row.get(ext) is not None), None
+                )
+                alt_text = str(row.get("caption") or row.get("txt") or "")
+                row_key = str(row.get("key") or f"{key}{index:0{SAMPLE_DIGITS}d}")
+                yield _make_record(
+                    row_key, row, alt_text, image_bytes, decode=decode, max_pixels=max_pixels
+                )
+            index += 1
+    except FileNotFoundError as exc:
+        raise _read_error(shard, f"no {key}.tar or {key}.parquet", index) from exc
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = f"parquet truncated or corrupt ({type(exc).__name__}: {exc})"
+        raise _read_error(shard, detail, index) from exc
+
+
+def _iter_shard(
+    root_url: str,
+    key: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: bool = True,
+    select: Select | None = None,
+) -> Iterator[LaionRecord]:
+    """``iter_shard`` that only builds (and decodes) records whose index passes ``select``."""
+    fs, root = filesystem(root_url)
+    root = root.rstrip("/")
+    try:
+        tar_handle = _open(fs, f"{root}/{key}.tar")
+    except FileNotFoundError:
+        yield from _iter_parquet(
+            fs, root, root_url, key, decode=decode, max_pixels=max_pixels, select=select
+        )
+        return
+    yield from _iter_webdataset(
+        fs, root, root_url, key, tar_handle, decode=decode, max_pixels=max_pixels, select=select
+    )
+
+
+def iter_shard(
+    root_url: str, key: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True
+) -> Iterator[LaionRecord]:
+    """Stream a shard's records (webdataset tar if present, else the parquet variant).
+
+    Every sample comes out, including ones without a usable image (status/error say why);
+    in webdataset shards, failed downloads (parquet rows absent from the tar) come last.
+    A truncated/corrupt shard raises ``ShardReadError`` after all complete records.
+    With ``decode=False`` images are not decoded: ``image`` is None and ``status`` is
+    ``"ok"``/``"missing"`` by presence of bytes (or ``"bad_metadata"``).
+    """
+    return _iter_shard(root_url, key, max_pixels=max_pixels, decode=decode)
+
+
+def count_rows(root_url: str, key: str) -> int:
+    """Number of samples in a shard, from the parquet footer (streams the tar if no parquet)."""
+    fs, root = filesystem(root_url)
+    try:
+        with _open(fs, f"{root.rstrip('/')}/{key}.parquet") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    except FileNotFoundError:
+        return sum(1 for _ in _iter_shard(root_url, key, decode=False))
+
+
+# --------------------------------------------------------------------------------- torch
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Records of several shards, for a DataLoader that decodes in worker processes.
+
+    Workers split by shard when there are at least as many shards as workers; otherwise each
+    worker reads every shard but builds and decodes only records ``i`` with
+    ``i % num_workers == worker_id``. ``transform`` is applied to decoded images.
+    Use ``collate_fn=collate_records``.
+    """
+
+    def __init__(
+        self,
+        root_url: str,
+        keys: Iterable[str],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.root_url = root_url
+        self.keys = list(keys)
+        self.max_pixels = max_pixels
+        self.transform = transform
+
+    def __iter__(self) -> Iterator[LaionRecord]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if workers == 1:
+            plan: list[tuple[str, Select | None]] = [(key, None) for key in self.keys]
+        elif len(self.keys) >= workers:
+            plan = [(key, None) for key in self.keys[worker::workers]]
+        else:
+
+            def mine(index: int) -> bool:
+                return index % workers == worker
+
+            plan = [(key, mine) for key in self.keys]
+        for key, select in plan:
+            for record in _iter_shard(
+                self.root_url, key, max_pixels=self.max_pixels, select=select
+            ):
+                if self.transform is not None and record.image is not None:
+                    record = dataclasses.replace(record, image=self.transform(record.image))
+                yield record
+
+
+def collate_records(batch: list[LaionRecord]) -> list[LaionRecord]:
+    """DataLoader collate_fn: keep the batch as a list of records (PIL images stay PIL)."""
+    return list(batch)
