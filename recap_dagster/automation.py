@@ -1,6 +1,5 @@
 """Sensors, schedules and jobs."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -14,9 +14,11 @@ from recap_dagster.resources import DataSourcesResource, StorageResource
 
 
 def _resources(miniworld_paths, tmp_path: Path, captions_path: Path | None = None) -> dict:
-    sources = DataSourcesResource.for_miniworld(str(miniworld_paths.root))
-    if captions_path is not None:
-        sources = sources.model_copy(update={"human_captions_path": str(captions_path)})
+    sources = DataSourcesResource(
+        shards_root=str(miniworld_paths.corpus),
+        human_captions_path=str(captions_path or miniworld_paths.human_captions),
+        tokenizer_path=str(miniworld_paths.tokenizer),
+    )
     return {"sources": sources, "storage": StorageResource(root=str(tmp_path / "storage"))}
 
 

@@ -1,6 +1,5 @@
 """``human_captions``: the ~100 human-captioned images RECAP fine-tunes the captioner on."""
 
-from __future__ import annotations
 
 import dagster as dg
 
