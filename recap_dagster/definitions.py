@@ -3,10 +3,17 @@
 import dagster as dg
 
 from recap_dagster import settings
+from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
-from recap_dagster.automation import laion_shard_sensor
-from recap_dagster.resources import DataSourcesResource, StorageResource
+from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
+from recap_dagster.automation import laion_shard_sensor, recaption_backfill_schedule, recaption_job
+from recap_dagster.resources import (
+    ComputeResource,
+    DataSourcesResource,
+    ModelsResource,
+    StorageResource,
+)
 
 
 def default_resources() -> dict:
@@ -16,12 +23,19 @@ def default_resources() -> dict:
             str(settings.miniworld_dir()), shards_root=settings.shards_root()
         ),
         "storage": StorageResource(root=settings.storage_root()),
+        "models": ModelsResource(
+            base_captioner=str(settings.models_dir() / "base_captioner"),
+            base_t2i=str(settings.models_dir() / "base_t2i"),
+        ),
+        "compute": ComputeResource(),
     }
 
 
 defs = dg.Definitions(
-    assets=[laion_shards, human_captions],
-    asset_checks=human_captions_checks,
+    assets=[laion_shards, human_captions, captioner_checkpoint, recaptioned_shards],
+    asset_checks=[*human_captions_checks, *recaptioned_shards_checks],
+    jobs=[recaption_job],
     sensors=[laion_shard_sensor],
+    schedules=[recaption_backfill_schedule],
     resources=default_resources(),
 )

@@ -210,8 +210,9 @@ def validate_recaptions(
         longs = [r["recap_long"] for r in rows if r["status"] == STATUS_OK]
         counts = count_tokens(longs) if longs else []
         over = sum(n > 77 for n in counts)
+        longest = max(counts, default=0)
         results["long_within_77_tokens"] = (
             over == 0,
-            f"{over} of {len(counts)} long captions exceed 77 tokens (max {max(counts, default=0)})",
+            f"{over} of {len(counts)} long captions exceed 77 tokens (max {longest})",
         )
     return results

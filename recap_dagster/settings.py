@@ -19,6 +19,11 @@ def miniworld_dir() -> Path:
     return Path(os.environ.get("RECAP_MINIWORLD_DIR", workdir() / "miniworld"))
 
 
+def models_dir() -> Path:
+    """Where the miniworld's base models are built (cached)."""
+    return Path(os.environ.get("RECAP_MODELS_DIR", workdir() / "models"))
+
+
 def storage_root() -> str:
     return os.environ.get("RECAP_STORAGE_ROOT", str(workdir() / "storage"))
 

@@ -1,6 +1,5 @@
 """``human_captions``: the ~100 human-captioned images RECAP fine-tunes the captioner on."""
 
-
 import dagster as dg
 
 from recap_dagster import human_captions as core

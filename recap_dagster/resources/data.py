@@ -17,6 +17,11 @@ class DataSourcesResource(dg.ConfigurableResource):
     human_captions_path: str = Field(
         description="JSONL file of human captions (key, image, short, long), images beside it.",
     )
+    human_captions_heldout_path: str = Field(
+        default="",
+        description="Optional held-out human captions (same format, with ground-truth scenes) "
+        "for measuring caption quality before and after fine-tuning.",
+    )
     tokenizer_path: str = Field(
         description="Directory of the CLIP tokenizer used for the 77-token caption limit.",
     )
@@ -36,5 +41,6 @@ class DataSourcesResource(dg.ConfigurableResource):
         return cls(
             shards_root=shards_root or f"{miniworld_dir}/laion",
             human_captions_path=f"{miniworld_dir}/human_captions/captions.jsonl",
+            human_captions_heldout_path=f"{miniworld_dir}/human_captions_heldout/captions.jsonl",
             tokenizer_path=f"{miniworld_dir}/tokenizer",
         )

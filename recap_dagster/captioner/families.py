@@ -1,0 +1,302 @@
+"""Per-family glue: how each transformers captioner takes a text prefix, to generate and to train.
+
+Every family answers the same three questions:
+
+* how to build generation inputs for a batch of images that all share one prompt (a style prefix),
+* how to build teacher-forced training inputs whose labels cover the caption only,
+* where the prompt ends in what ``generate`` returns, so only the continuation is decoded.
+
+The behaviour follows the installed transformers 5 sources
+(``models/{blip,git,paligemma,florence2}``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from transformers import (
+    BlipForConditionalGeneration,
+    Florence2ForConditionalGeneration,
+    GitForCausalLM,
+    PaliGemmaForConditionalGeneration,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+IGNORE_INDEX = -100
+
+
+class Family(ABC):
+    """Adapter between the generic :class:`Captioner` and one transformers model family."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    model_class: ClassVar[type[PreTrainedModel]]
+
+    @abstractmethod
+    def generation_inputs(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        images: Sequence[Image.Image],
+        prefix: str,
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for ``generate`` on ``images`` prompted with ``prefix`` (one batch)."""
+
+    @abstractmethod
+    def training_inputs(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        images: Sequence[Image.Image],
+        prefixes: Sequence[str],
+        captions: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forcing inputs incl. ``labels`` (-100 on prompt and padding)."""
+
+    @abstractmethod
+    def prompt_length(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Number of leading tokens of each ``generate`` output row that are the prompt."""
+
+    def generate_kwargs(self, model: PreTrainedModel, processor: ProcessorMixin) -> dict[str, Any]:
+        """Extra ``generate`` kwargs (end/pad tokens) for this family."""
+        return {}
+
+    def decode(self, processor: ProcessorMixin, token_ids: torch.Tensor) -> list[str]:
+        """Decode continuation token ids, dropping special tokens and normalising whitespace."""
+        texts = processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
+
+def pixel_values(processor: ProcessorMixin, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Run only the image half of a processor."""
+    return processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+
+def _text_ids(processor: ProcessorMixin, text: str) -> list[int]:
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad_right(
+    rows: Sequence[list[int]], label_rows: Sequence[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad token rows; padding is masked in attention and in the labels."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor(label_row)
+        attention[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class _BertStyleFamily(Family):
+    """Families whose decoder reads ``[start] prefix caption [end]`` with a WordPiece tokenizer.
+
+    The prompt and the caption are tokenised separately and concatenated, so the prompt is
+    token-for-token the same in training and in generation and the label mask is exact.
+    """
+
+    def _special_ids(self, model: PreTrainedModel) -> tuple[int, int, int]:
+        """(start, end, pad) token ids."""
+        raise NotImplementedError
+
+    def _max_tokens(self, model: PreTrainedModel) -> int:
+        raise NotImplementedError
+
+    def training_inputs(self, model, processor, images, prefixes, captions):
+        start, end, pad = self._special_ids(model)
+        limit = self._max_tokens(model)
+        rows: list[list[int]] = []
+        label_rows: list[list[int]] = []
+        for prefix, caption in zip(prefixes, captions, strict=True):
+            prompt = [start, *_text_ids(processor, prefix)]
+            target = [*_text_ids(processor, caption), end]
+            row = (prompt + target)[:limit]
+            rows.append(row)
+            label_rows.append(([IGNORE_INDEX] * len(prompt) + target)[:limit])
+        batch = _pad_right(rows, label_rows, pad)
+        batch["pixel_values"] = pixel_values(processor, images)
+        return batch
+
+    def prompt_length(self, inputs):
+        return inputs["input_ids"].shape[1]
+
+
+class BlipFamily(_BertStyleFamily):
+    """BLIP: ViT encoder, BERT decoder cross-attending to it; the prompt is the decoder prefix.
+
+    ``BlipForConditionalGeneration.generate`` overwrites the first prompt token with
+    ``text_config.bos_token_id`` ([DEC]) and drops the last one (the [SEP] the processor
+    appends). Its ``forward`` does neither, so the training rows start with [DEC] as well
+    (the original BLIP code does the same); HF examples that train on ``[CLS] ...`` teach a
+    start token that generation never shows the model.
+    """
+
+    name = "blip"
+    model_types = ("blip",)
+    model_class = BlipForConditionalGeneration
+
+    def _special_ids(self, model):
+        cfg = model.config.text_config
+        return cfg.bos_token_id, cfg.sep_token_id, cfg.pad_token_id
+
+    def _max_tokens(self, model):
+        return model.config.text_config.max_position_embeddings
+
+    def generation_inputs(self, model, processor, images, prefix):
+        start, end, _ = self._special_ids(model)
+        # generate() drops the last id, so append [SEP] as the processor would.
+        row = [start, *_text_ids(processor, prefix), end]
+        input_ids = torch.tensor([row] * len(images), dtype=torch.long)
+        return {
+            "pixel_values": pixel_values(processor, images),
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+        }
+
+    def prompt_length(self, inputs):
+        return inputs["input_ids"].shape[1] - 1  # the dropped [SEP]
+
+
+class GitFamily(_BertStyleFamily):
+    """GIT: image tokens are prepended inside the model; text is ``[CLS] prefix caption [SEP]``."""
+
+    name = "git"
+    model_types = ("git",)
+    model_class = GitForCausalLM
+
+    def _special_ids(self, model):
+        cfg = model.config
+        return cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id
+
+    def _max_tokens(self, model):
+        return model.config.max_position_embeddings
+
+    def generation_inputs(self, model, processor, images, prefix):
+        start, _, _ = self._special_ids(model)
+        row = [start, *_text_ids(processor, prefix)]
+        input_ids = torch.tensor([row] * len(images), dtype=torch.long)
+        return {
+            "pixel_values": pixel_values(processor, images),
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+        }
+
+    def generate_kwargs(self, model, processor):
+        cfg = model.config
+        return {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+class PaliGemmaFamily(Family):
+    """PaliGemma: ``<image>*N <bos> prefix \\n`` is a bidirectional prompt, the caption the suffix.
+
+    The processor builds everything: with ``suffix=`` it appends ``<eos>``, returns
+    ``token_type_ids`` (0 prompt, 1 suffix) which the model needs for its prefix-LM mask, and
+    ``labels`` with -100 wherever ``token_type_ids == 0`` (prompt and padding).
+    """
+
+    name = "paligemma"
+    model_types = ("paligemma",)
+    model_class = PaliGemmaForConditionalGeneration
+
+    @staticmethod
+    def _prompt(processor: ProcessorMixin, prefix: str) -> str:
+        # With an explicit image token the processor inserts <bos> after it and appends "\n".
+        return processor.image_token + prefix
+
+    def generation_inputs(self, model, processor, images, prefix):
+        inputs = processor(
+            images=list(images),
+            text=[self._prompt(processor, prefix)] * len(images),
+            padding="longest",
+            return_tensors="pt",
+        )
+        inputs.pop("labels", None)  # all -100 without a suffix; generate() must not see it
+        return dict(inputs)
+
+    def training_inputs(self, model, processor, images, prefixes, captions):
+        inputs = processor(
+            images=list(images),
+            text=[self._prompt(processor, p) for p in prefixes],
+            suffix=list(captions),
+            padding="longest",
+            return_tensors="pt",
+        )
+        inputs["labels"] = torch.as_tensor(inputs["labels"], dtype=torch.long)
+        return dict(inputs)
+
+    def prompt_length(self, inputs):
+        return inputs["input_ids"].shape[1]
+
+    def generate_kwargs(self, model, processor):
+        tok = processor.tokenizer
+        return {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+class Florence2Family(Family):
+    """Florence-2: encoder-decoder; the prefix is encoder text, the caption the decoder's target.
+
+    The processor builds the encoder side ``<image>*N <s> prefix </s>`` (a prefix equal to a
+    task token such as ``<CAPTION>`` is expanded to its task prompt). The caption is only ever
+    on the decoder side, so no label masking of the prompt is needed: labels are
+    ``<s> caption </s>`` (as the tokenizer adds them) with padding at -100; the model shifts
+    them right behind ``decoder_start_token_id``. ``generate`` returns decoder ids only.
+    """
+
+    name = "florence2"
+    model_types = ("florence2",)
+    model_class = Florence2ForConditionalGeneration
+
+    def generation_inputs(self, model, processor, images, prefix):
+        inputs = processor(
+            images=list(images), text=[prefix] * len(images), padding="longest", return_tensors="pt"
+        )
+        return dict(inputs)
+
+    def training_inputs(self, model, processor, images, prefixes, captions):
+        inputs = dict(
+            processor(
+                images=list(images), text=list(prefixes), padding="longest", return_tensors="pt"
+            )
+        )
+        targets = processor.tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+        width = max(len(t) for t in targets)
+        labels = torch.full((len(targets), width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(targets):
+            labels[i, : len(row)] = torch.tensor(row)
+        inputs["labels"] = labels
+        return inputs
+
+    def prompt_length(self, inputs):
+        return 1  # the decoder start token; <s> is dropped as a special token when decoding
+
+    def generate_kwargs(self, model, processor):
+        text = model.config.text_config
+        return {
+            "eos_token_id": text.eos_token_id,
+            "pad_token_id": text.pad_token_id,
+            "decoder_start_token_id": text.decoder_start_token_id,
+        }
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (BlipFamily(), GitFamily(), PaliGemmaFamily(), Florence2Family())
+}
+
+
+def family_for_model_type(model_type: str) -> Family:
+    """The adapter for a config's ``model_type``."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"unsupported captioner model_type {model_type!r}; supported: "
+        + ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+    )

@@ -1,0 +1,183 @@
+"""RECAP step 1: fine-tune a captioner on a few hundred (image, short, long) human captions."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from recap_dagster.captioner.model import Captioner, dropout_state, restore_dropout
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass
+class CaptionExample:
+    """One human-captioned image with both RECAP styles."""
+
+    key: str
+    image: Image.Image
+    short: str
+    long: str
+
+    def caption(self, style: str) -> str:
+        """The caption of ``style`` ("short" or "long")."""
+        if style not in ("short", "long"):
+            raise ValueError(f"unknown style {style!r}")
+        return self.short if style == "short" else self.long
+
+
+@dataclass
+class FineTuneConfig:
+    """Paper defaults (RECAP §4): 300 steps, lr 4e-5, batch 64, dropout 0.1, 50/50 styles.
+
+    ``batch_size`` is the effective batch; each step runs ``grad_accum_steps`` micro-batches
+    of ``batch_size // grad_accum_steps``. ``max_grad_norm`` (not in the paper) clips the
+    gradient norm; ``None`` disables clipping.
+    """
+
+    steps: int = 300
+    learning_rate: float = 4e-5
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    dropout: float = 0.1
+    long_fraction: float = 0.5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    mixed_precision: MixedPrecision = "no"
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+        if self.batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError("batch_size and grad_accum_steps must be >= 1")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError("batch_size must be a multiple of grad_accum_steps")
+        if not 0.0 <= self.long_fraction <= 1.0:
+            raise ValueError("long_fraction must be in [0, 1]")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no|fp16|bf16, got {self.mixed_precision!r}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+
+def sample_batches(num_examples: int, config: FineTuneConfig) -> Iterator[list[tuple[int, str]]]:
+    """Endless (example index, style) batches, deterministic given ``config.seed``.
+
+    Examples are drawn as consecutive copies of the set, each copy reshuffled, so every image
+    is seen equally often (the paper trains over copies of its 100 images). Within a batch,
+    ``round(long_fraction * batch_size)`` pairs are long and the rest short, in random order.
+    """
+    rng = random.Random(config.seed)
+    pool: list[int] = []
+    n_long = round(config.long_fraction * config.batch_size)
+    while True:
+        while len(pool) < config.batch_size:
+            order = list(range(num_examples))
+            rng.shuffle(order)
+            pool += order
+        indices, pool = pool[: config.batch_size], pool[config.batch_size :]
+        styles = ["long"] * n_long + ["short"] * (config.batch_size - n_long)
+        rng.shuffle(styles)
+        yield list(zip(indices, styles, strict=True))
+
+
+def _lr_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the base rate, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _make_accelerator(config: FineTuneConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs = {
+        "mixed_precision": config.mixed_precision,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+    }
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:
+        # accelerate keeps one process-wide AcceleratorState and refuses a different
+        # mixed_precision later in the same process (e.g. a bf16 run after a fp32 one in a
+        # test session). The process-group part (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(**kwargs)
+
+
+def fine_tune(
+    captioner: Captioner,
+    examples: Sequence[CaptionExample],
+    config: FineTuneConfig,
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Fine-tune ``captioner`` in place on ``examples``; returns the loss of every step.
+
+    Each step draws ``config.batch_size`` (image, style) pairs (see :func:`sample_batches`),
+    learns ``caption | image, style prefix`` with AdamW through accelerate (device placement,
+    gradient accumulation, mixed precision). Dropout is ``config.dropout`` while training
+    and restored afterwards; the model is left in eval mode on the accelerator's device.
+    ``on_step(step, loss)`` is called after every optimizer step (1-based step).
+    """
+    from accelerate.utils import set_seed
+
+    if not examples:
+        raise ValueError("fine_tune needs at least one example")
+    set_seed(config.seed)
+    accelerator = _make_accelerator(config)
+    saved_dropout = dropout_state(captioner.model)
+    captioner.set_dropout(config.dropout)
+
+    params = [p for p in captioner.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(captioner.model, optimizer)
+    # Stepped by hand once per optimizer step: accelerate's scheduler wrapper would step it
+    # once per process and per micro-batch bookkeeping, not per RECAP step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps))
+
+    micro = config.micro_batch_size
+    batches = sample_batches(len(examples), config)
+    losses: list[float] = []
+    model.train()
+    try:
+        for step in range(1, config.steps + 1):
+            pairs = next(batches)
+            step_loss = 0.0
+            for start in range(0, len(pairs), micro):
+                chunk = pairs[start : start + micro]
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = captioner.loss_with(
+                            model,
+                            [examples[i].image for i, _ in chunk],
+                            [examples[i].caption(style) for i, style in chunk],
+                            [style for _, style in chunk],
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().float().item() / config.grad_accum_steps
+            scheduler.step()
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(step, step_loss)
+    finally:
+        captioner.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        captioner.model.eval()
+        restore_dropout(saved_dropout)
+        accelerator.free_memory()
+    return losses

@@ -1,0 +1,264 @@
+"""The :class:`Captioner`: one interface over BLIP, GIT, PaliGemma and Florence-2 checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from recap_dagster.captioner.families import Family, family_for_model_type
+
+#: Default fixed conditioning prefixes, one per caption style (RECAP's "short" and "long").
+#: Plain lowercase words so that tiny locally built vocabularies cover them.
+STYLE_PREFIXES: dict[str, str] = {"short": "describe briefly:", "long": "describe in detail:"}
+
+#: Written beside the checkpoint; carries what transformers' own files do not (the prefixes).
+CAPTIONER_FILE = "recap_captioner.json"
+
+# Config/module attribute names that hold a dropout probability in the supported families.
+_DROPOUT_CONFIG_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "dropout",
+    "activation_dropout",
+)
+# Attention modules in transformers 5 keep the probability as a float attribute and pass it
+# to the attention function (``dropout=0.0 if not self.training else self.attention_dropout``).
+_DROPOUT_MODULE_ATTRS = ("attention_dropout", "dropout", "dropout_p")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sub_configs(config: Any) -> Iterator[Any]:
+    yield config
+    for key in ("text_config", "vision_config"):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            yield sub
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def dropout_state(model: nn.Module) -> list[tuple[Any, str, float]]:
+    """Every (object, attribute, value) that :meth:`Captioner.set_dropout` would change."""
+    state: list[tuple[Any, str, float]] = []
+    for cfg in _sub_configs(model.config):
+        for key in _DROPOUT_CONFIG_KEYS:
+            if _is_probability(getattr(cfg, key, None)):
+                state.append((cfg, key, getattr(cfg, key)))
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            state.append((module, "p", module.p))
+            continue
+        for attr in _DROPOUT_MODULE_ATTRS:
+            if _is_probability(module.__dict__.get(attr)):
+                state.append((module, attr, module.__dict__[attr]))
+    return state
+
+
+def restore_dropout(state: Sequence[tuple[Any, str, float]]) -> None:
+    """Undo :meth:`Captioner.set_dropout` from a :func:`dropout_state` snapshot."""
+    for obj, attr, value in state:
+        setattr(obj, attr, value)
+
+
+class Captioner:
+    """A captioning model + its processor, behind one interface for every supported family."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        prefixes: dict[str, str] | None = None,
+    ) -> None:
+        self.adapter: Family = family_for_model_type(model.config.model_type)
+        self.family: str = self.adapter.name
+        self.model = model
+        self.processor = processor
+        self.prefixes: dict[str, str] = dict(prefixes or STYLE_PREFIXES)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        prefixes: dict[str, str] | None = None,
+    ) -> Captioner:
+        """Load model + processor (+ prefixes from ``recap_captioner.json`` when present).
+
+        ``prefixes`` given here win over the stored ones, which win over :data:`STYLE_PREFIXES`.
+        """
+        path_or_id = str(path_or_id)
+        config = AutoConfig.from_pretrained(path_or_id)
+        adapter = family_for_model_type(config.model_type)
+        kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+        model = adapter.model_class.from_pretrained(path_or_id, **kwargs)
+        processor = AutoProcessor.from_pretrained(path_or_id)
+        stored = _read_captioner_file(path_or_id)
+        model.to(resolve_device(device))
+        model.eval()
+        return cls(model, processor, prefixes=prefixes or stored.get("prefixes"))
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write model (safetensors), processor and prefixes into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+        meta = {"family": self.family, "prefixes": self.prefixes}
+        (directory / CAPTIONER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        """Unique parameter count (tied embeddings counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    def prefix(self, style: str) -> str:
+        """The conditioning prefix for ``style``."""
+        try:
+            return self.prefixes[style]
+        except KeyError:
+            raise ValueError(f"unknown style {style!r}; known: {sorted(self.prefixes)}") from None
+
+    # ------------------------------------------------------------------ inference
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        style: str,
+        *,
+        max_new_tokens: int = 40,
+        num_beams: int = 1,
+        batch_size: int | None = None,
+    ) -> list[str]:
+        """Caption ``images`` in ``style``; returns the continuation only, prefix stripped.
+
+        ``batch_size`` splits long lists into several ``generate`` calls (default: one call).
+        """
+        images = list(images)
+        if not images:
+            return []
+        prefix = self.prefix(style)
+        step = batch_size or len(images)
+        captions: list[str] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(images), step):
+                    captions += self._generate(
+                        images[start : start + step], prefix, max_new_tokens, num_beams
+                    )
+        finally:
+            self.model.train(was_training)
+        return captions
+
+    def _generate(
+        self, images: list[Image.Image], prefix: str, max_new_tokens: int, num_beams: int
+    ) -> list[str]:
+        inputs = self._to_device(
+            self.adapter.generation_inputs(self.model, self.processor, images, prefix)
+        )
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            **self.adapter.generate_kwargs(self.model, self.processor),
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return self.adapter.decode(
+            self.processor, sequences[:, self.adapter.prompt_length(inputs) :]
+        )
+
+    # ------------------------------------------------------------------ training
+    def loss(
+        self, images: Sequence[Image.Image], captions: Sequence[str], styles: Sequence[str]
+    ) -> torch.Tensor:
+        """Teacher-forced LM loss of ``captions`` given images and style prefixes.
+
+        Prefix and padding tokens are -100 in the labels: only the caption (and its end
+        token) is learnt. Mean over caption tokens, as each family's own loss computes it.
+        """
+        return self.loss_with(self.model, images, captions, styles)
+
+    def loss_with(
+        self,
+        model: nn.Module,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        styles: Sequence[str],
+    ) -> torch.Tensor:
+        """:meth:`loss` through ``model``, e.g. an accelerate/DDP wrapper of :attr:`model`."""
+        if not (len(images) == len(captions) == len(styles)):
+            raise ValueError("images, captions and styles must have the same length")
+        inputs = self.adapter.training_inputs(
+            self.model, self.processor, images, [self.prefix(s) for s in styles], captions
+        )
+        return model(**self._to_device(inputs)).loss
+
+    def set_dropout(self, p: float) -> None:
+        """Set every dropout probability (modules and config, all sub-models) to ``p``.
+
+        Families name it differently (``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
+        ``attention_dropout``, ``dropout``); transformers 5 attention layers also keep it as a
+        plain float, so module attributes are set too, not only ``nn.Dropout.p``.
+        """
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        for obj, attr, _ in dropout_state(self.model):
+            setattr(obj, attr, float(p))
+
+    def _to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device, dtype = self.device, self.dtype
+        moved: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if not isinstance(value, torch.Tensor):
+                moved[key] = value
+            elif value.is_floating_point():  # pixel values follow the model's dtype
+                moved[key] = value.to(device=device, dtype=dtype)
+            else:
+                moved[key] = value.to(device)
+        return moved
+
+
+def _read_captioner_file(path_or_id: str) -> dict[str, Any]:
+    """The ``recap_captioner.json`` beside a local checkpoint or in the hub cache, else ``{}``."""
+    local = Path(path_or_id) / CAPTIONER_FILE
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(path_or_id).exists():
+        return {}
+    try:  # a hub id: only a cached copy can be read (no network in the miniworld)
+        from transformers.utils import cached_file
+
+        found = cached_file(path_or_id, CAPTIONER_FILE, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - any hub/cache failure just means "no stored prefixes"
+        return {}
+    return json.loads(Path(found).read_text()) if found else {}

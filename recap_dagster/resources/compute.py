@@ -1,0 +1,37 @@
+"""Compute resource: which device, dtype and mixed precision the ML steps use."""
+
+import dagster as dg
+import torch
+from pydantic import Field
+
+from recap_dagster import devices
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Device settings shared by every ML asset. Defaults use CUDA when present."""
+
+    device: str = Field(
+        default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."
+    )
+    dtype: str = Field(
+        default="auto",
+        description="Inference dtype: auto (bf16 on capable GPUs, fp32 on CPU), float32, "
+        "bfloat16, float16.",
+    )
+    mixed_precision: str = Field(
+        default="auto",
+        description="Training precision for accelerate: auto (bf16 on capable GPUs, none on "
+        "CPU), no, fp16, bf16.",
+    )
+    cpu_threads: int = Field(default=0, description="torch CPU threads (0 keeps torch's default).")
+
+    def torch_device(self) -> torch.device:
+        if self.cpu_threads > 0:
+            torch.set_num_threads(self.cpu_threads)
+        return devices.resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return devices.resolve_dtype(self.dtype, self.torch_device())
+
+    def training_precision(self) -> str:
+        return devices.resolve_mixed_precision(self.mixed_precision, self.torch_device())

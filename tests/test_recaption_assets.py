@@ -1,0 +1,204 @@
+"""RECAP steps 1-2 through a real Dagster instance: fine-tune, recaption, lineage, automation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._time import get_current_datetime
+
+from recap_dagster.assets.captioner import captioner_checkpoint
+from recap_dagster.assets.corpus import laion_shards
+from recap_dagster.assets.human_captions import human_captions, human_captions_checks
+from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
+from recap_dagster.automation import (
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    laion_shard_sensor,
+    recaption_backfill_schedule,
+    shards_needing_recaption,
+)
+from recap_dagster.captioner import build_tiny_captioner
+from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.recaption import SCHEMA
+from recap_dagster.resources import (
+    ComputeResource,
+    DataSourcesResource,
+    ModelsResource,
+    StorageResource,
+)
+
+ASSETS = [laion_shards, human_captions, captioner_checkpoint, recaptioned_shards]
+CHECKS = [*human_captions_checks, *recaptioned_shards_checks]
+
+
+@pytest.fixture(scope="module")
+def base_captioner(tmp_path_factory: pytest.TempPathFactory) -> str:
+    directory = tmp_path_factory.mktemp("base_captioner")
+    words = sorted({w for text in vocabulary_texts() for w in text.lower().split()})
+    build_tiny_captioner("git", directory, words=words, hidden_size=32, max_text_tokens=64)
+    return str(directory)
+
+
+def _resources(miniworld_paths, base_captioner: str, storage_root: Path) -> dict:
+    return {
+        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "storage": StorageResource(root=str(storage_root)),
+        "models": ModelsResource(base_captioner=base_captioner),
+        "compute": ComputeResource(),
+    }
+
+
+def _finetune_config(seed: int) -> dict:
+    step = {"steps": 4, "batch_size": 8, "learning_rate": 1e-3, "seed": seed}
+    step |= {"eval_batch_size": 8, "max_new_tokens": 12, "sample_rows": 2}
+    return {"ops": {"captioner_checkpoint": {"config": step}}}
+
+
+RECAPTION_CONFIG = {
+    "ops": {"recaptioned_shards": {"config": {"batch_size": 8, "max_new_tokens": 12}}}
+}
+
+
+def get_stale_status_resolver(instance: dg.DagsterInstance, assets) -> CachingStaleStatusResolver:
+    """The resolver behind the UI's "stale" badges, over our asset graph."""
+    graph = AssetGraph.from_assets([dg.AssetsDefinition(specs=[laion_shards]), *assets[1:]])
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
+    return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+
+
+def _materialize(instance, resources, selection, **kwargs) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [*ASSETS, *CHECKS], instance=instance, resources=resources, selection=selection, **kwargs
+    )
+
+
+def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp_path) -> None:
+    resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage")
+    storage = resources["storage"].get()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(laion_shards_partitions.name, ["00000", "00001"])
+        result = _materialize(
+            instance,
+            resources,
+            ["human_captions", "captioner_checkpoint"],
+            run_config=_finetune_config(seed=0),
+        )
+        assert result.success
+        metadata = result.asset_materializations_for_node("captioner_checkpoint")[0].metadata
+        assert "data:image/png;base64" in metadata["loss_curve"].value
+        assert "| long | positions |" in metadata["heldout_quality"].value
+        assert "data:image/png;base64" in metadata["samples"].value
+        assert storage.dir_complete("checkpoints", "captioner")
+        first_version = metadata["version"].value
+
+        # A two-shard range in one run: one model load, one parquet per shard, checks pass.
+        result = _materialize(
+            instance,
+            resources,
+            dg.AssetSelection.assets(recaptioned_shards),
+            run_config=RECAPTION_CONFIG,
+            tags={RANGE_START_TAG: "00000", RANGE_END_TAG: "00001"},
+        )
+        assert result.success
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert set(checks) == {next(iter(c.check_specs)).name for c in recaptioned_shards_checks}
+        assert all(c.passed for c in checks.values()), [c.description for c in checks.values()]
+        for shard in ("00000", "00001"):
+            table = pq.read_table(tmp_path / "storage" / "recaptioned" / f"{shard}.parquet")
+            assert table.schema.equals(SCHEMA)
+            assert table.num_rows == 24
+            rows = table.to_pylist()
+            assert {r["captioner_version"] for r in rows} == {first_version}
+            ok = [r for r in rows if r["status"] == "ok"]
+            assert all(r["recap_short"] and r["recap_long"] for r in ok)
+            for bad in (r for r in rows if r["status"] != "ok"):
+                assert bad["error"] and bad["recap_short"] is None
+        assert shards_needing_recaption(instance) == ([], [])
+
+        resolver = get_stale_status_resolver(instance, ASSETS)
+        key = recaptioned_shards.key
+        assert resolver.get_status(key, "00000") == StaleStatus.FRESH
+
+        # New weights -> every recaptioned shard is stale, through the instance.
+        result = _materialize(
+            instance, resources, ["captioner_checkpoint"], run_config=_finetune_config(seed=1)
+        )
+        assert result.success
+        second = result.asset_materializations_for_node("captioner_checkpoint")[0].metadata
+        assert second["version"].value != first_version
+        resolver = get_stale_status_resolver(instance, ASSETS)
+        assert resolver.get_status(key, "00000") == StaleStatus.STALE
+        assert resolver.get_status(key, "00001") == StaleStatus.STALE
+        assert shards_needing_recaption(instance) == ([], ["00000", "00001"])
+
+        # Same weights again (same seed) -> same data version -> shards are not made stale.
+        _materialize(instance, resources, ["captioner_checkpoint"], run_config=_finetune_config(1))
+        third = instance.get_latest_materialization_event(captioner_checkpoint.key)
+        assert third.asset_materialization.tags["dagster/data_version"] == second["version"].value
+
+        # The schedule backfills both stale shards in one ranged run.
+        context = dg.build_schedule_context(instance=instance)
+        requests = recaption_backfill_schedule(context)
+        assert [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in requests] == [
+            ("00000", "00001")
+        ]
+        result = _materialize(
+            instance,
+            resources,
+            dg.AssetSelection.assets(recaptioned_shards),
+            run_config=RECAPTION_CONFIG,
+            tags=requests[0].tags,
+        )
+        assert result.success
+        resolver = get_stale_status_resolver(instance, ASSETS)
+        assert resolver.get_status(key, "00001") == StaleStatus.FRESH
+        assert isinstance(recaption_backfill_schedule(context), dg.SkipReason)
+
+
+def test_sensor_requests_recaptioning_of_new_shards(miniworld_paths, tmp_path: Path) -> None:
+    sources = DataSourcesResource.for_miniworld(str(miniworld_paths.root))
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"sources": sources})
+        before = laion_shard_sensor(context)
+        assert before.run_requests == []  # no captioner yet: partitions only
+        assert [k for r in before.dynamic_partitions_requests for k in r.partition_keys] == [
+            "00000",
+            "00001",
+        ]
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=captioner_checkpoint.key, tags={"dagster/data_version": "v1"}
+            )
+        )
+        fresh = dg.build_sensor_context(instance=instance, resources={"sources": sources})
+        after = laion_shard_sensor(fresh)
+        assert sorted(r.partition_key for r in after.run_requests) == ["00000", "00001"]
+        assert {r.run_key for r in after.run_requests} == {"recaption-00000", "recaption-00001"}
+
+
+def test_missing_base_captioner_is_a_clear_error(miniworld_paths, tmp_path: Path) -> None:
+    resources = _resources(miniworld_paths, str(tmp_path / "nowhere"), tmp_path / "storage")
+    with dg.instance_for_test() as instance:
+        result = _materialize(
+            instance,
+            resources,
+            ["human_captions", "captioner_checkpoint"],
+            run_config=_finetune_config(0),
+            raise_on_error=False,
+        )
+    assert not result.success
+    failure = next(
+        e for e in result.all_events if e.event_type_value == "STEP_FAILURE"
+    ).step_failure_data.error
+    assert "nowhere" in failure.message or "nowhere" in str(failure.cause)
