@@ -7,6 +7,12 @@ from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
+from recap_dagster.assets.t2i import (
+    metric_reports,
+    recap_mix_beats_alttext,
+    recap_report,
+    sd_checkpoints,
+)
 from recap_dagster.automation import laion_shard_sensor, recaption_backfill_schedule, recaption_job
 from recap_dagster.resources import (
     ComputeResource,
@@ -31,9 +37,20 @@ def default_resources() -> dict:
     }
 
 
+ASSETS = [
+    laion_shards,
+    human_captions,
+    captioner_checkpoint,
+    recaptioned_shards,
+    sd_checkpoints,
+    metric_reports,
+    recap_report,
+]
+ASSET_CHECKS = [*human_captions_checks, *recaptioned_shards_checks, recap_mix_beats_alttext]
+
 defs = dg.Definitions(
-    assets=[laion_shards, human_captions, captioner_checkpoint, recaptioned_shards],
-    asset_checks=[*human_captions_checks, *recaptioned_shards_checks],
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
     jobs=[recaption_job],
     sensors=[laion_shard_sensor],
     schedules=[recaption_backfill_schedule],

@@ -1,7 +1,8 @@
-"""The main job: generate the miniworld and materialize the asset graph in a real instance.
+"""The main job: generate the miniworld, build the base models, materialize the asset graph.
 
 Runs go through the local Dagster instance under ``$DAGSTER_HOME``, so everything the
 main job did is visible afterwards in ``dagster dev`` (runs, lineage, metadata, checks).
+The recaptioning backfill is split into ranged runs exactly as the backfill schedule does.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from recap_dagster import settings
-from recap_dagster.assets.human_captions import human_captions, human_captions_checks
-from recap_dagster.definitions import default_resources
+from recap_dagster.automation import ranged_run_requests
+from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
+from recap_dagster.miniworld.base_captioner import build_base_captioner
 from recap_dagster.miniworld.generate import generate_miniworld
 from recap_dagster.partitions import laion_shards_partitions
 from recap_dagster.profiles import PROFILES
@@ -27,7 +29,7 @@ class PipelineSummary:
     succeeded: bool = True
 
     def add(self, step: str, seconds: float, detail: str) -> None:
-        self.lines.append(f"{step:<28} {seconds:8.1f} s  {detail}")
+        self.lines.append(f"{step:<26} {seconds:8.1f} s  {detail}")
 
     def render(self) -> str:
         status = "succeeded" if self.succeeded else "FAILED"
@@ -44,34 +46,67 @@ def register_shards(instance: dg.DagsterInstance, shards_root: str) -> list[str]
     return keys
 
 
+def _materialize(
+    instance: dg.DagsterInstance, selection: list[str], **kwargs
+) -> dg.ExecuteInProcessResult:
+    """Materialize ``selection`` (and its checks) with the project's resources."""
+    return dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        selection=selection,
+        instance=instance,
+        resources=default_resources(),
+        raise_on_error=False,
+        **kwargs,
+    )
+
+
+def _report(summary: PipelineSummary, step: str, start: float, result) -> None:
+    checks = result.get_asset_check_evaluations()
+    failed = [c.check_name for c in checks if not c.passed and c.severity.value == "ERROR"]
+    summary.succeeded &= result.success and not failed
+    detail = f"run {result.run_id[:8]}, {sum(c.passed for c in checks)}/{len(checks)} checks passed"
+    summary.add(
+        step, time.perf_counter() - start, detail + (f"; FAILED: {failed}" if failed else "")
+    )
+
+
 def run_pipeline(profile_name: str = "default") -> PipelineSummary:
     profile = PROFILES[profile_name]
     summary = PipelineSummary(profile_name)
     home = settings.ensure_dagster_home()
+    resources = default_resources()
 
     start = time.perf_counter()
     paths = generate_miniworld(str(settings.miniworld_dir()), profile.miniworld)
     summary.add("miniworld", time.perf_counter() - start, str(paths.root))
 
+    start = time.perf_counter()
+    base = build_base_captioner(paths, resources["models"].base_captioner, profile.base_captioner)
+    summary.add("base captioner (cached)", time.perf_counter() - start, base)
+
     instance = dg.DagsterInstance.get()
-    resources = default_resources()
     keys = register_shards(instance, resources["sources"].shards_root)
-    summary.add("laion_shards partitions", 0.0, f"{len(keys)} shards in instance {home}")
+    summary.add("laion_shards partitions", 0.0, f"{len(keys)} shards, instance {home}")
 
     start = time.perf_counter()
-    result = dg.materialize(
-        [human_captions, *human_captions_checks],
-        instance=instance,
-        resources=resources,
-        raise_on_error=False,
+    result = _materialize(
+        instance,
+        ["human_captions", "captioner_checkpoint"],
+        run_config=profile.captioner_run_config(),
     )
-    checks = result.get_asset_check_evaluations()
-    failed = [c.check_name for c in checks if not c.passed]
-    summary.succeeded &= result.success and not failed
-    summary.add(
-        "human_captions",
-        time.perf_counter() - start,
-        f"{sum(c.passed for c in checks)}/{len(checks)} checks passed"
-        + (f"; failed: {failed}" if failed else ""),
-    )
+    _report(summary, "captioner_checkpoint", start, result)
+    if not summary.succeeded:
+        return summary
+
+    for request in ranged_run_requests(keys, keys, {"recap/backfill": "main-job"}):
+        start = time.perf_counter()
+        result = _materialize(
+            instance,
+            ["recaptioned_shards"],
+            run_config=profile.recaption_run_config(),
+            tags=request.tags,
+        )
+        span = f"{request.tags['dagster/asset_partition_range_start']}.."
+        span += request.tags["dagster/asset_partition_range_end"]
+        _report(summary, f"recaptioned_shards {span}", start, result)
     return summary

@@ -1,9 +1,21 @@
-"""Named size profiles for the miniworld run: ``default`` (documented sizes) and ``quick``."""
+"""Named size profiles for the miniworld run: ``default`` (documented sizes) and ``quick``.
+
+A profile fixes the miniworld's size, how the base models are pretrained and the run
+config the main job passes to the assets. Asset config defaults stay the paper's recipe;
+the miniworld overrides them here because its models are tiny (see each module's notes).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from recap_dagster.captioner import FineTuneConfig
+from recap_dagster.miniworld.base_captioner import (
+    MINIWORLD_FINETUNE,
+    QUICK_BASE_CAPTIONER,
+    QUICK_FINETUNE,
+    BaseCaptionerConfig,
+)
 from recap_dagster.miniworld.generate import MiniworldConfig
 
 
@@ -11,10 +23,23 @@ from recap_dagster.miniworld.generate import MiniworldConfig
 class Profile:
     name: str
     miniworld: MiniworldConfig
+    base_captioner: BaseCaptionerConfig
+    captioner_finetune: FineTuneConfig
+    recaption_batch_size: int = 64
+
+    def captioner_run_config(self) -> dict:
+        tune = asdict(self.captioner_finetune)
+        fields = ("steps", "learning_rate", "batch_size", "grad_accum_steps", "dropout")
+        config = {k: tune[k] for k in (*fields, "long_fraction", "warmup_steps", "seed")}
+        return {"ops": {"captioner_checkpoint": {"config": config}}}
+
+    def recaption_run_config(self) -> dict:
+        config = {"batch_size": self.recaption_batch_size}
+        return {"ops": {"recaptioned_shards": {"config": config}}}
 
 
 PROFILES: dict[str, Profile] = {
-    "default": Profile("default", MiniworldConfig()),
+    "default": Profile("default", MiniworldConfig(), BaseCaptionerConfig(), MINIWORLD_FINETUNE),
     # Tiny sizes that exercise the same code paths in the test suite.
     "quick": Profile(
         "quick",
@@ -26,5 +51,8 @@ PROFILES: dict[str, Profile] = {
             pretrain_images=256,
             eval_prompts_per_category=4,
         ),
+        QUICK_BASE_CAPTIONER,
+        QUICK_FINETUNE,
+        recaption_batch_size=16,
     ),
 }

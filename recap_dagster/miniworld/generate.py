@@ -3,7 +3,9 @@ and a CLIP tokenizer, all from one seed.
 
 Layout under ``out_dir``::
 
-    laion/                      img2dataset webdataset shards (NNNNN.tar/.parquet/_stats.json)
+    laion/                      img2dataset webdataset shards (NNNNN.tar/.parquet/_stats.json);
+                                ``broken_fraction`` of the samples have corrupt bytes (see
+                                :func:`broken_samples`)
     human_captions/             captions.jsonl + images/{key}.png (fine-tuning set)
     human_captions_heldout/     same format, disjoint images (caption-quality measurement)
     captioner_pretrain/pretrain.parquet   png bytes + terse caption + scene (base captioner)
@@ -54,7 +56,7 @@ from recap_dagster.miniworld.scenes import (
 )
 
 # Bump when the generated content changes for the same config, so caches are invalidated.
-MINIWORLD_VERSION = 1
+MINIWORLD_VERSION = 2  # 2: broken_fraction (corrupt image bytes in the corpus)
 CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position")
 
 PRETRAIN_SCHEMA = pa.schema(
@@ -80,6 +82,9 @@ class MiniworldConfig:
     pretrain_images: int = 4000
     eval_prompts_per_category: int = 40
     jpeg_quality: int = 95
+    # Corpus samples whose bytes are corrupt although the row says "success" (a real scrape
+    # has these): they exercise the recaptioning stage's per-row status/error path.
+    broken_fraction: float = 0.002
 
     @classmethod
     def from_dict(cls, data: dict) -> MiniworldConfig:
@@ -172,9 +177,47 @@ def _fake_url(rng: random.Random, alt: str) -> str:
     return f"https://{host}/uploads/{year}/{month:02d}/{slug}-{rng.randint(1, 9999)}.{ext}"
 
 
+BROKEN_KINDS = ("truncated_jpeg", "empty", "not_an_image")
+# What a scraper gets back instead of an image: an error page served with a 200.
+_NOT_AN_IMAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head>"
+    b"<body><h1>Forbidden</h1><p>Hotlinking is not allowed.</p></body></html>\n"
+)
+
+
+def broken_samples(config: MiniworldConfig, shard: int) -> dict[int, str]:
+    """In-shard index -> kind of corruption, for the shard's broken samples (deterministic).
+
+    ``round(broken_fraction * images_per_shard)`` samples, but at least one in a shard of 50
+    or more images whenever the fraction is positive, so small corpora exercise the path too.
+    Kinds rotate with the shard, so even one sample per shard gives a mix across shards.
+    """
+    n = config.images_per_shard
+    if config.broken_fraction <= 0 or n == 0:
+        return {}
+    wanted = round(config.broken_fraction * n)
+    if n >= 50:
+        wanted = max(1, wanted)
+    rng = random.Random(item_seed(config.seed, f"broken/{shard}", 0))
+    indices = sorted(rng.sample(range(n), min(wanted, n)))
+    return {i: BROKEN_KINDS[(shard + j) % len(BROKEN_KINDS)] for j, i in enumerate(indices)}
+
+
+def _corrupt(jpeg: bytes, kind: str) -> bytes:
+    if kind == "truncated_jpeg":
+        # Cut in the scan data: the header (size) still reads, decoding fails.
+        return jpeg[: len(jpeg) * 3 // 4]
+    if kind == "empty":
+        return b""
+    if kind == "not_an_image":
+        return _NOT_AN_IMAGE
+    raise ValueError(f"unknown corruption {kind!r}")
+
+
 def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
     from recap_dagster.shards import ShardRecord, sample_key
 
+    broken = broken_samples(config, shard)
     for index in range(config.images_per_shard):
         rng = random.Random(item_seed(config.seed, f"laion/{shard}", index))
         scene, image = _scene_and_image(rng, config.image_size)
@@ -182,15 +225,23 @@ def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
         url = _fake_url(rng, alt)
         key = sample_key(shard, index, config.images_per_shard)
         jpeg = _encode(image, "JPEG", config.jpeg_quality)
+        metadata: dict = {"scene": scene.to_dict()}
+        size: int | None = config.image_size
+        if index in broken:
+            # Written as a "success" row, as a scraper that trusted the HTTP status would;
+            # the size is left to the writer's header probe (None where there is no header).
+            jpeg = _corrupt(jpeg, broken[index])
+            metadata["corrupt"] = broken[index]
+            size = None
         hasher.update(key.encode() + jpeg + alt.encode() + url.encode())
         yield ShardRecord(
             key=key,
             image_bytes=jpeg,
             caption=alt,
             url=url,
-            metadata={"scene": scene.to_dict()},
-            width=config.image_size,
-            height=config.image_size,
+            metadata=metadata,
+            width=size,
+            height=size,
         )
 
 
@@ -420,6 +471,7 @@ def generate_miniworld(
         "counts": {
             "shards": config.shards,
             "corpus_images": sum(s["successes"] for s in stats),
+            "broken_images": sum(len(broken_samples(config, i)) for i in range(config.shards)),
             "human_captions": len(human),
             "human_heldout": len(heldout),
             "pretrain_images": config.pretrain_images,

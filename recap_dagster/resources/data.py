@@ -22,6 +22,10 @@ class DataSourcesResource(dg.ConfigurableResource):
         description="Optional held-out human captions (same format, with ground-truth scenes) "
         "for measuring caption quality before and after fine-tuning.",
     )
+    eval_prompts_path: str = Field(
+        default="",
+        description="JSONL of held-out evaluation prompts with ground truth (GenEval-like).",
+    )
     tokenizer_path: str = Field(
         description="Directory of the CLIP tokenizer used for the 77-token caption limit.",
     )
@@ -43,4 +47,5 @@ class DataSourcesResource(dg.ConfigurableResource):
             human_captions_path=f"{miniworld_dir}/human_captions/captions.jsonl",
             human_captions_heldout_path=f"{miniworld_dir}/human_captions_heldout/captions.jsonl",
             tokenizer_path=f"{miniworld_dir}/tokenizer",
+            eval_prompts_path=f"{miniworld_dir}/eval_prompts.jsonl",
         )

@@ -1,0 +1,140 @@
+"""RECAP's evaluation: FID, CLIP score and the miniworld's semantic metrics (no Dagster).
+
+FID uses torchmetrics' ``FrechetInceptionDistance``. The standard Inception-v3 weights
+(torch-fidelity's ``pt_inception-2015-12-05``) cannot be downloaded here, so:
+
+- with ``inception_weights`` pointing at that file (and torch-fidelity installed), FID is
+  the standard one;
+- otherwise the miniworld's offline extractor is used: a fixed, seeded, randomly
+  initialised convolutional network (:class:`RandomConvFeatures`). Random-weight CNN
+  features are a known stand-in for learnt ones when comparing image distributions (they
+  respond to colour, edge and layout statistics, which is what differs between miniworld
+  models), need no download, and are identical on every machine. Its values are NOT
+  comparable with published FIDs; compare variants with each other only.
+
+Object accuracy (the analog of SOA), counting error and position accuracy come from the
+deterministic evaluator reading generated images against each prompt's ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from recap_dagster.evaluator import evaluate_images
+from recap_dagster.miniworld.scenes import PromptTruth
+
+FID_IMAGE_SIZE = 64  # images are resized to this before feature extraction
+
+
+class RandomConvFeatures(nn.Module):
+    """Fixed random CNN features for FID on small images (see module docstring)."""
+
+    num_features = 64
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        layers: list[nn.Module] = []
+        channels = [3, 32, 64, 64]
+        for c_in, c_out in zip(channels, channels[1:], strict=False):
+            conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+                conv.weight.mul_(math.sqrt(2.0 / (c_in * 9)))
+                conv.bias.zero_()
+            layers += [conv, nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        projection = torch.randn(64 * 2, self.num_features, generator=generator) / math.sqrt(128)
+        self.register_buffer("projection", projection)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # torchmetrics passes uint8 images (normalize=False) or floats in [0, 1].
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = nn.functional.interpolate(x, size=(FID_IMAGE_SIZE, FID_IMAGE_SIZE), mode="bilinear")
+        x = self.body(x * 2 - 1)
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        return pooled @ self.projection
+
+
+def _to_uint8(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    arrays = [
+        np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+        for image in images
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def frechet_distance(
+    real: Sequence[Image.Image],
+    fake: Sequence[Image.Image],
+    *,
+    inception_weights: str | None = None,
+    batch_size: int = 256,
+) -> tuple[float, str]:
+    """FID between two image sets; returns (value, name of the feature extractor used)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if inception_weights:
+        metric = FrechetInceptionDistance(
+            feature=2048, feature_extractor_weights_path=inception_weights
+        )
+        size, extractor = 299, "inception-v3 (torch-fidelity weights)"
+    else:
+        metric = FrechetInceptionDistance(feature=RandomConvFeatures())
+        size, extractor = FID_IMAGE_SIZE, "miniworld random-conv-64"
+    for images, is_real in ((real, True), (fake, False)):
+        for start in range(0, len(images), batch_size):
+            metric.update(_to_uint8(images[start : start + batch_size], size), real=is_real)
+    return float(metric.compute()), extractor
+
+
+def clip_score(clip_model: str, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+    """torchmetrics CLIPScore with a CLIP model from a local directory or hub id."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=clip_model)
+    for start in range(0, len(images), 64):
+        batch = images[start : start + 64]
+        metric.update(_to_uint8(batch, batch[0].size[0]), list(prompts[start : start + 64]))
+    return float(metric.compute())
+
+
+@dataclass
+class MetricReport:
+    """Metrics of one checkpoint: overall, per prompt category, per prompt."""
+
+    overall: dict
+    per_category: dict[str, dict]
+    rows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"overall": self.overall, "per_category": self.per_category}
+
+
+def evaluate_generations(
+    images: Sequence[Image.Image],
+    truths: Sequence[PromptTruth],
+    reference: Sequence[Image.Image],
+    *,
+    inception_weights: str | None = None,
+    clip_model: str | None = None,
+) -> MetricReport:
+    """The paper's metrics for images generated from ``truths``' prompts."""
+    summary = evaluate_images(list(images), list(truths))
+    overall = dict(summary.overall)
+    overall["fid"], overall["fid_features"] = frechet_distance(
+        reference, images, inception_weights=inception_weights
+    )
+    if clip_model:
+        overall["clip_score"] = clip_score(clip_model, images, [t.prompt for t in truths])
+    return MetricReport(overall=overall, per_category=summary.per_category, rows=summary.rows)
+

@@ -1,0 +1,623 @@
+"""The miniworld's base captioner: RECAP step 1's starting point, pretrained locally.
+
+RECAP fine-tunes a *web-pretrained* captioner (PaLI) whose "outputs are relatively terse and
+lack in detail". The miniworld analog is a tiny model of one supported family (see
+:data:`BaseCaptionerConfig.family`), built with :mod:`recap_dagster.captioner.tiny` and
+pretrained here on ``captioner_pretrain/pretrain.parquet`` (images disjoint from the corpus
+and from both human-caption sets), then saved with :meth:`Captioner.save_pretrained` so
+the pipeline loads it through the same ``from_pretrained`` path as a real checkpoint.
+
+Why a task mixture. PaLI is not a captioner only: its pretraining mixes captioning with
+OCR, VQA and object detection/grounding, so it *knows* where things are even though its
+captions do not say so. That knowledge is what lets RECAP's 100 human captions teach
+detailed captions. The analog pretrains on two tasks, each under its own prefix
+(:data:`PRETRAIN_PREFIXES`):
+
+- ``"caption:"`` -> the terse web-style caption of the pretraining set (kinds only, no
+  counts, no positions: "red circle and blue square");
+- ``"detect:"`` -> a compact machine listing of every object with its grid cell, grouped
+  by kind ("red circle top left; red circle bottom; blue square center"), the analog of
+  PaLI's detection/grounding output.
+
+Neither task is the RECAP style: the prefixes RECAP uses later ("describe briefly:",
+"describe in detail:", :data:`~recap_dagster.captioner.STYLE_PREFIXES`) never appear in
+pretraining. Asked with them, the base falls back to what it knows best, terse text
+(``evaluate_captioner`` measures it); the fine-tune on the human captions is what teaches
+the two RECAP styles, reusing the grounding learnt under ``"detect:"``. Without the
+grounding task, 100 captions are far too few to learn counts and positions from scratch.
+
+Building is deterministic (seeded init, seeded data order, no dropout) and cached: the
+output folder holds :data:`MANIFEST_FILE` with the config, a hash of the pretraining data
+and :data:`BASE_CAPTIONER_VERSION`; a folder with the same key is returned at once. The
+model is written to a temporary sibling folder and renamed into place, so a killed build
+never leaves a folder that looks complete.
+
+:data:`MINIWORLD_FINETUNE` is the RECAP step-1 profile for this tiny model (the paper's
+recipe, 300 steps at lr 4e-5, is for a pretrained billion-parameter model; see its comment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from recap_dagster.captioner.finetune import CaptionExample, FineTuneConfig
+from recap_dagster.captioner.model import STYLE_PREFIXES
+from recap_dagster.miniworld.captions import (
+    grade_caption,
+    long_caption,
+    short_caption,
+    terse_caption,
+    vocabulary_texts,
+)
+from recap_dagster.miniworld.generate import MiniworldPaths, item_seed, read_jsonl
+from recap_dagster.miniworld.scenes import Scene, cell_name, sample_scene
+
+# Bump when the same config and data would give a different model (code change).
+BASE_CAPTIONER_VERSION = 1
+MANIFEST_FILE = "base_captioner.json"
+
+#: The pretraining tasks and their prefixes; disjoint from the RECAP style prefixes.
+PRETRAIN_PREFIXES: dict[str, str] = {"caption": "caption:", "detect": "detect:"}
+assert not set(PRETRAIN_PREFIXES.values()) & set(STYLE_PREFIXES.values())
+
+
+@dataclass(frozen=True)
+class BaseCaptionerConfig:
+    """Architecture and pretraining recipe of the base captioner (defaults: the miniworld's).
+
+    ``detect_fraction`` of each batch is the grounding task, the rest terse captioning.
+    ``max_images`` uses only the first rows of the pretraining set (None: all of them).
+    ``position_init="sincos"`` starts the vision tower's patch position embeddings from a
+    2-D sine-cosine table times ``position_scale`` ("default": the family's own init).
+    The learning rate warms up linearly for ``warmup_steps`` then decays (cosine) to
+    ``min_lr_ratio`` of its peak.
+    """
+
+    family: str = "blip"
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int | None = None
+    vision_hidden_size: int | None = None
+    vision_layers: int | None = None
+    max_text_tokens: int = 96
+    steps: int = 400
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    detect_fraction: float = 0.5
+    position_init: str = "sincos"
+    position_scale: float = 0.5
+    max_images: int | None = None
+    vocabulary_scenes: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("steps must be >= 0 and batch_size >= 1")
+        if not 0.0 <= self.detect_fraction <= 1.0:
+            raise ValueError("detect_fraction must be in [0, 1]")
+
+    def key(self) -> str:
+        """A stable hash of the config (part of the cache key)."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: Seconds-long variant for the test suite: same code paths, a toy model and recipe.
+QUICK_BASE_CAPTIONER = BaseCaptionerConfig(
+    patch_size=8,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    steps=30,
+    batch_size=16,
+    learning_rate=3e-3,
+    warmup_steps=3,
+    max_images=256,
+    vocabulary_scenes=200,
+)
+
+#: RECAP step 1 on the miniworld: the paper's recipe (300 steps, dropout 0.1, batch 64,
+#: 50/50 short/long over copies of the 100 images) except the learning rate. The paper's
+#: 4e-5 suits a large pretrained model whose weights must move little; this model has ~1M
+#: parameters and its caption language starts from scratch (the base never produced
+#: sentences), so it needs a rate like the one it was pretrained with, warmed up.
+MINIWORLD_FINETUNE = FineTuneConfig(
+    steps=300,
+    learning_rate=1e-3,
+    batch_size=64,
+    dropout=0.1,
+    long_fraction=0.5,
+    warmup_steps=20,
+)
+
+#: Seconds-long fine-tune for the test suite.
+QUICK_FINETUNE = replace(MINIWORLD_FINETUNE, steps=8, batch_size=16, warmup_steps=0)
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def detection_text(scene: Scene) -> str:
+    """The ``detect:`` target: every object with its cell, grouped by kind in reading order.
+
+    'red circle top left; red circle bottom; blue square center'. Kinds come in the order
+    of their first object (row, then column); a kind's objects are consecutive, so a run
+    length is its count.
+    """
+    by_kind: dict[tuple[str, str], list[str]] = {}
+    for obj in sorted(scene.objects, key=lambda o: (o.row, o.col)):
+        by_kind.setdefault(obj.kind, []).append(cell_name(obj.row, obj.col))
+    return "; ".join(
+        f"{colour} {shape} {cell}" for (colour, shape), cells in by_kind.items() for cell in cells
+    )
+
+
+@dataclass
+class PretrainItem:
+    """One pretraining image with its two task targets."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    detection: str
+    scene: Scene
+
+    def target(self, task: str) -> str:
+        return self.detection if task == "detect" else self.caption
+
+
+@dataclass
+class CaptionedImage:
+    """A human-captioned image with its ground-truth scene (fine-tuning or held-out set)."""
+
+    key: str
+    image: Image.Image
+    short: str
+    long: str
+    scene: Scene
+
+    def to_example(self) -> CaptionExample:
+        return CaptionExample(key=self.key, image=self.image, short=self.short, long=self.long)
+
+
+def _open_rgb(data: bytes | str | os.PathLike[str]) -> Image.Image:
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    with Image.open(source) as image:
+        return image.convert("RGB")
+
+
+def load_pretrain(path: str | os.PathLike[str], limit: int | None = None) -> list[PretrainItem]:
+    """The pretraining parquet as items (first ``limit`` rows)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if limit is not None:
+        table = table.slice(0, limit)
+    items = []
+    for row in table.to_pylist():
+        scene = Scene.from_dict(json.loads(row["scene"]))
+        items.append(
+            PretrainItem(
+                key=row["key"],
+                image=_open_rgb(row["image"]),
+                caption=row["caption"],
+                detection=detection_text(scene),
+                scene=scene,
+            )
+        )
+    return items
+
+
+def load_captioned(path: str | os.PathLike[str]) -> list[CaptionedImage]:
+    """A human-caption JSONL file (``human_captions`` or ``human_captions_heldout``) with its
+    images and scenes."""
+    folder = Path(path).parent
+    return [
+        CaptionedImage(
+            key=row["key"],
+            image=_open_rgb(folder / row["image"]),
+            short=row["short"],
+            long=row["long"],
+            scene=Scene.from_dict(row["scene"]),
+        )
+        for row in read_jsonl(path)
+    ]
+
+
+def captioner_words(config: BaseCaptionerConfig, extra: Sequence[str] = ()) -> list[str]:
+    """Every word of the miniworld's language, to be whole tokens of the captioner.
+
+    The generator's phrase lists plus short, long and terse captions of
+    ``config.vocabulary_scenes`` fresh scenes (a domain of their own, so no image set is
+    involved), the detection listing's cell names and the pretraining prefixes.
+    """
+    # The generator's templates ("{L} on {B}.") hold placeholders, not words.
+    texts = [t for t in vocabulary_texts() if "{" not in t]
+    for index in range(config.vocabulary_scenes):
+        rng = random.Random(item_seed(config.seed, "captioner_vocabulary", index))
+        scene = sample_scene(rng)
+        texts += [short_caption(scene, rng), long_caption(scene, rng), terse_caption(scene, rng)]
+        texts.append(detection_text(scene))
+    texts += list(PRETRAIN_PREFIXES.values()) + list(extra)
+    return texts
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+
+
+def sincos_positions(grid: int, dim: int):
+    """A ``(grid*grid, dim)`` 2-D sine-cosine table (MAE/ViT style): half the channels
+    encode the row, half the column, each as sines and cosines of a few frequencies;
+    centred over positions, unit RMS."""
+    import torch
+
+    quarter = dim // 4
+    # Periods from ~2 cells to ~20: on a 3x3..8x8 grid every position differs from the rest.
+    freqs = torch.linspace(0.3, 3.0, quarter, dtype=torch.float64)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (rows.reshape(-1), cols.reshape(-1)):
+        angles = axis[:, None] * freqs[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    table = torch.cat(parts, dim=1)
+    # Centred and scaled to unit RMS: the part shared by every position says nothing about
+    # where a patch is, and on a small grid it would dominate (low frequencies).
+    table = table - table.mean(dim=0, keepdim=True)
+    table = table / table.pow(2).mean().sqrt().clamp_min(1e-12)
+    pad = dim - table.shape[1]
+    if pad:
+        table = torch.cat([table, torch.zeros(table.shape[0], pad, dtype=table.dtype)], dim=1)
+    return table.float()
+
+
+def init_vision_positions(model: Any, grid: int, scale: float) -> int:
+    """Overwrite the patch position embeddings of every vision tower in ``model`` with
+    :func:`sincos_positions` times ``scale``; a class-token position is left as it is.
+
+    Why: a randomly initialised tower starts with near-zero (std 0.02) position
+    embeddings, far below the patch content, and in a few hundred steps it never learns
+    *where* things are; a geometric start makes "top"/"left" readable from step one.
+    Returns how many towers were changed.
+    """
+    import torch
+    from torch import nn
+
+    changed = 0
+    for module in model.modules():
+        if not type(module).__name__.endswith("VisionEmbeddings"):
+            continue
+        table = getattr(module, "position_embedding", None)
+        weight = table.weight if isinstance(table, nn.Embedding) else table
+        if not isinstance(weight, torch.Tensor):
+            continue
+        rows = weight.view(-1, weight.shape[-1])
+        first = rows.shape[0] - grid * grid  # 1 with a class token (BLIP, GIT), 0 (SigLIP)
+        if first not in (0, 1):
+            continue
+        with torch.no_grad():
+            rows[first:] = scale * sincos_positions(grid, rows.shape[1]).to(rows)
+        changed += 1
+    return changed
+
+
+def _paths(miniworld: str | os.PathLike[str] | MiniworldPaths) -> MiniworldPaths:
+    return miniworld if isinstance(miniworld, MiniworldPaths) else MiniworldPaths.under(miniworld)
+
+
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_key(config: BaseCaptionerConfig, data_sha256: str) -> dict[str, Any]:
+    return {
+        "version": BASE_CAPTIONER_VERSION,
+        "config_sha256": config.key(),
+        "pretrain_sha256": data_sha256,
+    }
+
+
+def read_base_manifest(directory: str | os.PathLike[str]) -> dict | None:
+    """The manifest of a complete base captioner under ``directory``, or None."""
+    try:
+        return json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _lr_factor(step: int, config: BaseCaptionerConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` (``step`` is 0-based)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def _task_batches(n_items: int, config: BaseCaptionerConfig):
+    """Endless (item index, task) batches over reshuffled copies of the set (seeded)."""
+    rng = random.Random(item_seed(config.seed, "captioner_pretrain_order", 0))
+    pool: list[int] = []
+    n_detect = round(config.detect_fraction * config.batch_size)
+    while True:
+        while len(pool) < config.batch_size:
+            order = list(range(n_items))
+            rng.shuffle(order)
+            pool += order
+        indices, pool = pool[: config.batch_size], pool[config.batch_size :]
+        tasks = ["detect"] * n_detect + ["caption"] * (config.batch_size - n_detect)
+        rng.shuffle(tasks)
+        yield list(zip(indices, tasks, strict=True))
+
+
+def pretrain(
+    captioner: Any,
+    items: Sequence[PretrainItem],
+    config: BaseCaptionerConfig,
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Pretrain ``captioner`` in place on the caption/detect mixture; the loss of every step."""
+    import torch
+
+    if not items:
+        raise ValueError("pretraining needs at least one item")
+    torch.manual_seed(config.seed)
+    model = captioner.model
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    batches = _task_batches(len(items), config)
+    losses: list[float] = []
+    model.train()
+    try:
+        for step in range(1, config.steps + 1):
+            pairs = next(batches)
+            loss = captioner.loss(
+                [items[i].image for i, _ in pairs],
+                [items[i].target(task) for i, task in pairs],
+                [task for _, task in pairs],
+            )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite loss {value} at step {step}")
+            losses.append(value)
+            if on_step is not None:
+                on_step(step, value)
+    finally:
+        model.eval()
+    return losses
+
+
+def build_base_captioner(
+    miniworld: str | os.PathLike[str] | MiniworldPaths,
+    out_dir: str | os.PathLike[str],
+    config: BaseCaptionerConfig = BaseCaptionerConfig(),  # noqa: B008 - frozen dataclass
+    *,
+    device: str | None = None,
+    force: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> str:
+    """Build (or reuse) the base captioner from a generated miniworld; returns ``out_dir``.
+
+    ``miniworld`` is the miniworld's folder or its :class:`MiniworldPaths`. The result is a
+    standard checkpoint folder (safetensors + processor + ``recap_captioner.json`` with the
+    RECAP style prefixes) plus :data:`MANIFEST_FILE`. Uses CUDA when present unless
+    ``device`` says otherwise.
+    """
+    paths = _paths(miniworld)
+    out = Path(out_dir)
+    data_sha = _file_sha256(paths.captioner_pretrain)
+    key = _cache_key(config, data_sha)
+    manifest = read_base_manifest(out)
+    if not force and manifest is not None and manifest.get("key") == key:
+        return str(out)
+
+    # Imported here: a cache hit should not pay for torch/transformers imports.
+    import torch
+
+    from recap_dagster.captioner.model import resolve_device
+    from recap_dagster.captioner.tiny import build_tiny_captioner
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    items = load_pretrain(paths.captioner_pretrain, config.max_images)
+    prefixes = {**STYLE_PREFIXES, **PRETRAIN_PREFIXES}
+    captioner = build_tiny_captioner(
+        config.family,
+        None,
+        words=captioner_words(config),
+        prefixes=prefixes,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        vision_hidden_size=config.vision_hidden_size,
+        vision_layers=config.vision_layers,
+        max_text_tokens=config.max_text_tokens,
+        seed=config.seed,
+    )
+    if config.position_init == "sincos":
+        grid = config.image_size // config.patch_size
+        init_vision_positions(captioner.model, grid, config.position_scale)
+    elif config.position_init != "default":
+        raise ValueError(f"position_init must be 'sincos' or 'default', not {config.position_init!r}")
+    # No dropout while pretraining: the build stays deterministic, and the fine-tune sets
+    # its own rate (FineTuneConfig.dropout) anyway.
+    captioner.set_dropout(0.0)
+    captioner.model.to(resolve_device(device))
+    losses = pretrain(captioner, items, config, on_step=on_step)
+    seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+
+    # The checkpoint carries the RECAP styles only, like a real base model configured for
+    # the pipeline; the pretraining prefixes are in the manifest (pass them as
+    # ``prefixes=`` to ``from_pretrained`` to probe the pretraining tasks).
+    captioner.prefixes = dict(STYLE_PREFIXES)
+    captioner.model.to("cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        captioner.save_pretrained(staging)
+        manifest = {
+            "key": key,
+            "config": asdict(config),
+            "family": captioner.family,
+            "parameters": captioner.num_parameters(),
+            "pretrain_images": len(items),
+            "pretrain_prefixes": PRETRAIN_PREFIXES,
+            "style_prefixes": dict(STYLE_PREFIXES),
+            "vocabulary": len(captioner.processor.tokenizer),
+            "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "first_loss": losses[0] if losses else None,
+            "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "device": str(resolve_device(device)),
+            "torch_threads": torch.get_num_threads(),
+        }
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(out)
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move ``staging`` to ``out``, replacing a previous folder (renames only)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+GRADE_KEYS = ("objects", "counts", "positions", "counts_exact", "exact", "hallucinated")
+#: Enough new tokens for the longest long caption (64 CLIP pre-tokens, a little more here).
+MAX_NEW_TOKENS = {"short": 40, "long": 80}
+
+
+def _image_and_scene(example: Any) -> tuple[Image.Image, Scene]:
+    if isinstance(example, tuple):
+        image, scene = example
+    else:
+        image, scene = example.image, example.scene
+    return image, scene if isinstance(scene, Scene) else Scene.from_dict(scene)
+
+
+def evaluate_captioner(
+    captioner: Any,
+    examples: Sequence[Any],
+    batch_size: int = 64,
+    *,
+    styles: Sequence[str] = ("short", "long"),
+    max_new_tokens: dict[str, int] | None = None,
+    samples: int = 3,
+) -> dict[str, dict[str, Any]]:
+    """Caption ``examples`` in each style and grade against their scenes.
+
+    ``examples`` are objects with ``image`` and ``scene`` (e.g. :class:`CaptionedImage`) or
+    ``(image, scene)`` pairs. Returns ``{style: metrics}`` where metrics holds the means of
+    :func:`grade_caption`'s ``objects``, ``counts``, ``positions``, ``counts_exact``,
+    ``exact`` and ``hallucinated``, plus ``words`` (mean caption length),
+    ``states_positions`` (fraction of captions naming any position), ``captions_per_s``,
+    ``n`` and the first ``samples`` captions.
+    """
+    pairs = [_image_and_scene(e) for e in examples]
+    images = [image for image, _ in pairs]
+    limits = {**MAX_NEW_TOKENS, **(max_new_tokens or {})}
+    results: dict[str, dict[str, Any]] = {}
+    for style in styles:
+        start = time.perf_counter()
+        captions = captioner.caption(
+            images, style, max_new_tokens=limits.get(style, 80), batch_size=batch_size
+        )
+        seconds = time.perf_counter() - start
+        scenes = [scene for _, scene in pairs]
+        grades = [grade_caption(t, s) for t, s in zip(captions, scenes, strict=True)]
+        n = len(grades)
+        metrics: dict[str, Any] = {
+            k: (sum(float(g[k]) for g in grades) / n if n else 0.0) for k in GRADE_KEYS
+        }
+        metrics["words"] = sum(len(c.split()) for c in captions) / n if n else 0.0
+        metrics["states_positions"] = (
+            sum(1 for text in captions if _states_position(text)) / n if n else 0.0
+        )
+        metrics["captions_per_s"] = n / seconds if seconds > 0 else float("inf")
+        metrics["n"] = n
+        metrics["samples"] = captions[:samples]
+        results[style] = metrics
+    return results
+
+
+def _states_position(text: str) -> bool:
+    from recap_dagster.miniworld.captions import parse_caption
+
+    return bool(parse_caption(text).placements())
+
+
+@dataclass
+class QualityRow:
+    """One line of a quality table (for printing)."""
+
+    label: str
+    style: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def format_quality_table(rows: Sequence[QualityRow]) -> str:
+    """A plain-text table: label x style -> objects / counts / positions / exact / words."""
+    head = f"{'captioner':<14}{'style':<8}{'objects':>9}{'counts':>9}{'positions':>11}"
+    head += f"{'exact':>8}{'words':>8}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        m = row.metrics
+        lines.append(
+            f"{row.label:<14}{row.style:<8}{m['objects']:>9.3f}{m['counts']:>9.3f}"
+            f"{m['positions']:>11.3f}{m['exact']:>8.3f}{m['words']:>8.1f}"
+        )
+    return "\n".join(lines)

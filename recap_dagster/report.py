@@ -1,0 +1,158 @@
+"""The RECAP report: variants side by side (paper Table 1) and metric-vs-steps (Figure 5).
+
+Plain Python: takes the per-variant metric reports (JSON dicts) and returns markdown, a
+table and PNG figures.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from recap_dagster.metrics import MetricReport
+from recap_dagster.miniworld.scenes import PromptTruth
+from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
+
+# (metric, label, higher is better)
+COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("fid", "FID", False),
+    ("clip_score", "CLIP score", True),
+    ("object_accuracy", "object acc.", True),
+    ("count_error", "counting err.", False),
+    ("count_accuracy", "counting acc.", True),
+    ("position_accuracy", "position acc.", True),
+    ("all_correct", "all correct", True),
+)
+# The paper's relative improvements of RECAP over alt text (Table 1).
+PAPER_MARGINS = {"object_accuracy": 0.07, "count_error": -0.08, "position_accuracy": 0.08}
+BASELINE = "alttext"
+MIX = "recap_mix"
+
+
+def category_grids(
+    images: Sequence[Image.Image], truths: Sequence[PromptTruth], per_category: int = 16
+) -> dict[str, bytes]:
+    """A sample grid (PNG) per prompt category."""
+    by_category: dict[str, list[Image.Image]] = defaultdict(list)
+    for image, truth in zip(images, truths, strict=True):
+        if len(by_category[truth.category]) < per_category:
+            by_category[truth.category].append(image)
+    return {c: image_grid(imgs, columns=8, cell=64) for c, imgs in sorted(by_category.items())}
+
+
+def category_table(report: MetricReport) -> str:
+    names = ["object_accuracy", "count_error", "count_accuracy", "position_accuracy", "all_correct"]
+    rows = [["overall", *(report.overall.get(n, "-") for n in names)]]
+    for category, values in sorted(report.per_category.items()):
+        rows.append([category, *(_fmt(values.get(n)) for n in names)])
+    extra = f"\n\nFID ({report.overall['fid_features']}): {report.overall['fid']:.3f}"
+    if "clip_score" in report.overall:
+        extra += f"; CLIP score: {report.overall['clip_score']:.3f}"
+    return markdown_table(["category", *names], rows) + extra
+
+
+def _fmt(value: object) -> object:
+    return "-" if value is None else value
+
+
+def relative_delta(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return (value - base) / abs(base)
+
+
+@dataclass
+class BuiltReport:
+    table: dict  # {variant: {metric: value}}
+    table_markdown: str
+    markdown: str
+    figures: dict[str, bytes] = field(default_factory=dict)
+    mix_deltas: dict[str, float] = field(default_factory=dict)
+
+
+def build_report(reports: dict[str, dict]) -> BuiltReport:
+    """Table 1 (values and relative deltas vs alttext) and Figure 5 curves."""
+    base = reports[BASELINE]["overall"]
+    columns = [c for c in COLUMNS if any(c[0] in r["overall"] for r in reports.values())]
+    table = {v: {m: r["overall"].get(m) for m, _, _ in columns} for v, r in reports.items()}
+    rows = []
+    for variant, values in table.items():
+        cells = []
+        for metric, _, _ in columns:
+            value = values.get(metric)
+            delta = relative_delta(value, base.get(metric)) if variant != BASELINE else None
+            text = "-" if value is None else f"{value:.3f}"
+            cells.append(text + (f" ({delta:+.1%})" if delta is not None else ""))
+        rows.append([variant, *cells])
+    table_markdown = markdown_table(["variant", *(label for _, label, _ in columns)], rows)
+
+    figures = {}
+    for metric, label, filename in (
+        ("fid", "FID", "recap_fid_vs_steps.png"),
+        ("object_accuracy", "object accuracy", "recap_object_accuracy_vs_steps.png"),
+    ):
+        series = {
+            v: ([p["step"] for p in r["curve"]], [p[metric] for p in r["curve"]])
+            for v, r in reports.items()
+            if r.get("curve")
+        }
+        figures[filename] = line_plot(
+            series, title=f"{label} vs training steps", xlabel="step", ylabel=label
+        )
+    mix_deltas = {}
+    if MIX in table:
+        for metric in PAPER_MARGINS:
+            delta = relative_delta(table[MIX].get(metric), base.get(metric))
+            if delta is not None:
+                mix_deltas[metric] = round(delta, 4)
+    fid_features = base.get("fid_features", "")
+    markdown = "\n\n".join(
+        [
+            "# RECAP report",
+            "Relative change against `alttext` in parentheses (paper, Table 1: object "
+            "accuracy +7%, counting error -8%, position accuracy +8% for RECAP).",
+            table_markdown,
+            f"FID features: {fid_features}.",
+            "## Metrics vs training steps (paper, Figure 5)",
+            *(markdown_image(png, name) for name, png in figures.items()),
+        ]
+    )
+    return BuiltReport(table, table_markdown, markdown, figures, mix_deltas)
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    description: str
+    metadata: dict
+
+
+def mix_beats_alttext(table: dict) -> Verdict:
+    """Does recap_mix beat alttext on object accuracy, counting error and position?"""
+    if MIX not in table or BASELINE not in table:
+        return Verdict(False, "recap_mix or alttext missing from the report", {})
+    results = {}
+    for metric, margin in PAPER_MARGINS.items():
+        mix, base = table[MIX].get(metric), table[BASELINE].get(metric)
+        better = mix is not None and base is not None and (mix < base if margin < 0 else mix > base)
+        delta = relative_delta(mix, base)
+        paper = delta is not None and (delta <= margin if margin < 0 else delta >= margin)
+        results[metric] = {"mix": mix, "alttext": base, "delta": delta, "beats": better,
+                           "paper_margin": margin, "meets_paper_margin": paper}  # fmt: skip
+    passed = all(r["beats"] for r in results.values())
+    parts = [
+        f"{m}: {r['mix']:.3f} vs {r['alttext']:.3f} "
+        f"({r['delta']:+.1%}, paper {r['paper_margin']:+.0%})"
+        if r["delta"] is not None
+        else f"{m}: n/a"
+        for m, r in results.items()
+    ]
+    head = (
+        "recap_mix beats alttext on all three"
+        if passed
+        else "recap_mix does NOT beat alttext on all three"
+    )
+    return Verdict(passed, f"{head}: " + "; ".join(parts), {"comparison": results})

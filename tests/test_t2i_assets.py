@@ -1,0 +1,148 @@
+"""RECAP step 3 and evaluation through a real Dagster instance (quick sizes)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+from recap_dagster.assets.recaption import output_parts
+from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoints
+from recap_dagster.definitions import ASSET_CHECKS, ASSETS
+from recap_dagster.miniworld.captions import long_caption, short_caption
+from recap_dagster.miniworld.scenes import Scene
+from recap_dagster.partitions import CAPTION_VARIANTS, laion_shards_partitions
+from recap_dagster.recaption import SCHEMA
+from recap_dagster.resources import (
+    ComputeResource,
+    DataSourcesResource,
+    ModelsResource,
+    StorageResource,
+)
+from recap_dagster.shards import iter_shard, list_shards
+from recap_dagster.storage import Storage
+from recap_dagster.t2i.base import build_miniworld_base
+
+SD_CONFIG = {
+    "steps": 4,
+    "snapshot_every": 2,
+    "checkpoint_every": 2,
+    "learning_rate": 1e-3,
+    "batch_size": 8,
+    "micro_batch_size": 8,
+    "sample_prompts": 4,
+}
+METRIC_CONFIG = {"num_inference_steps": 2, "reference_images": 32, "batch_size": 16}
+
+
+def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
+    """Recaptioned shards as the upstream asset writes them (ground-truth captions)."""
+    shards = [info.key for info in list_shards(corpus)]
+    for shard in shards:
+        rows = []
+        for record in iter_shard(corpus, shard):
+            ok = record.image is not None
+            scene = Scene.from_dict(record.metadata["scene"]) if ok else None
+            rng = random.Random(record.key)
+            rows.append(
+                {
+                    "key": record.key,
+                    "url": record.url,
+                    "alt_text": record.alt_text,
+                    "recap_short": short_caption(scene, rng) if ok else None,
+                    "recap_long": long_caption(scene, rng) if ok else None,
+                    "width": record.width,
+                    "height": record.height,
+                    "status": record.status,
+                    "error": record.error,
+                    "captioner_version": "ground-truth",
+                    "generation": "{}",
+                }
+            )
+        storage.write_parquet(pa.Table.from_pylist(rows, schema=SCHEMA), *output_parts(shard))
+    return shards
+
+
+@pytest.fixture(scope="module")
+def base_t2i(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("base_t2i")
+    return build_miniworld_base(str(miniworld_paths.root), str(out), "quick")
+
+
+def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: Path) -> None:
+    resources = {
+        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "storage": StorageResource(root=str(tmp_path / "storage")),
+        "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i),
+        "compute": ComputeResource(),
+    }
+    storage = resources["storage"].get()
+    shards = _write_recaptions(storage, str(miniworld_paths.corpus))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(laion_shards_partitions.name, shards)
+        for variant in CAPTION_VARIANTS:
+            result = dg.materialize(
+                [*ASSETS, *ASSET_CHECKS],
+                selection=[sd_checkpoints.key, metric_reports.key],
+                partition_key=variant,
+                instance=instance,
+                resources=resources,
+                run_config={
+                    "ops": {
+                        "sd_checkpoints": {"config": SD_CONFIG},
+                        "metric_reports": {"config": METRIC_CONFIG},
+                    }
+                },
+            )
+            assert result.success
+            sd_meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
+            assert [s["step"] for s in sd_meta["snapshots"].value] == [2, 4]
+            assert "data:image/png;base64" in sd_meta["samples"].value
+            assert storage.dir_complete("checkpoints", "sd", variant, "final")
+            assert (
+                Path(storage.uri("checkpoints", "sd", variant, "final")) / "model_index.json"
+            ).exists()
+            report = json.loads(storage.read_text("reports", "metrics", f"{variant}.json"))
+            assert [p["step"] for p in report["curve"]] == [2, 4]
+            assert {"fid", "object_accuracy", "count_error", "position_accuracy"} <= set(
+                report["overall"]
+            )
+            assert set(report["per_category"]) == {
+                "single_object", "two_objects", "counting", "colours", "position"
+            }  # fmt: skip
+
+        result = dg.materialize(
+            [*ASSETS, *ASSET_CHECKS],
+            selection=[recap_report.key],
+            instance=instance,
+            resources=resources,
+        )
+        assert result.success
+        metadata = result.asset_materializations_for_node("recap_report")[0].metadata
+        table = metadata["table"].value
+        assert all(v in table for v in CAPTION_VARIANTS)
+        assert "%)" in table  # deltas against alttext
+        assert storage.exists("reports", "recap_report.md")
+        assert storage.exists("reports", "recap_fid_vs_steps.png")
+        assert storage.exists("reports", "recap_object_accuracy_vs_steps.png")
+        (check,) = result.get_asset_check_evaluations()
+        assert check.check_name == "recap_mix_beats_alttext"
+        assert check.severity == dg.AssetCheckSeverity.WARN
+        assert "object_accuracy" in check.description
+
+        # Asking for more steps continues from the saved training state.
+        longer = {**SD_CONFIG, "steps": 6, "snapshot_every": 6}
+        result = dg.materialize(
+            [*ASSETS, *ASSET_CHECKS],
+            selection=[sd_checkpoints.key],
+            partition_key="alttext",
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"sd_checkpoints": {"config": longer}}},
+        )
+        meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
+        assert meta["resumed_from_step"].value == 4
