@@ -17,9 +17,10 @@ from recap_dagster.automation import ranged_run_requests
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
 from recap_dagster.miniworld.base_captioner import build_base_captioner
 from recap_dagster.miniworld.generate import generate_miniworld
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import CAPTION_VARIANTS, laion_shards_partitions
 from recap_dagster.profiles import PROFILES
 from recap_dagster.shards import list_shards
+from recap_dagster.t2i.base import build_miniworld_base
 
 
 @dataclass
@@ -27,13 +28,19 @@ class PipelineSummary:
     profile: str
     lines: list[str] = field(default_factory=list)
     succeeded: bool = True
+    report: str = ""
+    report_uri: str = ""
+    verdict: str = ""
 
     def add(self, step: str, seconds: float, detail: str) -> None:
         self.lines.append(f"{step:<26} {seconds:8.1f} s  {detail}")
 
     def render(self) -> str:
         status = "succeeded" if self.succeeded else "FAILED"
-        return "\n".join([f"recap-dagster pipeline ({self.profile}) {status}", *self.lines])
+        lines = [f"recap-dagster pipeline ({self.profile}) {status}", *self.lines]
+        if self.report:
+            lines += ["", f"RECAP report: {self.report_uri}", "", self.report, "", self.verdict]
+        return "\n".join(lines)
 
 
 def register_shards(instance: dg.DagsterInstance, shards_root: str) -> list[str]:
@@ -84,6 +91,10 @@ def run_pipeline(profile_name: str = "default") -> PipelineSummary:
     base = build_base_captioner(paths, resources["models"].base_captioner, profile.base_captioner)
     summary.add("base captioner (cached)", time.perf_counter() - start, base)
 
+    start = time.perf_counter()
+    base_t2i = build_miniworld_base(str(paths.root), resources["models"].base_t2i, profile.t2i)
+    summary.add("base text-to-image (cached)", time.perf_counter() - start, base_t2i)
+
     instance = dg.DagsterInstance.get()
     keys = register_shards(instance, resources["sources"].shards_root)
     summary.add("laion_shards partitions", 0.0, f"{len(keys)} shards, instance {home}")
@@ -109,4 +120,27 @@ def run_pipeline(profile_name: str = "default") -> PipelineSummary:
         span = f"{request.tags['dagster/asset_partition_range_start']}.."
         span += request.tags["dagster/asset_partition_range_end"]
         _report(summary, f"recaptioned_shards {span}", start, result)
+    if not summary.succeeded:
+        return summary
+
+    for variant in CAPTION_VARIANTS:
+        start = time.perf_counter()
+        result = _materialize(
+            instance,
+            ["sd_checkpoints", "metric_reports"],
+            partition_key=variant,
+            run_config=profile.t2i_run_config(),
+        )
+        _report(summary, f"sd + metrics {variant}", start, result)
+        if not result.success:
+            return summary
+
+    start = time.perf_counter()
+    result = _materialize(instance, ["recap_report"])
+    _report(summary, "recap_report", start, result)
+    if result.success:
+        metadata = result.asset_materializations_for_node("recap_report")[0].metadata
+        summary.report = metadata["table"].value
+        summary.report_uri = metadata["dagster/uri"].value
+        summary.verdict = next(c.description for c in result.get_asset_check_evaluations())
     return summary

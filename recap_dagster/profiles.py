@@ -17,6 +17,7 @@ from recap_dagster.miniworld.base_captioner import (
     BaseCaptionerConfig,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig
+from recap_dagster.t2i.profiles import MINIWORLD_PROFILE, QUICK_PROFILE, T2IProfile
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,10 @@ class Profile:
     miniworld: MiniworldConfig
     base_captioner: BaseCaptionerConfig
     captioner_finetune: FineTuneConfig
+    t2i: T2IProfile
     recaption_batch_size: int = 64
+    snapshot_every: int = 100
+    metric_reference_images: int = 1000
 
     def captioner_run_config(self) -> dict:
         tune = asdict(self.captioner_finetune)
@@ -33,13 +37,30 @@ class Profile:
         config = {k: tune[k] for k in (*fields, "long_fraction", "warmup_steps", "seed")}
         return {"ops": {"captioner_checkpoint": {"config": config}}}
 
+    def t2i_run_config(self) -> dict:
+        tune = asdict(self.t2i.finetune)
+        names = ("steps", "learning_rate", "batch_size", "micro_batch_size", "prompt_dropout")
+        names += ("train_unet", "train_text_encoder", "use_ema", "ema_decay", "lr_warmup_steps")
+        sd = {k: tune[k] for k in (*names, "checkpoint_every", "seed")}
+        sd["snapshot_every"] = self.snapshot_every
+        sample = self.t2i.sample
+        metrics = {
+            "guidance_scale": sample.guidance_scale,
+            "num_inference_steps": sample.num_inference_steps,
+            "batch_size": sample.batch_size,
+            "reference_images": self.metric_reference_images,
+        }
+        return {"ops": {"sd_checkpoints": {"config": sd}, "metric_reports": {"config": metrics}}}
+
     def recaption_run_config(self) -> dict:
         config = {"batch_size": self.recaption_batch_size}
         return {"ops": {"recaptioned_shards": {"config": config}}}
 
 
 PROFILES: dict[str, Profile] = {
-    "default": Profile("default", MiniworldConfig(), BaseCaptionerConfig(), MINIWORLD_FINETUNE),
+    "default": Profile(
+        "default", MiniworldConfig(), BaseCaptionerConfig(), MINIWORLD_FINETUNE, MINIWORLD_PROFILE
+    ),
     # Tiny sizes that exercise the same code paths in the test suite.
     "quick": Profile(
         "quick",
@@ -53,6 +74,9 @@ PROFILES: dict[str, Profile] = {
         ),
         QUICK_BASE_CAPTIONER,
         QUICK_FINETUNE,
+        QUICK_PROFILE,
         recaption_batch_size=16,
+        snapshot_every=2,
+        metric_reference_images=64,
     ),
 }

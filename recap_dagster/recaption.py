@@ -56,7 +56,7 @@ class GenerationSettings:
     """How captions are generated; recorded in every row."""
 
     batch_size: int = 64
-    max_new_tokens: int = 60
+    max_new_tokens: int = 77
     num_beams: int = 1
     num_workers: int = 1
 

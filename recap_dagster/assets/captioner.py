@@ -39,7 +39,7 @@ class CaptionerFineTuneConfig(dg.Config):
     warmup_steps: int = Field(default=0, description="Linear learning-rate warmup steps.")
     seed: int = Field(default=0, description="Seed for sampling and initialisation.")
     eval_batch_size: int = Field(default=64, description="Batch size for held-out captioning.")
-    max_new_tokens: int = Field(default=60, description="Caption length limit when evaluating.")
+    max_new_tokens: int = Field(default=77, description="Caption length limit when evaluating.")
     sample_rows: int = Field(default=8, description="Held-out images shown in the sample table.")
 
 

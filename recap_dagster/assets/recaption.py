@@ -29,7 +29,7 @@ def output_parts(shard: str) -> tuple[str, str]:
 
 class RecaptionConfig(dg.Config):
     batch_size: int = Field(default=64, description="Images per generate() call.")
-    max_new_tokens: int = Field(default=60, description="Caption length limit in tokens.")
+    max_new_tokens: int = Field(default=77, description="Caption length limit in tokens.")
     num_beams: int = Field(default=1, description="Beam search width (1 = greedy).")
     num_workers: int = Field(
         default=1, description="DataLoader workers decoding images while the model generates."

@@ -156,10 +156,12 @@ class Captioner:
         max_new_tokens: int = 40,
         num_beams: int = 1,
         batch_size: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         """Caption ``images`` in ``style``; returns the continuation only, prefix stripped.
 
         ``batch_size`` splits long lists into several ``generate`` calls (default: one call).
+        Extra keyword arguments go to ``generate`` (e.g. ``min_new_tokens``).
         """
         images = list(images)
         if not images:
@@ -173,25 +175,24 @@ class Captioner:
             with torch.inference_mode():
                 for start in range(0, len(images), step):
                     captions += self._generate(
-                        images[start : start + step], prefix, max_new_tokens, num_beams
+                        images[start : start + step],
+                        prefix,
+                        max_new_tokens=max_new_tokens,
+                        num_beams=num_beams,
+                        **generate_kwargs,
                     )
         finally:
             self.model.train(was_training)
         return captions
 
     def _generate(
-        self, images: list[Image.Image], prefix: str, max_new_tokens: int, num_beams: int
+        self, images: list[Image.Image], prefix: str, **generate_kwargs: Any
     ) -> list[str]:
         inputs = self._to_device(
             self.adapter.generation_inputs(self.model, self.processor, images, prefix)
         )
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            **self.adapter.generate_kwargs(self.model, self.processor),
-        )
+        kwargs = {"do_sample": False, **self.adapter.generate_kwargs(self.model, self.processor)}
+        output = self.model.generate(**inputs, **{**kwargs, **generate_kwargs})
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return self.adapter.decode(
             self.processor, sequences[:, self.adapter.prompt_length(inputs) :]

@@ -63,7 +63,12 @@ class TinyT2IConfig:
     # scheduler (``sampler``) with the same betas.
     prediction_type: str = "epsilon"  # or "v_prediction"
     num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
+    # SD's own schedule. Not the cosine one: its terminal SNR is ~0, and with epsilon
+    # prediction every sampler's first x0 estimate divides by sqrt(alpha_bar) ~ 0, which
+    # blew measured samples up into noise although the denoiser itself was good.
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
     sampler: str = "dpmsolver"  # "dpmsolver" | "ddim" | "euler" | "pndm"
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +108,8 @@ def _scheduler(config: TinyT2IConfig):
     common = {
         "num_train_timesteps": config.num_train_timesteps,
         "beta_schedule": config.beta_schedule,
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
         "prediction_type": config.prediction_type,
         # SD's value; only "leading" spacing uses it, but the pipeline warns about others.
         "steps_offset": 1,
