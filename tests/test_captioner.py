@@ -1,0 +1,259 @@
+"""Captioner over BLIP / GIT / PaliGemma: tiny local models, fine-tune, caption, reload."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from recap_dagster.captioner import (
+    FAMILIES,
+    STYLE_PREFIXES,
+    Captioner,
+    CaptionExample,
+    FineTuneConfig,
+    build_tiny_captioner,
+    fine_tune,
+    sample_batches,
+)
+from recap_dagster.captioner.families import IGNORE_INDEX
+from recap_dagster.captioner.model import dropout_state
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def _scene(colour: str, shape: str, where: str = "middle") -> Image.Image:
+    """A 32 px image of one coloured shape on grey."""
+    image = Image.new("RGB", (32, 32), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    x = {"left": 2, "middle": 9, "right": 16}[where]
+    box = (x, 9, x + 14, 23)
+    if shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "circle":
+        draw.ellipse(box, fill=colour)
+    else:
+        draw.polygon(
+            [(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour
+        )
+    return image
+
+
+EXAMPLES = [
+    CaptionExample("k0", _scene("red", "square"), "red", "a big red square"),
+    CaptionExample("k1", _scene("blue", "circle"), "blue", "a small blue circle"),
+    CaptionExample(
+        "k2", _scene("green", "triangle", "left"), "green", "a green triangle on the left"
+    ),
+    CaptionExample(
+        "k3", _scene("yellow", "square", "right"), "yellow", "a yellow square on the right"
+    ),
+]
+WORDS = sorted({w for e in EXAMPLES for w in f"{e.short} {e.long}".split()})
+
+
+# (hidden size, learning rate, steps) that overfit the four examples with a margin. The tiny
+# Florence-2 (DaViT + BART) grounds colours more slowly than the others at width 32.
+TRAINING = {
+    "blip": (32, 5e-3, 150),
+    "git": (32, 5e-3, 150),
+    "paligemma": (32, 5e-3, 250),  # 150 steps ground three of the four images
+    "florence2": (64, 2e-3, 300),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from 2 intra-op threads, and lose ~5x when the cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class Trained:
+    """One family's tiny captioner after the shared fine-tuning run."""
+
+    captioner: Captioner
+    losses: list[float]
+    steps: int
+    short: list[str]
+    long: list[str]
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    family = request.param
+    hidden, lr, steps = TRAINING[family]
+    base = tmp_path_factory.mktemp(f"{family}-base")
+    build_tiny_captioner(family, base, words=WORDS, hidden_size=hidden, num_layers=1)
+    captioner = Captioner.from_pretrained(base)
+    config = FineTuneConfig(steps=steps, learning_rate=lr, batch_size=8, dropout=0.0, seed=0)
+    losses = fine_tune(captioner, EXAMPLES, config)
+    images = [e.image for e in EXAMPLES]
+    return Trained(
+        captioner=captioner,
+        losses=losses,
+        steps=steps,
+        short=captioner.caption(images, "short", max_new_tokens=10),
+        long=captioner.caption(images, "long", max_new_tokens=10),
+    )
+
+
+def test_loads_through_from_pretrained(trained: Trained) -> None:
+    cap = trained.captioner
+    assert cap.family in FAMILIES
+    assert isinstance(cap.model, FAMILIES[cap.family].model_class)
+    assert cap.prefixes == STYLE_PREFIXES
+    assert cap.num_parameters() < 500_000  # tiny, as configured
+    assert not cap.model.training
+
+
+def test_loss_goes_down(trained: Trained) -> None:
+    losses = trained.losses
+    assert len(losses) == trained.steps
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5
+
+
+def test_captions_follow_style_and_image(trained: Trained) -> None:
+    assert all(isinstance(c, str) for c in trained.short + trained.long)
+    assert len(trained.short) == len(trained.long) == len(EXAMPLES)
+    for text in trained.short + trained.long:
+        assert not text.startswith("describe"), text  # prefix stripped
+        assert text == " ".join(text.split())  # whitespace normalised
+    # Overfitted: the prefix selects the style, the image selects the content.
+    assert trained.short == [e.short for e in EXAMPLES]
+    assert trained.long == [e.long for e in EXAMPLES]
+
+
+def test_beam_search_and_chunking(trained: Trained) -> None:
+    images = [e.image for e in EXAMPLES]
+    beams = trained.captioner.caption(images, "long", max_new_tokens=10, num_beams=3)
+    chunked = trained.captioner.caption(images, "long", max_new_tokens=10, batch_size=3)
+    assert beams == chunked == trained.long
+    assert trained.captioner.caption([], "short") == []
+    with pytest.raises(ValueError, match="unknown style"):
+        trained.captioner.caption(images, "medium")
+
+
+def test_save_and_reload_gives_identical_captions(trained: Trained, tmp_path: Path) -> None:
+    trained.captioner.prefixes = dict(STYLE_PREFIXES)
+    trained.captioner.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "recap_captioner.json").is_file()
+    again = Captioner.from_pretrained(tmp_path, device="cpu")
+    assert again.family == trained.captioner.family
+    images = [e.image for e in EXAMPLES]
+    assert again.caption(images, "short", max_new_tokens=10) == trained.short
+    assert again.caption(images, "long", max_new_tokens=10) == trained.long
+
+
+def test_labels_cover_caption_only(trained: Trained) -> None:
+    cap = trained.captioner
+    captions = ["a big red square", "blue"]
+    prefixes = [cap.prefix("long"), cap.prefix("short")]
+    images = [EXAMPLES[0].image, EXAMPLES[1].image]
+    batch = cap.adapter.training_inputs(cap.model, cap.processor, images, prefixes, captions)
+    tok = cap.processor.tokenizer
+    specials = set(tok.all_special_ids)
+    for row, caption in zip(batch["labels"], captions, strict=True):
+        kept = [int(i) for i in row[row != IGNORE_INDEX]]
+        # the caption and one end token (Florence-2's decoder also learns its leading <s>);
+        # no prompt, image or padding tokens
+        assert [i for i in kept if i not in specials] == tok(caption, add_special_tokens=False)[
+            "input_ids"
+        ]
+        assert kept[-1] in (tok.sep_token_id, tok.eos_token_id)
+        assert len(kept) - len([i for i in kept if i not in specials]) <= 2
+
+
+def test_prefixes_stored_and_overridable(tmp_path: Path) -> None:
+    prefixes = {"short": "say briefly:", "long": "say in detail:"}
+    build_tiny_captioner("git", tmp_path, words=WORDS, prefixes=prefixes)
+    assert Captioner.from_pretrained(tmp_path).prefixes == prefixes
+    override = {"short": "tiny:", "long": "huge:"}
+    assert Captioner.from_pretrained(tmp_path, prefixes=override).prefixes == override
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_set_dropout_and_restore_after_fine_tune(family: str) -> None:
+    cap = build_tiny_captioner(family, None, words=WORDS)
+
+    def values() -> set[float]:
+        return {value for _, _, value in dropout_state(cap.model)}
+
+    def module_values() -> set[float]:
+        # nn.Dropout modules and the float attributes attention layers pass to sdpa/eager
+        return {v for obj, _, v in dropout_state(cap.model) if isinstance(obj, nn.Module)}
+
+    cap.set_dropout(0.3)
+    assert values() == {0.3} and module_values() == {0.3}
+    if family == "paligemma":  # no nn.Dropout at all: Gemma/SigLIP keep floats
+        assert not any(isinstance(m, nn.Dropout) for m in cap.model.modules())
+    cap.set_dropout(0.0)
+    seen: list[set[float]] = []
+    config = FineTuneConfig(steps=1, batch_size=2, dropout=0.2, learning_rate=1e-4)
+    fine_tune(cap, EXAMPLES[:2], config, on_step=lambda step, loss: seen.append(module_values()))
+    assert seen == [{0.2}]  # during fine-tuning
+    assert values() == {0.0}  # restored afterwards
+    with pytest.raises(ValueError):
+        cap.set_dropout(1.5)
+
+
+def test_fine_tune_is_deterministic_and_accumulates() -> None:
+    def run(**overrides: object) -> list[float]:
+        cap = build_tiny_captioner("blip", None, words=WORDS, seed=1)
+        config = FineTuneConfig(steps=3, learning_rate=1e-3, batch_size=4, **overrides)
+        return fine_tune(cap, EXAMPLES, config)
+
+    first, second = run(seed=3), run(seed=3)
+    assert first == second
+    assert run(seed=4) != first
+    accumulated = run(seed=3, grad_accum_steps=2)
+    assert len(accumulated) == 3
+    # same sampled batches; with dropout the per-micro-batch masks differ, so only roughly equal
+    assert abs(accumulated[0] - first[0]) < 0.5
+
+
+def test_fine_tune_bf16_mixed_precision_runs() -> None:
+    cap = build_tiny_captioner("git", None, words=WORDS)
+    config = FineTuneConfig(steps=2, batch_size=4, learning_rate=1e-3, mixed_precision="bf16")
+    losses = fine_tune(cap, EXAMPLES, config)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    assert next(cap.model.parameters()).dtype == torch.float32  # weights stay fp32
+
+
+def test_sample_batches_balances_styles_and_images() -> None:
+    config = FineTuneConfig(batch_size=8, long_fraction=0.5, seed=0)
+    batches = sample_batches(4, config)
+    first = [next(batches) for _ in range(3)]
+    for batch in first:
+        assert len(batch) == 8
+        assert sum(style == "long" for _, style in batch) == 4
+        assert sorted(i for i, _ in batch) == [0, 0, 1, 1, 2, 2, 3, 3]  # two full copies
+    again = sample_batches(4, config)
+    assert [next(again) for _ in range(3)] == first
+    all_long = next(sample_batches(4, FineTuneConfig(batch_size=6, long_fraction=1.0)))
+    assert {style for _, style in all_long} == {"long"}
+
+
+def test_fine_tune_config_validation() -> None:
+    with pytest.raises(ValueError):
+        FineTuneConfig(batch_size=10, grad_accum_steps=3)
+    with pytest.raises(ValueError):
+        FineTuneConfig(mixed_precision="fp8")  # type: ignore[arg-type]
+    assert FineTuneConfig(batch_size=64, grad_accum_steps=4).micro_batch_size == 16
+    with pytest.raises(ValueError):
+        fine_tune(build_tiny_captioner("git", None, words=WORDS), [], FineTuneConfig(steps=1))
+
+
+def test_unknown_family_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no tiny builder"):
+        build_tiny_captioner("llava", tmp_path)
