@@ -1,6 +1,8 @@
 """The one Definitions object the workspace loads."""
 
 import dagster as dg
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from recap_dagster import settings
 from recap_dagster.assets.captioner import captioner_checkpoint
@@ -20,6 +22,10 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
+
+# Per-file progress bars from every save/load would drown the run logs.
+transformers_logging.disable_progress_bar()
+diffusers_logging.disable_progress_bar()
 
 
 def default_resources() -> dict:

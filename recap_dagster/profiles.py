@@ -7,7 +7,7 @@ the miniworld overrides them here because its models are tiny (see each module's
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from recap_dagster.captioner import FineTuneConfig
 from recap_dagster.miniworld.base_captioner import (
@@ -73,7 +73,8 @@ PROFILES: dict[str, Profile] = {
             eval_prompts_per_category=4,
         ),
         QUICK_BASE_CAPTIONER,
-        QUICK_FINETUNE,
+        # 40 steps is the least at which the quick base learns to emit long captions at all.
+        replace(QUICK_FINETUNE, steps=40, learning_rate=3e-3),
         QUICK_PROFILE,
         recaption_batch_size=16,
         snapshot_every=2,
