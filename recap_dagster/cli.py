@@ -3,6 +3,8 @@
 - ``recap-dagster pipeline [--profile default|quick]``: the main job — generate the
   miniworld and materialize the whole asset graph in the local Dagster instance.
 - ``recap-dagster miniworld --out DIR ...``: only generate a miniworld.
+- ``recap-dagster check [--instance DAGSTER_HOME] [--select NAME ...]``: run every asset
+  check against an instance; exit 1 when a blocking check fails.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the documented miniworld sizes; quick: tiny sizes for tests",
     )
     sub.add_parser("miniworld", help="generate a miniworld (see: recap-dagster miniworld -h)")
+    check = sub.add_parser("check", help="run the asset checks against an instance (CI)")
+    from recap_dagster.checks_runner import add_arguments
+
+    add_arguments(check)
     args = parser.parse_args(argv)
 
     if args.command == "pipeline":
@@ -36,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_pipeline(args.profile)
         print(summary.render())
         return 0 if summary.succeeded else 1
+    if args.command == "check":
+        from recap_dagster.checks_runner import main as checks_main
+
+        return checks_main(args)
     return 2
 
 

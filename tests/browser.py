@@ -1,0 +1,142 @@
+"""Test helpers: the Dagster webserver as a subprocess and headless Debian Chromium.
+
+The browser is Debian's ``chromium`` driven by Playwright's Python client; Playwright's
+own browser download (``playwright install``) is never used. When no browser can be had
+the helpers fail the test with what to install: a UI test must not pass unseen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL_HINT = (
+    "install Debian's Chromium (apt-get update && apt-get install -y --no-install-recommends "
+    "chromium) and the test extra (pip install -e '.[test]', which brings playwright); "
+    ".ci/run does both"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def chromium_executable() -> str:
+    """Debian's Chromium (or $CHROMIUM_PATH); fails the test when there is none."""
+    candidates = [os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", shutil.which("chromium")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail(f"no Chromium browser found (looked at {candidates[:2]}): {INSTALL_HINT}")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+@contextmanager
+def dagster_webserver(dagster_home: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """Run ``dagster-webserver -w workspace.yaml`` on loopback; yield its base URL."""
+    executable = Path(sys.executable).with_name("dagster-webserver")
+    command = [str(executable) if executable.exists() else "dagster-webserver"]
+    port = free_port()
+    command += ["-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    full_env = {**os.environ, **env, "DAGSTER_HOME": str(dagster_home)}
+    with log.open("w") as out:
+        # Its own session: teardown ends the webserver and the code server it spawned.
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"dagster-webserver exited with {process.returncode}:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"dagster-webserver did not answer within 120 s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@contextmanager
+def chromium_page(profile_dir: Path, width: int = 2400, height: int = 1200) -> Iterator:
+    """A Playwright page in headless Debian Chromium with a throwaway profile."""
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        pytest.fail(f"playwright is not installed ({err}): {INSTALL_HINT}")
+    executable = chromium_executable()
+    with sync_playwright() as playwright:
+        try:
+            # Persistent context = Chromium's --user-data-dir in a temp folder of ours.
+            context = playwright.chromium.launch_persistent_context(
+                str(profile_dir),
+                executable_path=executable,
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport={"width": width, "height": height},
+            )
+        except PlaywrightError as err:
+            pytest.fail(f"could not start {executable} headless: {err}\n{INSTALL_HINT}")
+        # The UI greets a new browser profile with a community sign-up dialog that would
+        # cover the page; mark it as seen, as a returning user's browser has it.
+        context.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
+        context.set_default_timeout(30_000)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def screenshot(page, name: str, full_page: bool = False) -> Path:
+    """Save a screenshot under test-artifacts/ui/ and return its path."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
