@@ -28,7 +28,7 @@ class Profile:
     captioner_finetune: FineTuneConfig
     t2i: T2IProfile
     recaption_batch_size: int = 64
-    snapshot_every: int = 100
+    snapshot_every: int = 200
     metric_reference_images: int = 1000
 
     def captioner_run_config(self) -> dict:
