@@ -19,7 +19,10 @@ recaption_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(recaptioned_shards),
     partitions_def=laion_shards_partitions,
     description="Recaption LAION shards with the current captioner checkpoint.",
-    tags={"dagster/max_retries": "2"},  # transient failures (S3, preemption) are retried
+    # Run retries re-run a run whose worker died (lost machine, preempted pod). Step
+    # failures are left alone: transient ones were retried by the step's RetryPolicy, bad
+    # data fails the same way again.
+    tags={"dagster/max_retries": "2", "dagster/retry_on_asset_or_op_failure": "false"},
 )
 
 

@@ -19,6 +19,7 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
+from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 
 CHECKPOINT_PARTS = ("checkpoints", "captioner")
 
@@ -63,6 +64,7 @@ def _quality_table(before: dict, after: dict) -> str:
 
 
 @dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
     deps=[human_captions],
     pool="gpu",
     group_name="captioner",
@@ -71,6 +73,7 @@ def _quality_table(before: dict, after: dict) -> str:
     description="The base captioner fine-tuned on the human captions (RECAP step 1), saved "
     "in transformers format (safetensors). Data version = fingerprint of the weights.",
 )
+@retry_only_transient
 def captioner_checkpoint(
     context: dg.AssetExecutionContext,
     config: CaptionerFineTuneConfig,

@@ -16,6 +16,7 @@ from recap_dagster.human_captions import clip_token_counter
 from recap_dagster.partitions import laion_shards_partitions
 from recap_dagster.plots import markdown_table
 from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
+from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.shards import count_rows
 from recap_dagster.storage import Storage
 
@@ -37,6 +38,7 @@ class RecaptionConfig(dg.Config):
 
 
 @dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=laion_shards_partitions,
     deps=[laion_shards, captioner_checkpoint],
     pool="gpu",
@@ -47,6 +49,7 @@ class RecaptionConfig(dg.Config):
     description="One parquet file per LAION shard with RECAP short and long captions beside "
     "the alt text. Backfills run several shards per run and load the captioner once per run.",
 )
+@retry_only_transient
 def recaptioned_shards(
     context: dg.AssetExecutionContext,
     config: RecaptionConfig,

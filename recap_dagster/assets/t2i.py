@@ -23,6 +23,7 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
+from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.shards import iter_shard
 from recap_dagster.storage import Storage
 from recap_dagster.t2i.model import load_pipeline, save_pipeline
@@ -100,6 +101,7 @@ def _eval_prompts(sources: DataSourcesResource):
 
 
 @dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
     deps=[dg.AssetDep(recaptioned_shards, partition_mapping=dg.AllPartitionMapping())],
     pool="gpu",
@@ -110,6 +112,7 @@ def _eval_prompts(sources: DataSourcesResource):
     "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample). "
     "Resumes from its last training state after an interruption.",
 )
+@retry_only_transient
 def sd_checkpoints(
     context: dg.AssetExecutionContext,
     config: SDFineTuneConfig,
@@ -230,6 +233,7 @@ def _reference_images(shards_root: str, shards: list[str], limit: int) -> list:
 
 
 @dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
     deps=[sd_checkpoints],
     pool="gpu",
@@ -240,6 +244,7 @@ def _reference_images(shards_root: str, shards: list[str], limit: int) -> list:
     "position accuracy of one variant on held-out prompts, overall and per category, for "
     "the final checkpoint and every snapshot.",
 )
+@retry_only_transient
 def metric_reports(
     context: dg.AssetExecutionContext,
     config: MetricReportConfig,
@@ -325,12 +330,14 @@ def metric_reports(
 
 
 @dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
     deps=[metric_reports],
     group_name="evaluation",
     kinds={"markdown"},
     description="All variants side by side like the paper's Table 1 (with deltas against "
     "alttext) and metric-versus-steps curves like its Figure 5.",
 )
+@retry_only_transient
 def recap_report(
     context: dg.AssetExecutionContext, storage: StorageResource
 ) -> dg.MaterializeResult:
