@@ -105,6 +105,8 @@ def test_corpus_samples(world: MiniworldPaths) -> None:
     samples = _corpus(world)
     assert len(samples) == SMALL.shards * SMALL.images_per_shard
     for key, jpg, txt, meta in samples:
+        if "corrupt" in json.loads(meta["metadata"]):
+            continue  # see test_broken_samples
         with Image.open(io.BytesIO(jpg)) as image:
             assert image.format == "JPEG" and image.size == (SMALL.image_size,) * 2
         assert meta["key"] == key and meta["caption"] == txt
@@ -122,8 +124,38 @@ def test_shard_reader_sees_scene(world: MiniworldPaths) -> None:
 
     records = list(iter_shard(world.corpus, "00001"))
     assert len(records) == SMALL.images_per_shard
-    assert all(r.status == "ok" and r.image is not None for r in records)
+    for r in records:
+        assert (r.status == "ok" and r.image is not None) == ("corrupt" not in r.metadata)
     Scene.from_dict(records[0].metadata["scene"])
+
+
+def test_broken_samples(world: MiniworldPaths) -> None:
+    """Corrupt bytes in "success" rows: at least one per shard of >= 50, a mix of kinds, and
+    the shard reader reports each with a non-ok status and an error, keeping the row."""
+    from recap_dagster.shards import iter_shard
+
+    kinds = Counter()
+    for shard in range(SMALL.shards):
+        expected = gen.broken_samples(SMALL, shard)
+        assert len(expected) >= 1
+        records = list(iter_shard(world.corpus, f"{shard:05d}"))
+        broken = {r.key: r for r in records if r.status != "ok"}
+        keys = {f"{shard:05d}{i:02d}": kind for i, kind in expected.items()}
+        assert set(broken) == set(keys)
+        for key, record in broken.items():
+            assert record.metadata["corrupt"] == keys[key] and record.image is None
+            assert record.status in ("decode_error", "missing") and record.error
+            kinds[keys[key]] += 1
+        table = pq.read_table(Path(world.corpus) / f"{shard:05d}.parquet").to_pylist()
+        assert {row["status"] for row in table} == {"success"}  # the source trusted the bytes
+    assert set(kinds) == {"truncated_jpeg", "empty"}  # two shards: kinds rotate per shard
+    assert read_manifest(world.root)["counts"]["broken_images"] == sum(kinds.values())  # type: ignore[index]
+
+    many = gen.broken_samples(replace(SMALL, images_per_shard=3000), 0)
+    assert len(many) == 6 and set(many.values()) == set(gen.BROKEN_KINDS)
+    assert gen.broken_samples(replace(SMALL, images_per_shard=49), 0) == {}
+    assert gen.broken_samples(replace(SMALL, broken_fraction=0.0), 0) == {}
+    assert gen.broken_samples(SMALL, 1) == gen.broken_samples(SMALL, 1)
 
 
 def test_alt_text_is_web_like_in_corpus(world: MiniworldPaths) -> None:
@@ -172,13 +204,17 @@ def test_captioner_pretrain(world: MiniworldPaths) -> None:
 
 
 def test_splits_are_disjoint(world: MiniworldPaths) -> None:
-    corpus = {_pixel_hash(jpg) for _, jpg, _, _ in _corpus(world)}
+    corpus = {
+        _pixel_hash(jpg)
+        for _, jpg, _, meta in _corpus(world)
+        if "corrupt" not in json.loads(meta["metadata"])
+    }
     human = {_pixel_hash(b) for b in _human_images(world.human_captions)}
     heldout = {_pixel_hash(b) for b in _human_images(world.human_captions_heldout)}
     pretrain_images = pq.read_table(world.captioner_pretrain)["image"].to_pylist()
     pretrain = {_pixel_hash(b) for b in pretrain_images}
     sets = [corpus, human, heldout, pretrain]
-    assert [len(s) for s in sets] == [100, 20, 10, 60]
+    assert [len(s) for s in sets] == [100 - 2, 20, 10, 60]  # one broken sample per shard
     for i, a in enumerate(sets):
         for b in sets[i + 1 :]:
             assert not a & b

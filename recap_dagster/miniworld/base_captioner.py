@@ -57,6 +57,8 @@ from PIL import Image
 from recap_dagster.captioner.finetune import CaptionExample, FineTuneConfig
 from recap_dagster.captioner.model import STYLE_PREFIXES
 from recap_dagster.miniworld.captions import (
+    PLURALS,
+    POSITION_PHRASES,
     grade_caption,
     long_caption,
     short_caption,
@@ -64,7 +66,7 @@ from recap_dagster.miniworld.captions import (
     vocabulary_texts,
 )
 from recap_dagster.miniworld.generate import MiniworldPaths, item_seed, read_jsonl
-from recap_dagster.miniworld.scenes import Scene, cell_name, sample_scene
+from recap_dagster.miniworld.scenes import COLOURS, GRID, SHAPES, Scene, cell_name, sample_scene
 
 # Bump when the same config and data would give a different model (code change).
 BASE_CAPTIONER_VERSION = 1
@@ -75,11 +77,27 @@ PRETRAIN_PREFIXES: dict[str, str] = {"caption": "caption:", "detect": "detect:"}
 assert not set(PRETRAIN_PREFIXES.values()) & set(STYLE_PREFIXES.values())
 
 
+DETECT_FORMATS = ("words", "grouped", "objects")
+
+
+def pretrain_prefixes(config: BaseCaptionerConfig) -> dict[str, str]:
+    """Style name -> prompt of every pretraining task: ``caption`` (then ``caption_1``, ...
+    for further caption prompts) and ``detect``."""
+    prefixes = {
+        "caption" if i == 0 else f"caption_{i}": prompt
+        for i, prompt in enumerate(config.caption_prompts)
+    }
+    prefixes["detect"] = PRETRAIN_PREFIXES["detect"]
+    return prefixes
+
+
 @dataclass(frozen=True)
 class BaseCaptionerConfig:
     """Architecture and pretraining recipe of the base captioner (defaults: the miniworld's).
 
-    ``detect_fraction`` of each batch is the grounding task, the rest terse captioning.
+    ``detect_fraction`` of each batch is the grounding task (``detect_format``, see
+    :func:`detection_text`), the rest terse captioning, its prompt drawn uniformly from
+    ``caption_prompts``.
     ``max_images`` uses only the first rows of the pretraining set (None: all of them).
     ``position_init="sincos"`` starts the vision tower's patch position embeddings from a
     2-D sine-cosine table times ``position_scale`` ("default": the family's own init).
@@ -88,8 +106,8 @@ class BaseCaptionerConfig:
     """
 
     family: str = "blip"
-    image_size: int = 32
-    patch_size: int = 4
+    image_size: int = 36
+    patch_size: int = 12
     hidden_size: int = 128
     num_layers: int = 3
     num_heads: int = 4
@@ -97,14 +115,17 @@ class BaseCaptionerConfig:
     vision_hidden_size: int | None = None
     vision_layers: int | None = None
     max_text_tokens: int = 96
-    steps: int = 400
+    steps: int = 1500
     batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    detect_fraction: float = 0.5
+    detect_fraction: float = 0.4
+    vqa_fraction: float = 0.3
+    detect_format: str = "words"
+    caption_prompts: tuple[str, ...] = ("caption:", "alt text:", "")
     position_init: str = "sincos"
     position_scale: float = 0.5
     max_images: int | None = None
@@ -114,8 +135,16 @@ class BaseCaptionerConfig:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError("steps must be >= 0 and batch_size >= 1")
-        if not 0.0 <= self.detect_fraction <= 1.0:
-            raise ValueError("detect_fraction must be in [0, 1]")
+        if min(self.detect_fraction, self.vqa_fraction) < 0 or (
+            self.detect_fraction + self.vqa_fraction > 1
+        ):
+            raise ValueError("detect_fraction and vqa_fraction must be >= 0, at most 1 together")
+        if self.detect_format not in DETECT_FORMATS:
+            raise ValueError(f"detect_format must be one of {DETECT_FORMATS}")
+        if not self.caption_prompts:
+            raise ValueError("caption_prompts must not be empty")
+        if set(pretrain_prefixes(self).values()) & set(STYLE_PREFIXES.values()):
+            raise ValueError("pretraining prompts must differ from the RECAP style prefixes")
 
     def key(self) -> str:
         """A stable hash of the config (part of the cache key)."""
@@ -125,7 +154,6 @@ class BaseCaptionerConfig:
 
 #: Seconds-long variant for the test suite: same code paths, a toy model and recipe.
 QUICK_BASE_CAPTIONER = BaseCaptionerConfig(
-    patch_size=8,
     hidden_size=32,
     num_layers=1,
     num_heads=2,
@@ -160,19 +188,71 @@ QUICK_FINETUNE = replace(MINIWORLD_FINETUNE, steps=8, batch_size=16, warmup_step
 # --------------------------------------------------------------------------------------
 
 
-def detection_text(scene: Scene) -> str:
-    """The ``detect:`` target: every object with its cell, grouped by kind in reading order.
+def detection_text(scene: Scene, fmt: str = "grouped") -> str:
+    """The ``detect:`` target: every object's kind and cell, kinds in the order of their
+    first object in reading order (row, then column).
 
-    'red circle top left; red circle bottom; blue square center'. Kinds come in the order
-    of their first object (row, then column); a kind's objects are consecutive, so a run
-    length is its count.
+    - ``"words"``: one entry per kind, count (as a word) first, then its cells:
+      'two red circles: top left, bottom; one blue square: center';
+    - ``"grouped"``: the same with digits and singular nouns: '2 red circle: top left, ...';
+    - ``"objects"``: one entry per object: 'red circle top left; red circle bottom; ...'.
     """
     by_kind: dict[tuple[str, str], list[str]] = {}
     for obj in sorted(scene.objects, key=lambda o: (o.row, o.col)):
         by_kind.setdefault(obj.kind, []).append(cell_name(obj.row, obj.col))
-    return "; ".join(
-        f"{colour} {shape} {cell}" for (colour, shape), cells in by_kind.items() for cell in cells
-    )
+    if fmt == "objects":
+        return "; ".join(f"{c} {s} {cell}" for (c, s), cells in by_kind.items() for cell in cells)
+    if fmt == "grouped":
+        return "; ".join(
+            f"{len(cells)} {c} {s}: {', '.join(cells)}" for (c, s), cells in by_kind.items()
+        )
+    if fmt == "words":
+        return "; ".join(
+            f"{NUMBER_WORDS[len(cells)]} {c} {_noun(s, len(cells))}: {', '.join(cells)}"
+            for (c, s), cells in by_kind.items()
+        )
+    raise ValueError(f"unknown detection format {fmt!r}; known: {DETECT_FORMATS}")
+
+
+NUMBER_WORDS = {0: "none", 1: "one", 2: "two", 3: "three", 4: "four"}
+VQA_KINDS = ("count", "where", "what")
+
+
+def _noun(shape: str, count: int) -> str:
+    return shape if count == 1 else PLURALS[shape]
+
+
+def vqa_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) pair about ``scene``, VQA-style (PaLI's mixture has VQA).
+
+    Answers are short and in people's words, the grounding the captions will need:
+    'how many red circles?' -> 'two' (or 'none'); 'where are the red circles?' ->
+    'in the top left corner and at the bottom'; 'what is in the center?' -> 'a blue
+    square' (or 'nothing'). Never a whole description.
+    """
+    kinds = scene.kinds()
+    question = rng.choice(VQA_KINDS)
+    if question == "count":
+        if rng.random() < 0.25:
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        else:
+            colour, shape = rng.choice(sorted(kinds))
+        return f"how many {colour} {PLURALS[shape]}?", NUMBER_WORDS[kinds[(colour, shape)]]
+    if question == "where":
+        colour, shape = rng.choice(sorted(kinds))
+        cells = [(o.row, o.col) for o in sorted(scene.objects) if o.kind == (colour, shape)]
+        subject = f"is the {colour} {shape}" if len(cells) == 1 else f"are the {colour} "
+        subject += "" if len(cells) == 1 else PLURALS[shape]
+        phrases = [rng.choice(POSITION_PHRASES[cell]) for cell in cells]
+        return f"where {subject}?", " and ".join(phrases)
+    row, col = rng.randrange(GRID), rng.randrange(GRID)
+    found = [o for o in scene.objects if (o.row, o.col) == (row, col)]
+    where = rng.choice(POSITION_PHRASES[(row, col)])
+    if not found:
+        return f"what is {where}?", "nothing"
+    colour, shape = found[0].kind
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"what is {where}?", f"{article} {colour} {shape}"
 
 
 @dataclass
@@ -185,8 +265,8 @@ class PretrainItem:
     detection: str
     scene: Scene
 
-    def target(self, task: str) -> str:
-        return self.detection if task == "detect" else self.caption
+    def target(self, style: str) -> str:
+        return self.detection if style == "detect" else self.caption
 
 
 @dataclass
@@ -209,7 +289,9 @@ def _open_rgb(data: bytes | str | os.PathLike[str]) -> Image.Image:
         return image.convert("RGB")
 
 
-def load_pretrain(path: str | os.PathLike[str], limit: int | None = None) -> list[PretrainItem]:
+def load_pretrain(
+    path: str | os.PathLike[str], limit: int | None = None, detect_format: str = "grouped"
+) -> list[PretrainItem]:
     """The pretraining parquet as items (first ``limit`` rows)."""
     import pyarrow.parquet as pq
 
@@ -224,7 +306,7 @@ def load_pretrain(path: str | os.PathLike[str], limit: int | None = None) -> lis
                 key=row["key"],
                 image=_open_rgb(row["image"]),
                 caption=row["caption"],
-                detection=detection_text(scene),
+                detection=detection_text(scene, detect_format),
                 scene=scene,
             )
         )
@@ -260,8 +342,9 @@ def captioner_words(config: BaseCaptionerConfig, extra: Sequence[str] = ()) -> l
         rng = random.Random(item_seed(config.seed, "captioner_vocabulary", index))
         scene = sample_scene(rng)
         texts += [short_caption(scene, rng), long_caption(scene, rng), terse_caption(scene, rng)]
-        texts.append(detection_text(scene))
-    texts += list(PRETRAIN_PREFIXES.values()) + list(extra)
+        texts += [detection_text(scene, fmt) for fmt in DETECT_FORMATS]
+        texts += list(vqa_pair(scene, rng))
+    texts += list(pretrain_prefixes(config).values()) + list(extra)
     return texts
 
 
@@ -365,8 +448,9 @@ def _lr_factor(step: int, config: BaseCaptionerConfig) -> float:
 
 
 def _task_batches(n_items: int, config: BaseCaptionerConfig):
-    """Endless (item index, task) batches over reshuffled copies of the set (seeded)."""
+    """Endless (item index, style) batches over reshuffled copies of the set (seeded)."""
     rng = random.Random(item_seed(config.seed, "captioner_pretrain_order", 0))
+    caption_styles = [s for s in pretrain_prefixes(config) if s != "detect"]
     pool: list[int] = []
     n_detect = round(config.detect_fraction * config.batch_size)
     while True:
@@ -375,9 +459,33 @@ def _task_batches(n_items: int, config: BaseCaptionerConfig):
             rng.shuffle(order)
             pool += order
         indices, pool = pool[: config.batch_size], pool[config.batch_size :]
-        tasks = ["detect"] * n_detect + ["caption"] * (config.batch_size - n_detect)
-        rng.shuffle(tasks)
-        yield list(zip(indices, tasks, strict=True))
+        n_vqa = round(config.vqa_fraction * config.batch_size)
+        styles = ["detect"] * n_detect + ["vqa"] * n_vqa
+        styles += [rng.choice(caption_styles) for _ in range(config.batch_size - n_detect - n_vqa)]
+        rng.shuffle(styles)
+        yield list(zip(indices, styles, strict=True))
+
+
+def prompted_loss(
+    captioner: Any, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str]
+):
+    """:meth:`Captioner.loss` with a free prompt per example instead of a style name (VQA
+    questions differ per example); the family adapter builds the inputs either way."""
+    import torch
+
+    inputs = captioner.adapter.training_inputs(
+        captioner.model, captioner.processor, list(images), list(prompts), list(targets)
+    )
+    device, dtype = captioner.device, captioner.dtype
+    moved = {
+        key: (
+            value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+            if isinstance(value, torch.Tensor)
+            else value
+        )
+        for key, value in inputs.items()
+    }
+    return captioner.model(**moved).loss
 
 
 def pretrain(
@@ -399,16 +507,22 @@ def pretrain(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     batches = _task_batches(len(items), config)
+    prefixes = pretrain_prefixes(config)
+    questions = random.Random(item_seed(config.seed, "captioner_pretrain_vqa", 0))
     losses: list[float] = []
     model.train()
     try:
         for step in range(1, config.steps + 1):
             pairs = next(batches)
-            loss = captioner.loss(
-                [items[i].image for i, _ in pairs],
-                [items[i].target(task) for i, task in pairs],
-                [task for _, task in pairs],
-            )
+            prompts, targets = [], []
+            for i, style in pairs:
+                if style == "vqa":
+                    prompt, target = vqa_pair(items[i].scene, questions)
+                else:
+                    prompt, target = prefixes[style], items[i].target(style)
+                prompts.append(prompt)
+                targets.append(target)
+            loss = prompted_loss(captioner, [items[i].image for i, _ in pairs], prompts, targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -456,8 +570,8 @@ def build_base_captioner(
     from recap_dagster.captioner.tiny import build_tiny_captioner
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    items = load_pretrain(paths.captioner_pretrain, config.max_images)
-    prefixes = {**STYLE_PREFIXES, **PRETRAIN_PREFIXES}
+    items = load_pretrain(paths.captioner_pretrain, config.max_images, config.detect_format)
+    prefixes = {**STYLE_PREFIXES, **pretrain_prefixes(config)}
     captioner = build_tiny_captioner(
         config.family,
         None,
@@ -478,7 +592,7 @@ def build_base_captioner(
         grid = config.image_size // config.patch_size
         init_vision_positions(captioner.model, grid, config.position_scale)
     elif config.position_init != "default":
-        raise ValueError(f"position_init must be 'sincos' or 'default', not {config.position_init!r}")
+        raise ValueError(f"unknown position_init {config.position_init!r}")
     # No dropout while pretraining: the build stays deterministic, and the fine-tune sets
     # its own rate (FineTuneConfig.dropout) anyway.
     captioner.set_dropout(0.0)
@@ -502,7 +616,7 @@ def build_base_captioner(
             "family": captioner.family,
             "parameters": captioner.num_parameters(),
             "pretrain_images": len(items),
-            "pretrain_prefixes": PRETRAIN_PREFIXES,
+            "pretrain_prefixes": pretrain_prefixes(config),
             "style_prefixes": dict(STYLE_PREFIXES),
             "vocabulary": len(captioner.processor.tokenizer),
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
