@@ -25,15 +25,17 @@ from pathlib import Path
 import torch
 
 from recap_dagster.captioner import Captioner, fine_tune
+from recap_dagster.captioner_quality import (
+    QualityRow,
+    evaluate_captioner,
+    format_quality_table,
+    load_captioned,
+)
 from recap_dagster.miniworld.base_captioner import (
     MINIWORLD_FINETUNE,
     PRETRAIN_PREFIXES,
     BaseCaptionerConfig,
-    QualityRow,
     build_base_captioner,
-    evaluate_captioner,
-    format_quality_table,
-    load_captioned,
     read_base_manifest,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld

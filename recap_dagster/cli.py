@@ -1,6 +1,6 @@
 """``recap-dagster``: the project's command line.
 
-- ``recap-dagster pipeline [--profile default|quick]``: the main job — generate the
+- ``recap-dagster pipeline [--profile default|quick] [--seed N]``: the main job — generate the
   miniworld and materialize the whole asset graph in the local Dagster instance.
 - ``recap-dagster miniworld --out DIR ...``: only generate a miniworld.
 - ``recap-dagster check [--instance DAGSTER_HOME] [--select NAME ...]``: run every asset
@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["default", "quick"],
         help="default: the documented miniworld sizes; quick: tiny sizes for tests",
     )
+    pipeline.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of the captioner and text-to-image fine-tunes (default 0)",
+    )
     sub.add_parser("miniworld", help="generate a miniworld (see: recap-dagster miniworld -h)")
     check = sub.add_parser("check", help="run the asset checks against an instance (CI)")
     from recap_dagster.checks_runner import add_arguments
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pipeline":
         from recap_dagster.pipeline import run_pipeline
 
-        summary = run_pipeline(args.profile)
+        summary = run_pipeline(args.profile, seed=args.seed)
         print(summary.render())
         return 0 if summary.succeeded else 1
     if args.command == "check":

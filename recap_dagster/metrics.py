@@ -137,4 +137,3 @@ def evaluate_generations(
     if clip_model:
         overall["clip_score"] = clip_score(clip_model, images, [t.prompt for t in truths])
     return MetricReport(overall=overall, per_category=summary.per_category, rows=summary.rows)
-

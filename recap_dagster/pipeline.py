@@ -77,9 +77,11 @@ def _report(summary: PipelineSummary, step: str, start: float, result) -> None:
     )
 
 
-def run_pipeline(profile_name: str = "default") -> PipelineSummary:
-    profile = PROFILES[profile_name]
-    summary = PipelineSummary(profile_name)
+def run_pipeline(profile_name: str = "default", seed: int = 0) -> PipelineSummary:
+    """Run the main job; ``seed`` is the training seed of the captioner and text-to-image
+    fine-tunes (the miniworld and the cached base models do not depend on it)."""
+    profile = PROFILES[profile_name].with_seed(seed)
+    summary = PipelineSummary(f"{profile_name}, seed {seed}")
     home = settings.ensure_dagster_home()
     resources = default_resources()
 

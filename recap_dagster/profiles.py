@@ -31,6 +31,13 @@ class Profile:
     snapshot_every: int = 200
     metric_reference_images: int = 1000
 
+    def with_seed(self, seed: int) -> Profile:
+        """The same profile with another training seed for both fine-tunes (captioner and
+        text-to-image). The miniworld and the base models stay fixed, like public checkpoints."""
+        captioner = replace(self.captioner_finetune, seed=seed)
+        t2i = replace(self.t2i, finetune=replace(self.t2i.finetune, seed=seed))
+        return replace(self, captioner_finetune=captioner, t2i=t2i)
+
     def captioner_run_config(self) -> dict:
         tune = asdict(self.captioner_finetune)
         fields = ("steps", "learning_rate", "batch_size", "grad_accum_steps", "dropout")

@@ -25,7 +25,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "recap-dagster pipeline (quick) succeeded" in out
+    assert "recap-dagster pipeline (quick, seed 0) succeeded" in out
     assert "| recap_mix |" in out and "| alttext |" in out
     storage = tmp_path / "recap" / "storage"
     for path in (

@@ -9,7 +9,7 @@ from pydantic import Field
 from recap_dagster.assets.human_captions import OUTPUT_PARTS as HUMAN_CAPTIONS_PARTS
 from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
-from recap_dagster.captioner_quality import evaluate_captioner, load_graded_examples
+from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
 from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.imaging import decode_image
 from recap_dagster.plots import line_plot, markdown_image, markdown_table, png_of
@@ -90,7 +90,9 @@ def captioner_checkpoint(
         f"fine-tuning {captioner.family} ({captioner.num_parameters():,} parameters) "
         f"from {models.base_captioner} on {len(examples)} human-captioned images, {device}"
     )
-    heldout = load_graded_examples(sources.human_captions_heldout_path)
+    heldout_path = sources.human_captions_heldout_path
+    # Real data has no held-out scenes to grade against: then no quality table.
+    heldout = load_captioned(heldout_path) if heldout_path and Path(heldout_path).is_file() else []
     grade = {"batch_size": config.eval_batch_size, "max_new_tokens": config.max_new_tokens}
     before = evaluate_captioner(captioner, heldout, **grade) if heldout else None
 
