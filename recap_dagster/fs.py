@@ -9,6 +9,8 @@ server such as MinIO or a loopback moto server.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -38,3 +40,24 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with forward slashes."""
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def replace_dir(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put the finished local folder ``staging`` at ``target``, replacing what was there.
+
+    Readers see either the old folder or the new one, never a mix: ``staging`` is first
+    moved beside ``target`` (possibly across filesystems), then swapped in by renames.
+    """
+    target = os.fspath(target)
+    parent = os.path.dirname(target) or "."
+    name = os.path.basename(target)
+    os.makedirs(parent, exist_ok=True)
+    incoming = os.path.join(parent, f".{name}.in-{uuid.uuid4().hex}")
+    shutil.move(os.fspath(staging), incoming)
+    old = None
+    if os.path.exists(target):
+        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+        os.replace(target, old)
+    os.replace(incoming, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recap_dagster.fs import filesystem, is_local
+from recap_dagster.fs import filesystem, is_local, replace_dir
 
 SUCCESS_MARKER = "_SUCCESS"
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,199}$")
@@ -149,7 +147,7 @@ class Storage:
             yield staging
             Path(staging, SUCCESS_MARKER).write_text("")
             if self.local:
-                self._swap_local_dir(staging, target)
+                replace_dir(staging, target)
             else:
                 marker = f"{target}/{SUCCESS_MARKER}"
                 if self.fs.exists(target):
@@ -163,20 +161,6 @@ class Storage:
                         self.fs.put_file(str(path), f"{target}/{path.relative_to(staging)}")
                 self.fs.put_file(str(Path(staging, SUCCESS_MARKER)), marker)
                 self.fs.invalidate_cache(target)
-
-    @staticmethod
-    def _swap_local_dir(staging: str, target: str) -> None:
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        incoming = os.path.join(parent, f".{os.path.basename(target)}.in-{uuid.uuid4().hex}")
-        shutil.move(staging, incoming)  # may cross filesystems; the rename below does not
-        old = None
-        if os.path.exists(target):
-            old = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex}")
-            os.replace(target, old)
-        os.replace(incoming, target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
 
     @contextmanager
     def local_dir(self, *parts: str) -> Iterator[str]:

@@ -65,6 +65,7 @@ from PIL import Image
 
 from recap_dagster.captioner.finetune import FineTuneConfig
 from recap_dagster.captioner.model import STYLE_PREFIXES
+from recap_dagster.fs import replace_dir
 from recap_dagster.miniworld.captions import (
     CANONICAL_POSITIONS,
     PLURALS,
@@ -663,18 +664,7 @@ def build_base_captioner(
         (staging / MANIFEST_FILE).write_text(
             json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(out)
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``, replacing a previous folder (renames only)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from recap_dagster.fs import replace_dir
+
 CONFIG_FILE = "recap_t2i.json"  # our build config, saved next to model_index.json
 
 
@@ -265,14 +267,7 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, *, extra: dict[str, Any] | N
         meta: dict[str, Any] = config.to_dict() if config is not None else {}
         meta.update(extra or {})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
