@@ -222,6 +222,24 @@ def test_fine_tune_is_deterministic_and_accumulates() -> None:
     assert abs(accumulated[0] - first[0]) < 0.5
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fine_tune_can_keep_the_vision_tower_frozen(family: str) -> None:
+    cap = build_tiny_captioner(family, None, words=WORDS, seed=2)
+    tower = {n: p.detach().clone() for n, p in cap.vision_tower().named_parameters()}
+    tower_ids = {id(p) for p in cap.vision_tower().parameters()}
+    others = {
+        n: p.detach().clone() for n, p in cap.model.named_parameters() if id(p) not in tower_ids
+    }
+    assert tower and others
+    config = FineTuneConfig(steps=2, batch_size=4, learning_rate=1e-2, train_vision_tower=False)
+    fine_tune(cap, EXAMPLES, config)
+    after = dict(cap.vision_tower().named_parameters())
+    assert all(torch.equal(after[n], tower[n]) for n in tower)  # not one weight moved
+    now = dict(cap.model.named_parameters())
+    assert any(not torch.equal(now[n], others[n]) for n in others)  # the decoder learnt
+    assert all(p.requires_grad for p in cap.vision_tower().parameters())  # flags restored
+
+
 def test_fine_tune_bf16_mixed_precision_runs() -> None:
     cap = build_tiny_captioner("git", None, words=WORDS)
     config = FineTuneConfig(steps=2, batch_size=4, learning_rate=1e-3, mixed_precision="bf16")

@@ -38,6 +38,9 @@ class CaptionerFineTuneConfig(dg.Config):
         default=0.5, description="Fraction of samples trained on the LONG caption (50/50)."
     )
     warmup_steps: int = Field(default=0, description="Linear learning-rate warmup steps.")
+    train_vision_tower: bool = Field(
+        default=True, description="Also update the image encoder (False: keep it frozen)."
+    )
     seed: int = Field(default=0, description="Seed for sampling and initialisation.")
     eval_batch_size: int = Field(default=64, description="Batch size for held-out captioning.")
     max_new_tokens: int = Field(default=77, description="Caption length limit when evaluating.")
@@ -108,6 +111,7 @@ def captioner_checkpoint(
             dropout=config.dropout,
             long_fraction=config.long_fraction,
             warmup_steps=config.warmup_steps,
+            train_vision_tower=config.train_vision_tower,
             seed=config.seed,
             mixed_precision=compute.training_precision(),
         ),

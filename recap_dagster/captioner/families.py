@@ -36,6 +36,8 @@ class Family(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     model_class: ClassVar[type[PreTrainedModel]]
+    #: Module path of the image encoder inside the model (``model.get_submodule``).
+    vision_tower: ClassVar[str]
 
     @abstractmethod
     def generation_inputs(
@@ -142,6 +144,7 @@ class BlipFamily(_BertStyleFamily):
     name = "blip"
     model_types = ("blip",)
     model_class = BlipForConditionalGeneration
+    vision_tower = "vision_model"
 
     def _special_ids(self, model):
         cfg = model.config.text_config
@@ -171,6 +174,7 @@ class GitFamily(_BertStyleFamily):
     name = "git"
     model_types = ("git",)
     model_class = GitForCausalLM
+    vision_tower = "git.image_encoder"
 
     def _special_ids(self, model):
         cfg = model.config
@@ -205,6 +209,7 @@ class PaliGemmaFamily(Family):
     name = "paligemma"
     model_types = ("paligemma",)
     model_class = PaliGemmaForConditionalGeneration
+    vision_tower = "model.vision_tower"
 
     @staticmethod
     def _prompt(processor: ProcessorMixin, prefix: str) -> str:
@@ -253,6 +258,7 @@ class Florence2Family(Family):
     name = "florence2"
     model_types = ("florence2",)
     model_class = Florence2ForConditionalGeneration
+    vision_tower = "model.vision_tower"
 
     def generation_inputs(self, model, processor, images, prefix):
         inputs = processor(

@@ -38,7 +38,9 @@ class FineTuneConfig:
 
     ``batch_size`` is the effective batch; each step runs ``grad_accum_steps`` micro-batches
     of ``batch_size // grad_accum_steps``. ``max_grad_norm`` (not in the paper) clips the
-    gradient norm; ``None`` disables clipping.
+    gradient norm; ``None`` disables clipping. ``train_vision_tower=False`` keeps the image
+    encoder frozen and trains the rest (a common captioner fine-tune: 100 images are too
+    few to improve a pretrained image encoder, and updating it costs the grounding).
     """
 
     steps: int = 300
@@ -52,6 +54,7 @@ class FineTuneConfig:
     seed: int = 0
     mixed_precision: MixedPrecision = "no"
     max_grad_norm: float | None = 1.0
+    train_vision_tower: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -128,6 +131,8 @@ def fine_tune(
     gradient accumulation, mixed precision). Dropout is ``config.dropout`` while training
     and restored afterwards; the model is left in eval mode on the accelerator's device.
     ``on_step(step, loss)`` is called after every optimizer step (1-based step).
+    With ``config.train_vision_tower`` False the image encoder gets no updates; its
+    ``requires_grad`` flags are restored afterwards.
     """
     from accelerate.utils import set_seed
 
@@ -137,6 +142,10 @@ def fine_tune(
     accelerator = _make_accelerator(config)
     saved_dropout = dropout_state(captioner.model)
     captioner.set_dropout(config.dropout)
+    frozen = [] if config.train_vision_tower else list(captioner.vision_tower().parameters())
+    saved_requires_grad = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
 
     params = [p for p in captioner.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -179,5 +188,7 @@ def fine_tune(
         captioner.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         captioner.model.eval()
         restore_dropout(saved_dropout)
+        for p, flag in zip(frozen, saved_requires_grad, strict=True):
+            p.requires_grad_(flag)
         accelerator.free_memory()
     return losses

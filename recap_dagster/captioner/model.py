@@ -140,6 +140,10 @@ class Captioner:
         """Unique parameter count (tied embeddings counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
+    def vision_tower(self) -> nn.Module:
+        """The image encoder (BLIP's ViT, GIT's CLIP vision model, PaliGemma's SigLIP, ...)."""
+        return self.model.get_submodule(self.adapter.vision_tower)
+
     def prefix(self, style: str) -> str:
         """The conditioning prefix for ``style``."""
         try:
