@@ -36,6 +36,8 @@ def _overrides(args: argparse.Namespace):
         base = replace(base, learning_rate=args.base_lr)
     if args.ft_lr is not None:
         ft = replace(ft, learning_rate=args.ft_lr)
+    if args.snr_gamma is not None:
+        ft = replace(ft, snr_gamma=args.snr_gamma)
     if args.guidance is not None:
         sample = replace(sample, guidance_scale=args.guidance)
     if args.prediction_type is not None:
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--base-lr", type=float)
     parser.add_argument("--ft-lr", type=float)
     parser.add_argument("--guidance", type=float)
+    parser.add_argument("--snr-gamma", type=float, help="Min-SNR loss weighting of the fine-tunes")
     parser.add_argument("--guidances", default="", help="extra guidance scales to score")
     parser.add_argument("--prediction-type")
     parser.add_argument("--corpus-limit", type=int)

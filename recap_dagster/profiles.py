@@ -28,7 +28,7 @@ class Profile:
     captioner_finetune: FineTuneConfig
     t2i: T2IProfile
     recaption_batch_size: int = 64
-    snapshot_every: int = 200
+    snapshot_every: int = 400
     metric_reference_images: int = 1000
 
     def with_seed(self, seed: int) -> Profile:
@@ -41,7 +41,8 @@ class Profile:
     def captioner_run_config(self) -> dict:
         tune = asdict(self.captioner_finetune)
         fields = ("steps", "learning_rate", "batch_size", "grad_accum_steps", "dropout")
-        config = {k: tune[k] for k in (*fields, "long_fraction", "warmup_steps", "seed")}
+        fields += ("long_fraction", "warmup_steps", "train_vision_tower", "seed")
+        config = {k: tune[k] for k in fields}
         return {"ops": {"captioner_checkpoint": {"config": config}}}
 
     def t2i_run_config(self) -> dict:
@@ -49,6 +50,7 @@ class Profile:
         names = ("steps", "learning_rate", "batch_size", "micro_batch_size", "prompt_dropout")
         names += ("train_unet", "train_text_encoder", "use_ema", "ema_decay", "lr_warmup_steps")
         sd = {k: tune[k] for k in (*names, "checkpoint_every", "seed")}
+        sd["snr_gamma"] = tune["snr_gamma"] or 0.0
         sd["snapshot_every"] = self.snapshot_every
         sample = self.t2i.sample
         metrics = {

@@ -54,6 +54,11 @@ class SDFineTuneConfig(dg.Config):
     use_ema: bool = Field(default=False, description="Keep an EMA of the weights and save it.")
     ema_decay: float = Field(default=0.9999, description="EMA decay.")
     lr_warmup_steps: int = Field(default=0, description="Linear warmup steps.")
+    snr_gamma: float = Field(
+        default=0.0,
+        description="Min-SNR loss weighting gamma (Hang et al. 2023; diffusers' --snr_gamma); "
+        "0 turns it off (the paper's plain MSE).",
+    )
     checkpoint_every: int = Field(
         default=100, description="Save a resumable training state every N steps."
     )
@@ -78,6 +83,7 @@ class SDFineTuneConfig(dg.Config):
             use_ema=self.use_ema,
             ema_decay=self.ema_decay,
             lr_warmup_steps=self.lr_warmup_steps,
+            snr_gamma=self.snr_gamma or None,
             checkpoint_every=self.checkpoint_every,
             seed=self.seed,
         )
