@@ -49,8 +49,7 @@ class Profile:
         tune = asdict(self.t2i.finetune)
         names = ("steps", "learning_rate", "batch_size", "micro_batch_size", "prompt_dropout")
         names += ("train_unet", "train_text_encoder", "use_ema", "ema_decay", "lr_warmup_steps")
-        sd = {k: tune[k] for k in (*names, "checkpoint_every", "seed")}
-        sd["snr_gamma"] = tune["snr_gamma"] or 0.0
+        sd = {k: tune[k] for k in (*names, "snr_gamma", "checkpoint_every", "seed")}
         sd["snapshot_every"] = self.snapshot_every
         sample = self.t2i.sample
         metrics = {

@@ -54,10 +54,10 @@ class SDFineTuneConfig(dg.Config):
     use_ema: bool = Field(default=False, description="Keep an EMA of the weights and save it.")
     ema_decay: float = Field(default=0.9999, description="EMA decay.")
     lr_warmup_steps: int = Field(default=0, description="Linear warmup steps.")
-    snr_gamma: float = Field(
-        default=0.0,
+    snr_gamma: float | None = Field(
+        default=None,
         description="Min-SNR loss weighting gamma (Hang et al. 2023; diffusers' --snr_gamma); "
-        "0 turns it off (the paper's plain MSE).",
+        "None: plain MSE, as the paper.",
     )
     checkpoint_every: int = Field(
         default=100, description="Save a resumable training state every N steps."
@@ -83,7 +83,7 @@ class SDFineTuneConfig(dg.Config):
             use_ema=self.use_ema,
             ema_decay=self.ema_decay,
             lr_warmup_steps=self.lr_warmup_steps,
-            snr_gamma=self.snr_gamma or None,
+            snr_gamma=self.snr_gamma,
             checkpoint_every=self.checkpoint_every,
             seed=self.seed,
         )
