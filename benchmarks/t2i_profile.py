@@ -38,6 +38,10 @@ def _overrides(args: argparse.Namespace):
         ft = replace(ft, learning_rate=args.ft_lr)
     if args.snr_gamma is not None:
         ft = replace(ft, snr_gamma=args.snr_gamma)
+    if args.ema_decay is not None:
+        ft = replace(ft, use_ema=True, ema_decay=args.ema_decay)
+    if args.lr_scheduler is not None:
+        ft = replace(ft, lr_scheduler=args.lr_scheduler)
     if args.guidance is not None:
         sample = replace(sample, guidance_scale=args.guidance)
     if args.prediction_type is not None:
@@ -65,6 +69,8 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--snr-gamma", type=float, help="Min-SNR loss weighting of the fine-tunes")
+    parser.add_argument("--ema-decay", type=float, help="fine-tune with an EMA of this decay")
+    parser.add_argument("--lr-scheduler", help="fine-tune LR schedule (a diffusers name)")
     parser.add_argument("--guidances", default="", help="extra guidance scales to score")
     parser.add_argument("--prediction-type")
     parser.add_argument("--corpus-limit", type=int)
