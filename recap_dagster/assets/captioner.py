@@ -38,6 +38,11 @@ class CaptionerFineTuneConfig(dg.Config):
         default=0.5, description="Fraction of samples trained on the LONG caption (50/50)."
     )
     warmup_steps: int = Field(default=0, description="Linear learning-rate warmup steps.")
+    lr_scheduler: str = Field(
+        default="constant_with_warmup",
+        description="Learning-rate schedule after the warmup: constant_with_warmup, linear "
+        "or cosine (decay to 0 at the last step).",
+    )
     train_vision_tower: bool = Field(
         default=True, description="Also update the image encoder (False: keep it frozen)."
     )
@@ -111,6 +116,7 @@ def captioner_checkpoint(
             dropout=config.dropout,
             long_fraction=config.long_fraction,
             warmup_steps=config.warmup_steps,
+            lr_scheduler=config.lr_scheduler,
             train_vision_tower=config.train_vision_tower,
             seed=config.seed,
             mixed_precision=compute.training_precision(),

@@ -14,6 +14,8 @@ from PIL import Image
 from recap_dagster.captioner.model import Captioner, dropout_state, restore_dropout
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+#: The ``transformers.get_scheduler`` schedules that need no extra arguments.
+LR_SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 
 
 @dataclass
@@ -41,6 +43,8 @@ class FineTuneConfig:
     gradient norm; ``None`` disables clipping. ``train_vision_tower=False`` keeps the image
     encoder frozen and trains the rest (a common captioner fine-tune: 100 images are too
     few to improve a pretrained image encoder, and updating it costs the grounding).
+    ``lr_scheduler`` is any ``transformers.get_scheduler`` name; the paper states no schedule,
+    so the default keeps the rate constant after ``warmup_steps``.
     """
 
     steps: int = 300
@@ -55,6 +59,7 @@ class FineTuneConfig:
     mixed_precision: MixedPrecision = "no"
     max_grad_norm: float | None = 1.0
     train_vision_tower: bool = True
+    lr_scheduler: str = "constant_with_warmup"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -65,6 +70,10 @@ class FineTuneConfig:
             raise ValueError("batch_size must be a multiple of grad_accum_steps")
         if not 0.0 <= self.long_fraction <= 1.0:
             raise ValueError("long_fraction must be in [0, 1]")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(
+                f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}"
+            )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no|fp16|bf16, got {self.mixed_precision!r}")
 
@@ -92,11 +101,6 @@ def sample_batches(num_examples: int, config: FineTuneConfig) -> Iterator[list[t
         styles = ["long"] * n_long + ["short"] * (config.batch_size - n_long)
         rng.shuffle(styles)
         yield list(zip(indices, styles, strict=True))
-
-
-def _lr_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the base rate, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _make_accelerator(config: FineTuneConfig):
@@ -135,6 +139,7 @@ def fine_tune(
     ``requires_grad`` flags are restored afterwards.
     """
     from accelerate.utils import set_seed
+    from transformers import get_scheduler
 
     if not examples:
         raise ValueError("fine_tune needs at least one example")
@@ -152,7 +157,12 @@ def fine_tune(
     model, optimizer = accelerator.prepare(captioner.model, optimizer)
     # Stepped by hand once per optimizer step: accelerate's scheduler wrapper would step it
     # once per process and per micro-batch bookkeeping, not per RECAP step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps))
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.steps,
+    )
 
     micro = config.micro_batch_size
     batches = sample_batches(len(examples), config)
