@@ -31,14 +31,16 @@ def bare_generate(captioner: Captioner, images: list, settings: GenerationSettin
         for start in range(0, len(images), settings.batch_size):
             batch = images[start : start + settings.batch_size]
             for style in ("short", "long"):
-                inputs = adapter.generation_inputs(model, processor, batch, captioner.prefix(style))
+                inputs = adapter.generation_inputs(
+                    model.config, processor, batch, captioner.prefix(style)
+                )
                 inputs = {k: v.to(captioner.device) for k, v in inputs.items()}
                 model.generate(
                     **inputs,
                     max_new_tokens=settings.max_new_tokens,
                     num_beams=settings.num_beams,
                     do_sample=False,
-                    **adapter.generate_kwargs(model, processor),
+                    **adapter.generate_kwargs(model.config, processor),
                 )
             done += len(batch)
     return done

@@ -1,8 +1,8 @@
 """RECAP step 2: recaption one LAION shard in both styles (plain Python, no Dagster).
 
-Decoding runs in DataLoader workers while the main process generates, so JPEG decoding
-overlaps generation. Undecodable images keep their row with ``status``/``error`` set and
-null captions: nothing is dropped silently.
+Decoding and the processor's work (resizing, normalising, prompt ids) run in DataLoader
+workers while the main process generates, so they overlap generation. Undecodable images
+keep their row with ``status``/``error`` set and null captions: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from recap_dagster.captioner import Captioner
+from recap_dagster.captioner.model import CaptionInputs
 from recap_dagster.imaging import DEFAULT_MAX_PIXELS, STATUS_OK
 from recap_dagster.shards import LaionRecord, ShardDataset, collate_records
 
@@ -104,16 +105,46 @@ class RecaptionStats:
         self.long_words += other.long_words
 
 
+STYLES = ("short", "long")
+
+
+@dataclass
+class PreparedBatch:
+    """One DataLoader batch: its records, and the inputs of each style for the decoded ones."""
+
+    records: list[LaionRecord]
+    inputs: dict[str, dict[str, torch.Tensor]]  # style -> generate inputs; {} if none decoded
+
+    def pin_memory(self) -> PreparedBatch:
+        """Page-locked copies of the tensors (the DataLoader calls this with ``pin_memory``)."""
+        pinned = {
+            style: {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+            for style, d in self.inputs.items()
+        }
+        return PreparedBatch(self.records, pinned)
+
+
+@dataclass(frozen=True)
+class PrepareBatch:
+    """DataLoader ``collate_fn``: a batch's records plus the ``generate`` inputs of each style
+    for its decoded images, so workers do the processor's work as well as the decoding."""
+
+    build: CaptionInputs
+
+    def __call__(self, records: list[LaionRecord]) -> PreparedBatch:
+        images = [r.image for r in records if r.status == STATUS_OK and r.image is not None]
+        inputs = {style: self.build(images, style) for style in STYLES} if images else {}
+        return PreparedBatch(collate_records(records), inputs)
+
+
 def _caption_batch(
-    captioner: Captioner, records: list[LaionRecord], settings: GenerationSettings
+    captioner: Captioner, batch: PreparedBatch, settings: GenerationSettings
 ) -> dict[str, tuple[str, str]]:
-    decoded = [r for r in records if r.status == STATUS_OK and r.image is not None]
-    if not decoded:
+    if not batch.inputs:
         return {}
-    images = [r.image for r in decoded]
+    decoded = [r for r in batch.records if r.status == STATUS_OK and r.image is not None]
     options = {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams}
-    shorts = captioner.caption(images, "short", **options)
-    longs = captioner.caption(images, "long", **options)
+    shorts, longs = (captioner.generate_from(batch.inputs[s], **options) for s in STYLES)
     return {r.key: (s, lo) for r, s, lo in zip(decoded, shorts, longs, strict=True)}
 
 
@@ -133,20 +164,21 @@ def recaption_shard(
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
-        collate_fn=collate_records,
+        collate_fn=PrepareBatch(captioner.input_builder()),
         num_workers=settings.num_workers,
-        # Workers decode the next batches while the model generates this one.
+        # Workers decode and preprocess the next batches while the model generates this one.
         prefetch_factor=2 if settings.num_workers > 0 else None,
         persistent_workers=False,
+        pin_memory=captioner.device.type == "cuda",
     )
     generation = settings.to_json()
     stats = RecaptionStats()
     rows: list[dict] = []
     start = time.perf_counter()
     with torch.inference_mode():
-        for records in loader:
-            captions = _caption_batch(captioner, records, settings)
-            for record in records:
+        for batch in loader:
+            captions = _caption_batch(captioner, batch, settings)
+            for record in batch.records:
                 short, long = captions.get(record.key, (None, None))
                 ok = short is not None
                 rows.append(

@@ -160,7 +160,7 @@ def test_labels_cover_caption_only(trained: Trained) -> None:
     captions = ["a big red square", "blue"]
     prefixes = [cap.prefix("long"), cap.prefix("short")]
     images = [EXAMPLES[0].image, EXAMPLES[1].image]
-    batch = cap.adapter.training_inputs(cap.model, cap.processor, images, prefixes, captions)
+    batch = cap.adapter.training_inputs(cap.model.config, cap.processor, images, prefixes, captions)
     tok = cap.processor.tokenizer
     specials = set(tok.all_special_ids)
     for row, caption in zip(batch["labels"], captions, strict=True):
@@ -238,6 +238,34 @@ def test_fine_tune_can_keep_the_vision_tower_frozen(family: str) -> None:
     now = dict(cap.model.named_parameters())
     assert any(not torch.equal(now[n], others[n]) for n in others)  # the decoder learnt
     assert all(p.requires_grad for p in cap.vision_tower().parameters())  # flags restored
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+        ("cosine", [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466]),  # 0.5 * (1 + cos(pi * k / 4))
+    ],
+)
+def test_fine_tune_follows_the_lr_schedule(
+    schedule: str, expected: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rates: list[float] = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):  # type: ignore[override]
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    cap = build_tiny_captioner("blip", None, words=WORDS, seed=1)
+    config = FineTuneConfig(
+        steps=6, learning_rate=1e-3, batch_size=4, warmup_steps=2, lr_scheduler=schedule
+    )
+    fine_tune(cap, EXAMPLES, config)
+    assert rates == pytest.approx([1e-3 * r for r in expected])
+    with pytest.raises(ValueError):
+        FineTuneConfig(lr_scheduler="exponential")
 
 
 def test_fine_tune_bf16_mixed_precision_runs() -> None:

@@ -23,6 +23,7 @@ from transformers import (
     Florence2ForConditionalGeneration,
     GitForCausalLM,
     PaliGemmaForConditionalGeneration,
+    PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
 )
@@ -31,7 +32,11 @@ IGNORE_INDEX = -100
 
 
 class Family(ABC):
-    """Adapter between the generic :class:`Captioner` and one transformers model family."""
+    """Adapter between the generic :class:`Captioner` and one transformers model family.
+
+    It reads the model's config, never its weights, so inputs can be built in DataLoader
+    worker processes while the model generates.
+    """
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
@@ -42,7 +47,7 @@ class Family(ABC):
     @abstractmethod
     def generation_inputs(
         self,
-        model: PreTrainedModel,
+        config: PretrainedConfig,
         processor: ProcessorMixin,
         images: Sequence[Image.Image],
         prefix: str,
@@ -52,7 +57,7 @@ class Family(ABC):
     @abstractmethod
     def training_inputs(
         self,
-        model: PreTrainedModel,
+        config: PretrainedConfig,
         processor: ProcessorMixin,
         images: Sequence[Image.Image],
         prefixes: Sequence[str],
@@ -64,7 +69,9 @@ class Family(ABC):
     def prompt_length(self, inputs: dict[str, torch.Tensor]) -> int:
         """Number of leading tokens of each ``generate`` output row that are the prompt."""
 
-    def generate_kwargs(self, model: PreTrainedModel, processor: ProcessorMixin) -> dict[str, Any]:
+    def generate_kwargs(
+        self, config: PretrainedConfig, processor: ProcessorMixin
+    ) -> dict[str, Any]:
         """Extra ``generate`` kwargs (end/pad tokens) for this family."""
         return {}
 
@@ -105,16 +112,16 @@ class _BertStyleFamily(Family):
     token-for-token the same in training and in generation and the label mask is exact.
     """
 
-    def _special_ids(self, model: PreTrainedModel) -> tuple[int, int, int]:
+    def _special_ids(self, config: PretrainedConfig) -> tuple[int, int, int]:
         """(start, end, pad) token ids."""
         raise NotImplementedError
 
-    def _max_tokens(self, model: PreTrainedModel) -> int:
+    def _max_tokens(self, config: PretrainedConfig) -> int:
         raise NotImplementedError
 
-    def training_inputs(self, model, processor, images, prefixes, captions):
-        start, end, pad = self._special_ids(model)
-        limit = self._max_tokens(model)
+    def training_inputs(self, config, processor, images, prefixes, captions):
+        start, end, pad = self._special_ids(config)
+        limit = self._max_tokens(config)
         rows: list[list[int]] = []
         label_rows: list[list[int]] = []
         for prefix, caption in zip(prefixes, captions, strict=True):
@@ -146,15 +153,15 @@ class BlipFamily(_BertStyleFamily):
     model_class = BlipForConditionalGeneration
     vision_tower = "vision_model"
 
-    def _special_ids(self, model):
-        cfg = model.config.text_config
-        return cfg.bos_token_id, cfg.sep_token_id, cfg.pad_token_id
+    def _special_ids(self, config):
+        text = config.text_config
+        return text.bos_token_id, text.sep_token_id, text.pad_token_id
 
-    def _max_tokens(self, model):
-        return model.config.text_config.max_position_embeddings
+    def _max_tokens(self, config):
+        return config.text_config.max_position_embeddings
 
-    def generation_inputs(self, model, processor, images, prefix):
-        start, end, _ = self._special_ids(model)
+    def generation_inputs(self, config, processor, images, prefix):
+        start, end, _ = self._special_ids(config)
         # generate() drops the last id, so append [SEP] as the processor would.
         row = [start, *_text_ids(processor, prefix), end]
         input_ids = torch.tensor([row] * len(images), dtype=torch.long)
@@ -176,15 +183,14 @@ class GitFamily(_BertStyleFamily):
     model_class = GitForCausalLM
     vision_tower = "git.image_encoder"
 
-    def _special_ids(self, model):
-        cfg = model.config
-        return cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id
+    def _special_ids(self, config):
+        return config.bos_token_id, config.eos_token_id, config.pad_token_id
 
-    def _max_tokens(self, model):
-        return model.config.max_position_embeddings
+    def _max_tokens(self, config):
+        return config.max_position_embeddings
 
-    def generation_inputs(self, model, processor, images, prefix):
-        start, _, _ = self._special_ids(model)
+    def generation_inputs(self, config, processor, images, prefix):
+        start, _, _ = self._special_ids(config)
         row = [start, *_text_ids(processor, prefix)]
         input_ids = torch.tensor([row] * len(images), dtype=torch.long)
         return {
@@ -193,9 +199,8 @@ class GitFamily(_BertStyleFamily):
             "attention_mask": torch.ones_like(input_ids),
         }
 
-    def generate_kwargs(self, model, processor):
-        cfg = model.config
-        return {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    def generate_kwargs(self, config, processor):
+        return {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
 
 
 class PaliGemmaFamily(Family):
@@ -216,7 +221,7 @@ class PaliGemmaFamily(Family):
         # With an explicit image token the processor inserts <bos> after it and appends "\n".
         return processor.image_token + prefix
 
-    def generation_inputs(self, model, processor, images, prefix):
+    def generation_inputs(self, config, processor, images, prefix):
         inputs = processor(
             images=list(images),
             text=[self._prompt(processor, prefix)] * len(images),
@@ -226,7 +231,7 @@ class PaliGemmaFamily(Family):
         inputs.pop("labels", None)  # all -100 without a suffix; generate() must not see it
         return dict(inputs)
 
-    def training_inputs(self, model, processor, images, prefixes, captions):
+    def training_inputs(self, config, processor, images, prefixes, captions):
         inputs = processor(
             images=list(images),
             text=[self._prompt(processor, p) for p in prefixes],
@@ -240,7 +245,7 @@ class PaliGemmaFamily(Family):
     def prompt_length(self, inputs):
         return inputs["input_ids"].shape[1]
 
-    def generate_kwargs(self, model, processor):
+    def generate_kwargs(self, config, processor):
         tok = processor.tokenizer
         return {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
@@ -260,13 +265,13 @@ class Florence2Family(Family):
     model_class = Florence2ForConditionalGeneration
     vision_tower = "model.vision_tower"
 
-    def generation_inputs(self, model, processor, images, prefix):
+    def generation_inputs(self, config, processor, images, prefix):
         inputs = processor(
             images=list(images), text=[prefix] * len(images), padding="longest", return_tensors="pt"
         )
         return dict(inputs)
 
-    def training_inputs(self, model, processor, images, prefixes, captions):
+    def training_inputs(self, config, processor, images, prefixes, captions):
         inputs = dict(
             processor(
                 images=list(images), text=list(prefixes), padding="longest", return_tensors="pt"
@@ -283,8 +288,8 @@ class Florence2Family(Family):
     def prompt_length(self, inputs):
         return 1  # the decoder start token; <s> is dropped as a special token when decoding
 
-    def generate_kwargs(self, model, processor):
-        text = model.config.text_config
+    def generate_kwargs(self, config, processor):
+        text = config.text_config
         return {
             "eos_token_id": text.eos_token_id,
             "pad_token_id": text.pad_token_id,

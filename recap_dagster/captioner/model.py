@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from recap_dagster.captioner.families import Family, family_for_model_type
 
@@ -75,6 +82,25 @@ def restore_dropout(state: Sequence[tuple[Any, str, float]]) -> None:
     """Undo :meth:`Captioner.set_dropout` from a :func:`dropout_state` snapshot."""
     for obj, attr, value in state:
         setattr(obj, attr, value)
+
+
+@dataclass(frozen=True)
+class CaptionInputs:
+    """Builds ``generate`` inputs for a batch of images in one style: the processor's work.
+
+    Holds the family adapter, the model config, the processor and the prefixes, not the
+    weights, so a DataLoader worker can run it (and pickle it) while the model generates.
+    """
+
+    adapter: Family
+    config: PretrainedConfig
+    processor: ProcessorMixin
+    prefixes: dict[str, str]
+
+    def __call__(self, images: Sequence[Image.Image], style: str) -> dict[str, torch.Tensor]:
+        return self.adapter.generation_inputs(
+            self.config, self.processor, list(images), self.prefixes[style]
+        )
 
 
 class Captioner:
@@ -170,7 +196,8 @@ class Captioner:
         images = list(images)
         if not images:
             return []
-        prefix = self.prefix(style)
+        self.prefix(style)  # unknown styles fail before any work
+        build = self.input_builder()
         step = batch_size or len(images)
         captions: list[str] = []
         was_training = self.model.training
@@ -178,9 +205,8 @@ class Captioner:
         try:
             with torch.inference_mode():
                 for start in range(0, len(images), step):
-                    captions += self._generate(
-                        images[start : start + step],
-                        prefix,
+                    captions += self.generate_from(
+                        build(images[start : start + step], style),
                         max_new_tokens=max_new_tokens,
                         num_beams=num_beams,
                         **generate_kwargs,
@@ -189,13 +215,17 @@ class Captioner:
             self.model.train(was_training)
         return captions
 
-    def _generate(
-        self, images: list[Image.Image], prefix: str, **generate_kwargs: Any
-    ) -> list[str]:
-        inputs = self._to_device(
-            self.adapter.generation_inputs(self.model, self.processor, images, prefix)
-        )
-        kwargs = {"do_sample": False, **self.adapter.generate_kwargs(self.model, self.processor)}
+    def input_builder(self) -> CaptionInputs:
+        """What builds generation inputs from images, without the weights (for workers)."""
+        return CaptionInputs(self.adapter, self.model.config, self.processor, dict(self.prefixes))
+
+    def generate_from(self, inputs: dict[str, torch.Tensor], **generate_kwargs: Any) -> list[str]:
+        """Captions from inputs made by :meth:`input_builder` (greedy unless told otherwise)."""
+        inputs = self._to_device(inputs)
+        kwargs = {
+            "do_sample": False,
+            **self.adapter.generate_kwargs(self.model.config, self.processor),
+        }
         output = self.model.generate(**inputs, **{**kwargs, **generate_kwargs})
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return self.adapter.decode(
@@ -224,7 +254,7 @@ class Captioner:
         if not (len(images) == len(captions) == len(styles)):
             raise ValueError("images, captions and styles must have the same length")
         inputs = self.adapter.training_inputs(
-            self.model, self.processor, images, [self.prefix(s) for s in styles], captions
+            self.model.config, self.processor, images, [self.prefix(s) for s in styles], captions
         )
         return model(**self._to_device(inputs)).loss
 

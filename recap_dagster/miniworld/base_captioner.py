@@ -521,7 +521,7 @@ def prompted_loss(
     import torch
 
     inputs = captioner.adapter.training_inputs(
-        captioner.model, captioner.processor, list(images), list(prompts), list(targets)
+        captioner.model.config, captioner.processor, list(images), list(prompts), list(targets)
     )
     device, dtype = captioner.device, captioner.dtype
     moved = {
