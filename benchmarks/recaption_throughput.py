@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/recaption_throughput.py [--captioner DIR] [--images 1000]
 
 Both sides caption the same images in both styles with the same batch size and generation
-settings. The asset path streams the shard (DataLoader workers decode JPEGs while the model
-generates), writes the parquet atomically and records per-row status; the bare loop gets
-already-decoded batches and only calls ``model.generate``. Prints images/s and the ratio.
+settings. The asset path streams the shard (DataLoader workers decode the images and build
+the processor's inputs while the model generates), writes the parquet atomically and records
+per-row status; the bare loop gets already-decoded batches and runs the processor and
+``model.generate`` on them. Prints images/s and the ratio. Run it on an otherwise idle
+machine: with two torch threads on two cores, any other job takes the worker's share.
 """
 
 from __future__ import annotations
