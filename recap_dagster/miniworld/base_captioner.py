@@ -119,9 +119,8 @@ class BaseCaptionerConfig:
 
     ``steps=2500``: the ``detect:`` grounding of the 50 held-out images goes from
     0.98/0.90/0.88 (objects/counts/positions) at 1,500 steps to 0.99/0.96/0.96, and what
-    the fine-tune keeps of it rises with it. The build took 727 s on one torch thread of
-    the 2-core machine while another job shared it (~0.29 s/step; 0.19 s/step on two
-    idle threads).
+    the fine-tune keeps of it rises with it. The build takes 603 s on the idle 2-core
+    machine with two torch threads (0.24 s/step), 727 s on one thread beside another job.
     """
 
     family: str = "blip"
