@@ -110,9 +110,11 @@ STYLES = ("short", "long")
 
 @dataclass
 class PreparedBatch:
-    """One DataLoader batch: its records, and the inputs of each style for the decoded ones."""
+    """One DataLoader batch: its records, the decoded ones among them, and the inputs of
+    each style for those."""
 
     records: list[LaionRecord]
+    decoded: list[LaionRecord]
     inputs: dict[str, dict[str, torch.Tensor]]  # style -> generate inputs; {} if none decoded
 
     def pin_memory(self) -> PreparedBatch:
@@ -121,7 +123,7 @@ class PreparedBatch:
             style: {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
             for style, d in self.inputs.items()
         }
-        return PreparedBatch(self.records, pinned)
+        return PreparedBatch(self.records, self.decoded, pinned)
 
 
 @dataclass(frozen=True)
@@ -132,20 +134,20 @@ class PrepareBatch:
     build: CaptionInputs
 
     def __call__(self, records: list[LaionRecord]) -> PreparedBatch:
-        images = [r.image for r in records if r.status == STATUS_OK and r.image is not None]
+        decoded = [r for r in records if r.status == STATUS_OK and r.image is not None]
+        images = [r.image for r in decoded]
         inputs = {style: self.build(images, style) for style in STYLES} if images else {}
-        return PreparedBatch(collate_records(records), inputs)
+        return PreparedBatch(collate_records(records), decoded, inputs)
 
 
 def _caption_batch(
     captioner: Captioner, batch: PreparedBatch, settings: GenerationSettings
 ) -> dict[str, tuple[str, str]]:
-    if not batch.inputs:
+    if not batch.decoded:
         return {}
-    decoded = [r for r in batch.records if r.status == STATUS_OK and r.image is not None]
     options = {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams}
     shorts, longs = (captioner.generate_from(batch.inputs[s], **options) for s in STYLES)
-    return {r.key: (s, lo) for r, s, lo in zip(decoded, shorts, longs, strict=True)}
+    return {r.key: (s, lo) for r, s, lo in zip(batch.decoded, shorts, longs, strict=True)}
 
 
 def recaption_shard(

@@ -76,6 +76,7 @@ def test_prepare_batch_runs_without_the_weights(shards_root, captioner) -> None:
     assert "model" not in vars(prepare.build)
     batch = prepare(records)
     assert batch.records == records and set(batch.inputs) == {"short", "long"}
+    assert batch.decoded == [records[0], records[1], records[3]]
     images = [r.image for r in records if r.image is not None]
     assert len(images) == 3
     with torch.inference_mode():
