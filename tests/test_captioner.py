@@ -174,6 +174,22 @@ def test_labels_cover_caption_only(trained: Trained) -> None:
         assert len(kept) - len([i for i in kept if i not in specials]) <= 2
 
 
+def test_training_batch_takes_a_prompt_per_example(trained: Trained) -> None:
+    """Free prompts (pretraining tasks) build the same batch as style prefixes do."""
+    cap = trained.captioner
+    images = [EXAMPLES[0].image, EXAMPLES[1].image]
+    captions = ["a big red square", "blue"]
+    styles = ["long", "short"]
+    batch = cap.training_batch(images, [cap.prefix(s) for s in styles], captions)
+    assert all(value.device == cap.device for value in batch.values())
+    with torch.no_grad():
+        assert float(cap.model(**batch).loss) == pytest.approx(
+            float(cap.loss(images, captions, styles))
+        )
+    with pytest.raises(ValueError, match="same length"):
+        cap.training_batch(images, ["how many?"], captions)
+
+
 def test_prefixes_stored_and_overridable(tmp_path: Path) -> None:
     prefixes = {"short": "say briefly:", "long": "say in detail:"}
     build_tiny_captioner("git", tmp_path, words=WORDS, prefixes=prefixes)

@@ -253,10 +253,21 @@ class Captioner:
         """:meth:`loss` through ``model``, e.g. an accelerate/DDP wrapper of :attr:`model`."""
         if not (len(images) == len(captions) == len(styles)):
             raise ValueError("images, captions and styles must have the same length")
+        batch = self.training_batch(images, [self.prefix(s) for s in styles], captions)
+        return model(**batch).loss
+
+    def training_batch(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], captions: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forcing inputs (``labels`` -100 on prompt and padding) on the model's
+        device, with a free prompt per example (pretraining tasks such as VQA differ per
+        example; :meth:`loss` passes the style prefixes)."""
+        if not (len(images) == len(prompts) == len(captions)):
+            raise ValueError("images, prompts and captions must have the same length")
         inputs = self.adapter.training_inputs(
-            self.model.config, self.processor, images, [self.prefix(s) for s in styles], captions
+            self.model.config, self.processor, list(images), list(prompts), list(captions)
         )
-        return model(**self._to_device(inputs)).loss
+        return self._to_device(inputs)
 
     def set_dropout(self, p: float) -> None:
         """Set every dropout probability (modules and config, all sub-models) to ``p``.

@@ -121,6 +121,13 @@ class BaseCaptionerConfig:
     0.98/0.90/0.88 (objects/counts/positions) at 1,500 steps to 0.99/0.96/0.96, and what
     the fine-tune keeps of it rises with it. The build takes 603 s on the idle 2-core
     machine with two torch threads (0.24 s/step), 727 s on one thread beside another job.
+
+    The step is bound by small matmuls (~60% of its time). Measured per step, two threads,
+    and not adopted: length-sorted micro-batches (a batch is ~60% padding) 0.81x; bfloat16
+    autocast 0.68x, but together no faster (a 555 s build), and that base fine-tuned worse
+    (long captions 0.86/0.66/0.67 and 0.88/0.71/0.72 vs 0.93/0.75/0.79 and 0.95/0.78/0.78);
+    ``torch.compile`` no faster after a 143 s compile. A changed base is a new draw of the
+    fine-tune, so none of these is worth a base that is not re-measured end to end.
     """
 
     family: str = "blip"
@@ -211,6 +218,14 @@ QUICK_BASE_CAPTIONER = BaseCaptionerConfig(
 #: the caption): 0.81/0.56/0.60, the caption does not follow its own listing; 1,500-step
 #: bases with VQA answers in the human phrasing, without the text task, or with a
 #: listing-to-sentence text task (constant rate): 0.81-0.90 / 0.62-0.64 / 0.57-0.64.
+#: Also dropped (seeds 0-4 of the fine-tune alone give 0.75-0.78 / 0.76-0.79): averaging the
+#: five fine-tunes' weights ("model soup") 0.77/0.76; interpolating toward the base weights
+#: (WiSE-FT, 0.4-0.8) at best 0.81/0.79; replaying ``detect:`` on pretraining images in
+#: every batch 0.70-0.79 / 0.77-0.78; freezing the cross-attention, the feed-forward
+#: layers, the embeddings or the first layer 0.64-0.75 / 0.72-0.77; classifier-free
+#: guidance against a blank image (0.5-2) and beams of 3-12 at best 0.79/0.78; a base whose
+#: ``detect:`` listing orders kinds at random (Pix2Seq-style, all or half of the time)
+#: 0.66-0.74 / 0.70-0.73.
 #:
 #: Freezing the encoder keeps the grounding pretraining gave it; 100 images are too few
 #: to improve it. The fine-tuned long captions stay below the base's own grounding output,
@@ -528,28 +543,6 @@ def _blank_images(config: BaseCaptionerConfig, size: int, count: int = 32) -> li
     ]
 
 
-def prompted_loss(
-    captioner: Any, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str]
-):
-    """:meth:`Captioner.loss` with a free prompt per example instead of a style name (VQA
-    questions differ per example); the family adapter builds the inputs either way."""
-    import torch
-
-    inputs = captioner.adapter.training_inputs(
-        captioner.model.config, captioner.processor, list(images), list(prompts), list(targets)
-    )
-    device, dtype = captioner.device, captioner.dtype
-    moved = {
-        key: (
-            value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-            if isinstance(value, torch.Tensor)
-            else value
-        )
-        for key, value in inputs.items()
-    }
-    return captioner.model(**moved).loss
-
-
 def pretrain(
     captioner: Any,
     items: Sequence[PretrainItem],
@@ -590,7 +583,7 @@ def pretrain(
                 prompts.append(prompt)
                 targets.append(target)
                 images.append(image)
-            loss = prompted_loss(captioner, images, prompts, targets)
+            loss = model(**captioner.training_batch(images, prompts, targets)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
