@@ -287,10 +287,11 @@ class Captioner:
         for key, value in inputs.items():
             if not isinstance(value, torch.Tensor):
                 moved[key] = value
-            elif value.is_floating_point():  # pixel values follow the model's dtype
-                moved[key] = value.to(device=device, dtype=dtype)
-            else:
-                moved[key] = value.to(device)
+                continue
+            # Pinned batches (recaption's DataLoader on CUDA) copy asynchronously; the copy
+            # is ordered before generate() on the same stream.
+            target = dtype if value.is_floating_point() else value.dtype  # pixels: model dtype
+            moved[key] = value.to(device=device, dtype=target, non_blocking=value.is_pinned())
         return moved
 
 
