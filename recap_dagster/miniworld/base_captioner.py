@@ -225,7 +225,9 @@ QUICK_BASE_CAPTIONER = BaseCaptionerConfig(
 #: layers, the embeddings or the first layer 0.64-0.75 / 0.72-0.77; classifier-free
 #: guidance against a blank image (0.5-2) and beams of 3-12 at best 0.79/0.78; a base whose
 #: ``detect:`` listing orders kinds at random (Pix2Seq-style, all or half of the time)
-#: 0.66-0.74 / 0.70-0.73.
+#: 0.66-0.74 / 0.70-0.73; a wider base (hidden 192) 0.65-0.69 / 0.67-0.69, a deeper one (4
+#: layers) 0.68-0.71 / 0.78-0.79, both with ``detect:`` as good as this one's and this
+#: recipe (seeds 0 and 1), and 3x / 2x the build time.
 #:
 #: Freezing the encoder keeps the grounding pretraining gave it; 100 images are too few
 #: to improve it. The fine-tuned long captions stay below the base's own grounding output,
