@@ -251,8 +251,6 @@ class Captioner:
         styles: Sequence[str],
     ) -> torch.Tensor:
         """:meth:`loss` through ``model``, e.g. an accelerate/DDP wrapper of :attr:`model`."""
-        if not (len(images) == len(captions) == len(styles)):
-            raise ValueError("images, captions and styles must have the same length")
         batch = self.training_batch(images, [self.prefix(s) for s in styles], captions)
         return model(**batch).loss
 
