@@ -41,7 +41,8 @@ class Profile:
     def captioner_run_config(self) -> dict:
         tune = asdict(self.captioner_finetune)
         fields = ("steps", "learning_rate", "batch_size", "grad_accum_steps", "dropout")
-        fields += ("long_fraction", "warmup_steps", "lr_scheduler", "train_vision_tower", "seed")
+        fields += ("long_fraction", "warmup_steps", "lr_scheduler", "train_vision_tower")
+        fields += ("mirror", "seed")
         config = {k: tune[k] for k in fields}
         return {"ops": {"captioner_checkpoint": {"config": config}}}
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from recap_dagster.captioner import (
@@ -20,6 +20,8 @@ from recap_dagster.captioner import (
     build_tiny_captioner,
     fine_tune,
     sample_batches,
+    swap_left_right,
+    training_examples,
 )
 from recap_dagster.captioner.families import IGNORE_INDEX
 from recap_dagster.captioner.model import dropout_state
@@ -304,6 +306,51 @@ def test_sample_batches_balances_styles_and_images() -> None:
     assert [next(again) for _ in range(3)] == first
     all_long = next(sample_batches(4, FineTuneConfig(batch_size=6, long_fraction=1.0)))
     assert {style for _, style in all_long} == {"long"}
+
+
+@pytest.mark.parametrize(
+    ("text", "swapped"),
+    [
+        ("a green triangle on the left", "a green triangle on the right"),
+        ("Top-left: a circle; right side: a square.", "Top-right: a circle; left side: a square."),
+        ("the LEFTMOST square and the rightmost one", "the RIGHTMOST square and the leftmost one"),
+        ("a bright lefty", "a bright lefty"),  # whole words only
+    ],
+)
+def test_swap_left_right(text: str, swapped: str) -> None:
+    assert swap_left_right(text) == swapped
+    assert swap_left_right(swapped) == text
+
+
+def test_training_examples_add_mirrored_copies_only_when_asked() -> None:
+    assert training_examples(EXAMPLES, FineTuneConfig()) == EXAMPLES
+    doubled = training_examples(EXAMPLES, FineTuneConfig(mirror=True))
+    assert doubled[: len(EXAMPLES)] == EXAMPLES
+    for original, mirrored in zip(EXAMPLES, doubled[len(EXAMPLES) :], strict=True):
+        assert mirrored.key == f"{original.key}#mirrored"
+        assert mirrored.image.tobytes() == ImageOps.mirror(original.image).tobytes()
+        assert mirrored.long == swap_left_right(original.long)
+        assert mirrored.short == swap_left_right(original.short)
+    left = next(m for m in doubled[len(EXAMPLES) :] if m.key == "k2#mirrored")
+    assert left.long == "a green triangle on the right"
+    assert left.image.getpixel((31 - 9, 18)) == EXAMPLES[2].image.getpixel((9, 18)) != (128,) * 3
+
+
+def test_fine_tune_trains_on_the_mirrored_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[bytes, str]] = []
+    loss_with = Captioner.loss_with
+
+    def recording(self, model, images, captions, styles):  # type: ignore[no-untyped-def]
+        seen.extend((i.tobytes(), c) for i, c in zip(images, captions, strict=True))
+        return loss_with(self, model, images, captions, styles)
+
+    monkeypatch.setattr(Captioner, "loss_with", recording)
+    cap = build_tiny_captioner("blip", None, words=WORDS, seed=1)
+    config = FineTuneConfig(steps=2, batch_size=8, learning_rate=1e-3, long_fraction=1.0)
+    fine_tune(cap, EXAMPLES, replace(config, mirror=True))
+    mirrored = ImageOps.mirror(EXAMPLES[2].image).tobytes()
+    assert (mirrored, "a green triangle on the right") in seen  # two copies of 8 pairs
+    assert len({image for image, _ in seen}) == 2 * len(EXAMPLES)
 
 
 def test_fine_tune_config_validation() -> None:

@@ -46,6 +46,12 @@ class CaptionerFineTuneConfig(dg.Config):
     train_vision_tower: bool = Field(
         default=True, description="Also update the image encoder (False: keep it frozen)."
     )
+    mirror: bool = Field(
+        default=False,
+        description="Also train on every image mirrored left-right, with 'left' and 'right' "
+        "swapped in its captions (twice the pairs; not in the paper). Leave off for data "
+        "with text in the images or 'right' meaning 'correct'.",
+    )
     seed: int = Field(default=0, description="Seed for sampling and initialisation.")
     eval_batch_size: int = Field(default=64, description="Batch size for held-out captioning.")
     max_new_tokens: int = Field(default=77, description="Caption length limit when evaluating.")
@@ -118,6 +124,7 @@ def captioner_checkpoint(
             warmup_steps=config.warmup_steps,
             lr_scheduler=config.lr_scheduler,
             train_vision_tower=config.train_vision_tower,
+            mirror=config.mirror,
             seed=config.seed,
             mixed_precision=compute.training_precision(),
         ),
@@ -146,6 +153,7 @@ def captioner_checkpoint(
         "family": captioner.family,
         "parameters": captioner.num_parameters(),
         "base_model": models.base_captioner,
+        "mirrored_copies": config.mirror,
         "final_loss": float(losses[-1]) if losses else float("nan"),
         "train_seconds": round(train_seconds, 1),
         "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "loss curve")),

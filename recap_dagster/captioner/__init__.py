@@ -12,6 +12,8 @@ from recap_dagster.captioner.finetune import (
     FineTuneConfig,
     fine_tune,
     sample_batches,
+    swap_left_right,
+    training_examples,
 )
 from recap_dagster.captioner.model import CAPTIONER_FILE, STYLE_PREFIXES, Captioner
 from recap_dagster.captioner.tiny import (
@@ -35,4 +37,6 @@ __all__ = [
     "build_tiny_processor",
     "fine_tune",
     "sample_batches",
+    "swap_left_right",
+    "training_examples",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from recap_dagster.captioner.model import Captioner, dropout_state, restore_dropout
 
@@ -33,6 +34,35 @@ class CaptionExample:
             raise ValueError(f"unknown style {style!r}")
         return self.short if style == "short" else self.long
 
+    def mirrored(self) -> CaptionExample:
+        """The image mirrored left-right, with 'left' and 'right' swapped in both captions."""
+        return CaptionExample(
+            key=f"{self.key}#mirrored",
+            image=ImageOps.mirror(self.image),
+            short=swap_left_right(self.short),
+            long=swap_left_right(self.long),
+        )
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """``text`` with every 'left' and 'right' (also '-most', any case) swapped: the caption
+    of the mirrored image. Word-level on purpose, as MDETR does for its flips; a caption
+    that uses 'right' for 'correct' gets it swapped too, which is why mirroring is opt-in."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            other = other.upper()
+        elif word[0].isupper():
+            other = other.capitalize()
+        return other + (match.group(2) or "")
+
+    return _LEFT_RIGHT.sub(swap, text)
+
 
 @dataclass
 class FineTuneConfig:
@@ -44,7 +74,11 @@ class FineTuneConfig:
     encoder frozen and trains the rest (a common captioner fine-tune: 100 images are too
     few to improve a pretrained image encoder, and updating it costs the grounding).
     ``lr_scheduler`` is any ``transformers.get_scheduler`` name; the paper states no schedule,
-    so the default keeps the rate constant after ``warmup_steps``.
+    so the default keeps the rate constant after ``warmup_steps``. ``mirror`` (not in the
+    paper) also trains on every image mirrored left-right, its captions' 'left' and 'right'
+    swapped (:meth:`CaptionExample.mirrored`): twice the image-caption pairs from the same
+    human captions. Off by default: it assumes captions and images without mirrored text
+    (signs, logos) and without 'right' meaning 'correct'.
     """
 
     steps: int = 300
@@ -60,6 +94,7 @@ class FineTuneConfig:
     max_grad_norm: float | None = 1.0
     train_vision_tower: bool = True
     lr_scheduler: str = "constant_with_warmup"
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -103,6 +138,15 @@ def sample_batches(num_examples: int, config: FineTuneConfig) -> Iterator[list[t
         yield list(zip(indices, styles, strict=True))
 
 
+def training_examples(
+    examples: Sequence[CaptionExample], config: FineTuneConfig
+) -> list[CaptionExample]:
+    """The examples one fine-tune samples from: ``examples``, then their mirrored copies when
+    ``config.mirror`` is set."""
+    examples = list(examples)
+    return examples + [e.mirrored() for e in examples] if config.mirror else examples
+
+
 def _make_accelerator(config: FineTuneConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -130,7 +174,8 @@ def fine_tune(
 ) -> list[float]:
     """Fine-tune ``captioner`` in place on ``examples``; returns the loss of every step.
 
-    Each step draws ``config.batch_size`` (image, style) pairs (see :func:`sample_batches`),
+    Each step draws ``config.batch_size`` (image, style) pairs (see :func:`sample_batches`)
+    from :func:`training_examples`,
     learns ``caption | image, style prefix`` with AdamW through accelerate (device placement,
     gradient accumulation, mixed precision). Dropout is ``config.dropout`` while training
     and restored afterwards; the model is left in eval mode on the accelerator's device.
@@ -143,6 +188,7 @@ def fine_tune(
 
     if not examples:
         raise ValueError("fine_tune needs at least one example")
+    examples = training_examples(examples, config)
     set_seed(config.seed)
     accelerator = _make_accelerator(config)
     saved_dropout = dropout_state(captioner.model)
