@@ -50,6 +50,7 @@ class Profile:
         tune = asdict(self.t2i.finetune)
         names = ("steps", "learning_rate", "batch_size", "micro_batch_size", "prompt_dropout")
         names += ("train_unet", "train_text_encoder", "use_ema", "ema_decay", "lr_warmup_steps")
+        names += ("lr_scheduler",)
         sd = {k: tune[k] for k in (*names, "snr_gamma", "checkpoint_every", "seed")}
         sd["snapshot_every"] = self.snapshot_every
         sample = self.t2i.sample

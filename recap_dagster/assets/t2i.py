@@ -54,6 +54,11 @@ class SDFineTuneConfig(dg.Config):
     use_ema: bool = Field(default=False, description="Keep an EMA of the weights and save it.")
     ema_decay: float = Field(default=0.9999, description="EMA decay.")
     lr_warmup_steps: int = Field(default=0, description="Linear warmup steps.")
+    lr_scheduler: str = Field(
+        default="constant_with_warmup",
+        description="Learning-rate schedule after the warmup, any diffusers.optimization name "
+        "(constant_with_warmup, linear, cosine, ...; decays over `steps`).",
+    )
     snr_gamma: float | None = Field(
         default=None,
         description="Min-SNR loss weighting gamma (Hang et al. 2023; diffusers' --snr_gamma); "
@@ -83,6 +88,7 @@ class SDFineTuneConfig(dg.Config):
             use_ema=self.use_ema,
             ema_decay=self.ema_decay,
             lr_warmup_steps=self.lr_warmup_steps,
+            lr_scheduler=self.lr_scheduler,
             snr_gamma=self.snr_gamma,
             checkpoint_every=self.checkpoint_every,
             seed=self.seed,

@@ -79,6 +79,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, not at the first optimizer step of a long run.
+        from diffusers.optimization import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in known:
+            raise ValueError(f"lr_scheduler must be one of {known}, got {self.lr_scheduler!r}")
+
     @property
     def accumulation_steps(self) -> int:
         if self.batch_size % self.micro_batch_size:
