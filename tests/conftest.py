@@ -64,3 +64,19 @@ def miniworld_paths(tmp_path_factory: pytest.TempPathFactory):
         eval_prompts_per_category=2,
     )
     return generate_miniworld(str(root), config)
+
+
+@pytest.fixture
+def learning_rates(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The learning rate of every AdamW step taken while the test runs (first param group)."""
+    import torch
+
+    rates: list[float] = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):  # type: ignore[override]
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    return rates

@@ -135,18 +135,10 @@ def test_training_reduces_loss(tokenizer_dir: str, examples, tmp_path: Path) -> 
 
 
 def test_sd_checkpoints_config_sets_the_lr_schedule(
-    tokenizer_dir: str, examples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tokenizer_dir: str, examples, tmp_path: Path, learning_rates: list[float]
 ) -> None:
     from recap_dagster.assets.t2i import SDFineTuneConfig
 
-    rates: list[float] = []
-
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, closure=None):  # type: ignore[override]
-            rates.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     asset_config = SDFineTuneConfig(
         learning_rate=1e-3, batch_size=4, micro_batch_size=4, lr_scheduler="cosine"
     )
@@ -154,7 +146,8 @@ def test_sd_checkpoints_config_sets_the_lr_schedule(
     assert config.lr_scheduler == "cosine"
     train(build_pipeline(tokenizer_dir, TINY, seed=0), examples[:4], config, tmp_path / "w")
     # cosine from the peak to 0 over 5 steps: 0.5 * (1 + cos(pi * k / 5))
-    assert rates == pytest.approx([1e-3, 9.045085e-4, 6.545085e-4, 3.454915e-4, 9.54915e-5])
+    expected = [1e-3, 9.045085e-4, 6.545085e-4, 3.454915e-4, 9.54915e-5]
+    assert learning_rates == pytest.approx(expected)
     with pytest.raises(ValueError, match="lr_scheduler"):
         TrainConfig(lr_scheduler="exponential")
 
