@@ -175,10 +175,10 @@ def fine_tune(
     """Fine-tune ``captioner`` in place on ``examples``; returns the loss of every step.
 
     Each step draws ``config.batch_size`` (image, style) pairs (see :func:`sample_batches`)
-    from :func:`training_examples`,
-    learns ``caption | image, style prefix`` with AdamW through accelerate (device placement,
-    gradient accumulation, mixed precision). Dropout is ``config.dropout`` while training
-    and restored afterwards; the model is left in eval mode on the accelerator's device.
+    from :func:`training_examples` and learns ``caption | image, style prefix`` with AdamW
+    through accelerate (device placement, gradient accumulation, mixed precision). Dropout
+    is ``config.dropout`` while training and restored afterwards; the model is left in eval
+    mode on the accelerator's device.
     ``on_step(step, loss)`` is called after every optimizer step (1-based step).
     With ``config.train_vision_tower`` False the image encoder gets no updates; its
     ``requires_grad`` flags are restored afterwards.
