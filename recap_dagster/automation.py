@@ -1,10 +1,13 @@
 """Sensors, schedules and jobs."""
 
+import json
+
 import dagster as dg
 
 from recap_dagster.assets.recaption import SHARDS_PER_RUN, recaptioned_shards
 from recap_dagster.discovery import discover_new_shards
 from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.pool_watchdog import GPU_POOL, sweep_pool
 from recap_dagster.resources import DataSourcesResource
 
 CAPTIONER_KEY = dg.AssetKey("captioner_checkpoint")
@@ -127,3 +130,18 @@ def recaption_backfill_schedule(context: dg.ScheduleEvaluationContext):
     all_shards = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
     tags = {"recap/backfill": "missing-or-stale"}
     return ranged_run_requests(missing + stale, all_shards, tags)
+
+
+@dg.sensor(
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches the gpu pool: frees the slots of runs that ended or whose worker died "
+    "(SIGKILL, OOM, lost machine), marking such runs failed, and tells each waiting run which "
+    "run holds the pool and since when.",
+)
+def gpu_pool_watchdog(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    told = json.loads(context.cursor) if context.cursor else {}
+    sweep = sweep_pool(context.instance, GPU_POOL, told)
+    for line in sweep.freed:
+        context.log.warning(line)
+    return dg.SensorResult(skip_reason=sweep.summary(), cursor=json.dumps(told, sort_keys=True))

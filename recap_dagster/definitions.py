@@ -15,7 +15,12 @@ from recap_dagster.assets.t2i import (
     recap_report,
     sd_checkpoints,
 )
-from recap_dagster.automation import laion_shard_sensor, recaption_backfill_schedule, recaption_job
+from recap_dagster.automation import (
+    gpu_pool_watchdog,
+    laion_shard_sensor,
+    recaption_backfill_schedule,
+    recaption_job,
+)
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -52,13 +57,13 @@ ASSETS = [
     metric_reports,
     recap_report,
 ]
-ASSET_CHECKS = [*human_captions_checks, *recaptioned_shards_checks, recap_mix_beats_alttext]
+ASSET_CHECKS = [*human_captions_checks, recaptioned_shards_checks, recap_mix_beats_alttext]
 
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=ASSET_CHECKS,
     jobs=[recaption_job],
-    sensors=[laion_shard_sensor],
+    sensors=[laion_shard_sensor, gpu_pool_watchdog],
     schedules=[recaption_backfill_schedule],
     resources=default_resources(),
 )

@@ -31,11 +31,16 @@ import dagster as dg
 from dagster._core.definitions.op_definition import OpDefinition
 from dagster_k8s import k8s_job_executor
 
-from recap_dagster.automation import laion_shard_sensor, recaption_backfill_schedule, recaption_job
+from recap_dagster.automation import (
+    gpu_pool_watchdog,
+    laion_shard_sensor,
+    recaption_backfill_schedule,
+    recaption_job,
+)
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
+from recap_dagster.pool_watchdog import GPU_POOL
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
-GPU_POOL = "gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -117,7 +122,7 @@ defs = dg.Definitions(
     assets=k8s_assets(),
     asset_checks=ASSET_CHECKS,
     jobs=[recaption_job],
-    sensors=[laion_shard_sensor],
+    sensors=[laion_shard_sensor, gpu_pool_watchdog],
     schedules=[recaption_backfill_schedule],
     resources=default_resources(),
     executor=k8s_job_executor,

@@ -18,6 +18,7 @@ from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
 from recap_dagster.miniworld.base_captioner import build_base_captioner
 from recap_dagster.miniworld.generate import generate_miniworld
 from recap_dagster.partitions import CAPTION_VARIANTS, laion_shards_partitions
+from recap_dagster.pool_watchdog import WORKER_TAG, this_host, watching_pool
 from recap_dagster.profiles import PROFILES
 from recap_dagster.shards import list_shards
 from recap_dagster.t2i.base import build_miniworld_base
@@ -53,18 +54,25 @@ def register_shards(instance: dg.DagsterInstance, shards_root: str) -> list[str]
     return keys
 
 
+def _say(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
 def _materialize(
-    instance: dg.DagsterInstance, selection: list[str], **kwargs
+    instance: dg.DagsterInstance, selection: list[str], tags: dict | None = None, **kwargs
 ) -> dg.ExecuteInProcessResult:
-    """Materialize ``selection`` (and its checks) with the project's resources."""
-    return dg.materialize(
-        [*ASSETS, *ASSET_CHECKS],
-        selection=selection,
-        instance=instance,
-        resources=default_resources(),
-        raise_on_error=False,
-        **kwargs,
-    )
+    """Materialize ``selection`` (and its checks) with the project's resources, while the
+    gpu pool's watchdog frees slots that dead runs hold and says who holds the pool."""
+    with watching_pool(instance, _say):
+        return dg.materialize(
+            [*ASSETS, *ASSET_CHECKS],
+            selection=selection,
+            instance=instance,
+            resources=default_resources(),
+            raise_on_error=False,
+            tags={**(tags or {}), WORKER_TAG: this_host()},
+            **kwargs,
+        )
 
 
 def _report(summary: PipelineSummary, step: str, start: float, result) -> None:

@@ -2,7 +2,9 @@
 
 Decoding and the processor's work (resizing, normalising, prompt ids) run in DataLoader
 workers while the main process generates, so they overlap generation. Undecodable images
-keep their row with ``status``/``error`` set and null captions: nothing is dropped silently.
+keep their row with ``status``/``error`` set and null captions, and so do rows that
+img2dataset never delivered (dead URLs: its own status and error, ``delivered`` false),
+counted apart: nothing is dropped silently, and a dead URL is not a decoding failure.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SCHEMA = pa.schema(
         pa.field("recap_long", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("delivered", pa.bool_(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("captioner_version", pa.string(), nullable=False),
@@ -45,8 +48,10 @@ COLUMN_DESCRIPTIONS = {
     "recap_long": "RECAP long caption (null when the image did not decode)",
     "width": "decoded width in pixels",
     "height": "decoded height in pixels",
-    "status": "ok, or why the image could not be used (decode_error, too_large, ...)",
-    "error": "error message for failed rows",
+    "delivered": "img2dataset delivered an image for this row (false: a failed download)",
+    "status": "ok; for a delivered image why it could not be used (decode_error, too_large, "
+    "...); for an undelivered one img2dataset's status (failed_to_download, ...)",
+    "error": "error message for failed rows (img2dataset's own for undelivered ones)",
     "captioner_version": "fingerprint of the captioner weights that wrote the captions",
     "generation": "generation settings as JSON",
 }
@@ -69,13 +74,28 @@ class GenerationSettings:
 
 @dataclass
 class RecaptionStats:
+    """Counts of one or more shards. Rows img2dataset did not deliver are counted apart from
+    delivered images that could not be decoded: only the latter are our failures."""
+
     rows: int = 0
     captioned: int = 0
-    failed: int = 0
     seconds: float = 0.0
-    failures_by_status: dict[str, int] = field(default_factory=dict)
+    not_delivered_by_status: dict[str, int] = field(default_factory=dict)
+    undecodable_by_status: dict[str, int] = field(default_factory=dict)
     short_words: list[int] = field(default_factory=list)
     long_words: list[int] = field(default_factory=list)
+
+    @property
+    def not_delivered(self) -> int:
+        return sum(self.not_delivered_by_status.values())
+
+    @property
+    def delivered(self) -> int:
+        return self.rows - self.not_delivered
+
+    @property
+    def undecodable(self) -> int:
+        return sum(self.undecodable_by_status.values())
 
     @property
     def images_per_second(self) -> float:
@@ -83,7 +103,13 @@ class RecaptionStats:
 
     @property
     def failure_fraction(self) -> float:
-        return self.failed / self.rows if self.rows else 0.0
+        """Delivered images that could not be captioned, over delivered images."""
+        return self.undecodable / self.delivered if self.delivered else 0.0
+
+    def count(self, delivered: bool, status: str) -> None:
+        """Count a row without captions."""
+        counts = self.undecodable_by_status if delivered else self.not_delivered_by_status
+        counts[status] = counts.get(status, 0) + 1
 
     def length_summary(self) -> dict[str, float]:
         """Mean and max caption length in words, per style."""
@@ -97,10 +123,13 @@ class RecaptionStats:
     def merge(self, other: RecaptionStats) -> None:
         self.rows += other.rows
         self.captioned += other.captioned
-        self.failed += other.failed
         self.seconds += other.seconds
-        for status, n in other.failures_by_status.items():
-            self.failures_by_status[status] = self.failures_by_status.get(status, 0) + n
+        for mine, theirs in (
+            (self.not_delivered_by_status, other.not_delivered_by_status),
+            (self.undecodable_by_status, other.undecodable_by_status),
+        ):
+            for status, n in theirs.items():
+                mine[status] = mine.get(status, 0) + n
         self.short_words += other.short_words
         self.long_words += other.long_words
 
@@ -192,6 +221,7 @@ def recaption_shard(
                         "recap_long": long,
                         "width": record.width,
                         "height": record.height,
+                        "delivered": record.delivered,
                         "status": record.status if not ok else STATUS_OK,
                         "error": record.error if not ok else None,
                         "captioner_version": captioner_version,
@@ -203,10 +233,7 @@ def recaption_shard(
                     stats.short_words.append(len(short.split()))
                     stats.long_words.append(len(long.split()))
                 else:
-                    stats.failed += 1
-                    stats.failures_by_status[record.status] = (
-                        stats.failures_by_status.get(record.status, 0) + 1
-                    )
+                    stats.count(record.delivered, record.status)
             if on_batch is not None:
                 on_batch(len(rows))
     stats.seconds = time.perf_counter() - start
@@ -217,9 +244,15 @@ def recaption_shard(
 
 
 def validate_recaptions(
-    table: pa.Table, expected_rows: int, count_tokens: Callable[[list[str]], list[int]] | None
+    table: pa.Table,
+    expected_rows: int,
+    count_tokens: Callable[[list[str]], list[int]] | None,
+    max_failure_fraction: float = 1.0,
 ) -> dict[str, tuple[bool, str]]:
-    """The recaptioned-shard checks as plain results: name -> (passed, description)."""
+    """The recaptioned-shard checks as plain results: name -> (passed, description).
+
+    ``failure_fraction`` judges delivered images only: a row img2dataset did not deliver (a
+    dead URL) is the source's loss, not a failure of the recaptioner."""
     results: dict[str, tuple[bool, str]] = {}
     missing = [name for name in SCHEMA.names if name not in table.schema.names]
     results["schema"] = (not missing, f"missing columns: {missing}" if missing else "schema ok")
@@ -229,7 +262,7 @@ def validate_recaptions(
     )
     if missing:
         return results
-    rows = table.select(["key", "status", "recap_short", "recap_long"]).to_pylist()
+    rows = table.select(["key", "delivered", "status", "recap_short", "recap_long"]).to_pylist()
     empty = [
         r["key"]
         for r in rows
@@ -239,6 +272,14 @@ def validate_recaptions(
     results["no_empty_captions"] = (
         not empty,
         f"{len(empty)} decoded rows with an empty caption {empty[:5]}" if empty else "none empty",
+    )
+    delivered = sum(r["delivered"] for r in rows)
+    undecodable = sum(r["delivered"] and r["status"] != STATUS_OK for r in rows)
+    fraction = undecodable / delivered if delivered else 0.0
+    results["failure_fraction"] = (
+        fraction <= max_failure_fraction,
+        f"{undecodable} of {delivered} delivered images undecodable ({fraction:.2%}), "
+        f"{len(rows) - delivered} rows not delivered by img2dataset",
     )
     if count_tokens is not None:
         longs = [r["recap_long"] for r in rows if r["status"] == STATUS_OK]

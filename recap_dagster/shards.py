@@ -476,9 +476,12 @@ def list_shards(root_url: str, after: str | None = None) -> list[ShardInfo]:
 
 @dataclass
 class LaionRecord:
-    """A sample as read from a shard. ``status``/``error`` use imaging's vocabulary plus
-    ``"bad_metadata"``; ``width``/``height`` are the decoded size (else the stored one).
-    ``image`` is RGB (or whatever a ``ShardDataset`` transform made of it)."""
+    """A sample as read from a shard. ``delivered`` is False for a row img2dataset did not
+    deliver (a dead URL, a failed resize): its ``status``/``error`` are then img2dataset's
+    own (``failed_to_download``, "HTTP Error 404: Not Found"). For a delivered row they use
+    imaging's vocabulary plus ``"bad_metadata"``. ``width``/``height`` are the decoded size
+    (else the stored one). ``image`` is RGB (or whatever a ``ShardDataset`` transform made of
+    it)."""
 
     key: str
     url: str | None
@@ -489,6 +492,7 @@ class LaionRecord:
     height: int | None
     status: str
     error: str | None
+    delivered: bool = True
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -532,9 +536,10 @@ def _make_record(
         result = DecodeResult(None, STATUS_MISSING, "no image bytes", None, None)
     status, error = result.status, result.error
     source_status = meta.get("status")
-    if status == STATUS_MISSING and source_status not in (None, SOURCE_SUCCESS):
-        # Say why img2dataset has no image (e.g. "failed_to_download: HTTP Error 404").
-        error = f"{source_status}: {meta.get('error_message') or 'no image'}"
+    delivered = source_status in (None, SOURCE_SUCCESS)
+    if not delivered:
+        # img2dataset's own verdict, kept verbatim: a dead URL is not a decoding failure.
+        status, error = str(source_status), str(meta.get("error_message") or "no image")
     if meta_error is not None:
         image_note = "" if status == STATUS_OK else f"; image {status}: {error}"
         status, error = STATUS_BAD_METADATA, meta_error + image_note
@@ -550,6 +555,7 @@ def _make_record(
         height=result.height if result.height is not None else stored_h,
         status=status,
         error=error,
+        delivered=delivered,
     )
 
 

@@ -62,10 +62,27 @@ def _tail(path: Path, chars: int = 4000) -> str:
 @contextmanager
 def dagster_webserver(dagster_home: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     """Run ``dagster-webserver -w workspace.yaml`` on loopback; yield its base URL."""
-    executable = Path(sys.executable).with_name("dagster-webserver")
-    command = [str(executable) if executable.exists() else "dagster-webserver"]
+    with _serving("dagster-webserver", ["-w", "workspace.yaml"], dagster_home, env, log) as url:
+        yield url
+
+
+@contextmanager
+def dagster_dev(
+    dagster_home: Path, env: dict[str, str], log: Path, target: list[str]
+) -> Iterator[str]:
+    """Run ``dagster dev`` (webserver + daemon) on ``target`` (e.g. ``["-f", file]``)."""
+    with _serving("dagster", ["dev", *target], dagster_home, env, log) as url:
+        yield url
+
+
+@contextmanager
+def _serving(
+    program: str, args: list[str], dagster_home: Path, env: dict[str, str], log: Path
+) -> Iterator[str]:
+    executable = Path(sys.executable).with_name(program)
+    command = [str(executable) if executable.exists() else program, *args]
     port = free_port()
-    command += ["-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    command += ["-h", "127.0.0.1", "-p", str(port)]
     full_env = {**os.environ, **env, "DAGSTER_HOME": str(dagster_home)}
     with log.open("w") as out:
         # Its own session: teardown ends the webserver and the code server it spawned.
@@ -82,7 +99,7 @@ def dagster_webserver(dagster_home: Path, env: dict[str, str], log: Path) -> Ite
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                pytest.fail(f"dagster-webserver exited with {process.returncode}:\n{_tail(log)}")
+                pytest.fail(f"{program} exited with {process.returncode}:\n{_tail(log)}")
             try:
                 with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
                     if response.status == 200:
@@ -90,7 +107,7 @@ def dagster_webserver(dagster_home: Path, env: dict[str, str], log: Path) -> Ite
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"dagster-webserver did not answer within 120 s:\n{_tail(log)}")
+                pytest.fail(f"{program} did not answer within 120 s:\n{_tail(log)}")
             time.sleep(0.5)
         yield url
     finally:

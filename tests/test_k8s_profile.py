@@ -104,6 +104,8 @@ def test_profile_validates_against_dagster_schemas(profile_env) -> None:
     assert settings["concurrency"]["runs"]["max_concurrent_runs"] > 0
     assert settings["run_retries"]["retry_on_asset_or_op_failure"] is False
     assert settings["run_monitoring"]["max_resume_run_attempts"] > 0
+    # A preempted GPU pod's run, once marked failed, gives its gpu slots back (#32560).
+    assert settings["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     # Every environment variable the profile reads is documented for the operator.
     documented = README.read_text()
     for variable in PROFILE_ENV:

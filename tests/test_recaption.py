@@ -57,7 +57,8 @@ def test_recaption_shard_captions_every_decodable_row(shards_root, captioner, wo
     assert table.num_rows == stats.rows == len(source)
     rows = {row["key"]: row for row in table.to_pylist()}
     decoded = [r for r in source if r.status == STATUS_OK and r.image is not None]
-    assert (stats.captioned, stats.failed) == (len(decoded), 3) == (7, 3)
+    assert (stats.captioned, stats.undecodable) == (len(decoded), 3) == (7, 3)
+    assert (stats.delivered, stats.not_delivered) == (10, 0)
     expected = captioner.caption([r.image for r in decoded], "long", max_new_tokens=6)
     assert [rows[r.key]["recap_long"] for r in decoded] == expected  # same as caption()
     for record in source:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -11,8 +13,9 @@ from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, Temp
 from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._time import get_current_datetime
+from PIL import Image
 
-from recap_dagster.assets.captioner import captioner_checkpoint
+from recap_dagster.assets.captioner import CHECKPOINT_PARTS, captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
@@ -33,9 +36,17 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
+from recap_dagster.shards import ShardRecord, sample_key, write_shard
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (36, 36), (seed * 40 % 256, 90, 200)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
 
 ASSETS = [laion_shards, human_captions, captioner_checkpoint, recaptioned_shards]
-CHECKS = [*human_captions_checks, *recaptioned_shards_checks]
+CHECKS = [*human_captions_checks, recaptioned_shards_checks]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +123,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         )
         assert result.success
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-        assert set(checks) == {next(iter(c.check_specs)).name for c in recaptioned_shards_checks}
+        assert set(checks) == {spec.name for spec in recaptioned_shards_checks.check_specs}
         assert all(c.passed for c in checks.values()), [c.description for c in checks.values()]
         for shard in ("00000", "00001"):
             table = pq.read_table(tmp_path / "storage" / "recaptioned" / f"{shard}.parquet")
@@ -164,6 +175,74 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         resolver = get_stale_status_resolver(instance, ASSETS)
         assert resolver.get_status(key, "00001") == StaleStatus.FRESH
         assert isinstance(recaption_backfill_schedule(context), dg.SkipReason)
+
+
+def _dead_url_shard(root: Path, shard: int, undecodable: int) -> None:
+    """A shard of 20 rows as img2dataset writes it from real LAION: 40% of the URLs failed
+    (6 downloads, 2 resizes), plus ``undecodable`` delivered images that do not decode."""
+    records = []
+    for i in range(20):
+        key, alt = sample_key(shard, i), f"alt {i}"
+        if i < 8:  # img2dataset's own statuses and messages
+            status, error = (
+                ("failed_to_download", "HTTP Error 404: Not Found")
+                if i < 6
+                else ("failed_to_resize", "image too large")
+            )
+            records.append(
+                ShardRecord(key, None, alt, f"https://x/{i}", {}, None, None, status, error)
+            )
+        else:
+            data = _jpeg(i) if i - 8 >= undecodable else b"<html>captcha</html>"
+            records.append(ShardRecord(key, data, alt, f"https://ok/{i}", {}))
+    write_shard(str(root), shard, records)
+
+
+@pytest.mark.parametrize("undecodable", [0, 2])
+def test_dead_urls_are_counted_apart_from_decoding_failures(
+    miniworld_paths, base_captioner, tmp_path: Path, undecodable: int
+) -> None:
+    """40% dead URLs pass the blocking failure check; undecodable delivered images over
+    the limit (2 of 12 here, 17% > 5%) fail it."""
+    shards = tmp_path / "laion"
+    _dead_url_shard(shards, 0, undecodable)
+    resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage")
+    resources["sources"] = DataSourcesResource.for_miniworld(
+        str(miniworld_paths.root), shards_root=str(shards)
+    )
+    with resources["storage"].get().atomic_dir(*CHECKPOINT_PARTS) as staging:
+        shutil.copytree(base_captioner, staging, dirs_exist_ok=True)  # a captioner checkpoint
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(laion_shards_partitions.name, ["00000"])
+        result = _materialize(
+            instance,
+            resources,
+            dg.AssetSelection.assets(recaptioned_shards),
+            run_config=RECAPTION_CONFIG,
+            partition_key="00000",
+            raise_on_error=False,
+        )
+    metadata = result.asset_materializations_for_node("recaptioned_shards")[0].metadata
+    assert metadata["dagster/row_count"].value == 20
+    assert metadata["delivered"].value == 12 and metadata["not_delivered"].value == 8
+    assert metadata["not_delivered_by_status"].value == {
+        "failed_to_download": 6,
+        "failed_to_resize": 2,
+    }
+    assert metadata["undecodable"].value == undecodable
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["recaptioned_failure_fraction"].passed == (undecodable == 0)
+    if undecodable:
+        assert "2 of 12 delivered images undecodable (16.67%), 8 rows not delivered" in (
+            checks["recaptioned_failure_fraction"].description
+        )
+    assert checks["recaptioned_schema_and_rows"].passed  # every source row has its row
+    table = pq.read_table(tmp_path / "storage" / "recaptioned" / "00000.parquet")
+    dead = [r for r in table.to_pylist() if not r["delivered"]]
+    assert [(r["status"], r["error"]) for r in dead[:1]] == [
+        ("failed_to_download", "HTTP Error 404: Not Found")
+    ]
+    assert all(r["recap_short"] is None for r in dead) and len(dead) == 8
 
 
 def test_sensor_requests_recaptioning_of_new_shards(miniworld_paths, tmp_path: Path) -> None:

@@ -139,8 +139,10 @@ def test_round_trip_webdataset(tmp_path):
         assert record.url == written.url
         assert record.metadata == written.metadata
     lost = got[-1]
-    assert (lost.status, lost.image, lost.alt_text) == ("missing", None, "lost")
-    assert lost.error == "failed_to_download: HTTP Error 404: Not Found"
+    # img2dataset's own status and error, kept verbatim, and marked as not delivered.
+    assert (lost.status, lost.image, lost.alt_text) == ("failed_to_download", None, "lost")
+    assert lost.error == "HTTP Error 404: Not Found" and not lost.delivered
+    assert all(r.delivered for r in got[:6])
     assert lost.metadata == {"index": 99}
 
 
@@ -166,8 +168,8 @@ def test_round_trip_parquet_format(tmp_path):
 
     got = read_all(root, "00000")
     assert [r.key for r in got] == [r.key for r in records]  # row order, failures in place
-    assert [r.status for r in got] == ["ok", "missing", "ok", "ok"]
-    assert got[1].error == "failed_to_download: no image bytes"
+    assert [r.status for r in got] == ["ok", "failed_to_download", "ok", "ok"]
+    assert got[1].error == "no image bytes" and not got[1].delivered
     assert got[0].metadata == records[0].metadata and got[0].alt_text == "alt text 0"
     assert got[2].image.size == (32, 24)
     assert count_rows(root, "00000") == 4

@@ -57,6 +57,7 @@ def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
                     "recap_long": long_caption(scene, rng) if ok else None,
                     "width": record.width,
                     "height": record.height,
+                    "delivered": record.delivered,
                     "status": record.status,
                     "error": record.error,
                     "captioner_version": "ground-truth",

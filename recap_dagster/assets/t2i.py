@@ -17,6 +17,7 @@ from recap_dagster.metrics import evaluate_generations
 from recap_dagster.miniworld.generate import read_eval_prompts
 from recap_dagster.partitions import caption_variants_partitions, laion_shards_partitions
 from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
+from recap_dagster.pool_watchdog import GPU_POOL
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -116,7 +117,7 @@ def _eval_prompts(sources: DataSourcesResource):
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
     deps=[dg.AssetDep(recaptioned_shards, partition_mapping=dg.AllPartitionMapping())],
-    pool="gpu",
+    pool=GPU_POOL,
     group_name="text_to_image",
     kinds={"pytorch", "diffusers"},
     tags={"recap/gpu": "1"},
@@ -248,7 +249,7 @@ def _reference_images(shards_root: str, shards: list[str], limit: int) -> list:
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
     deps=[sd_checkpoints],
-    pool="gpu",
+    pool=GPU_POOL,
     group_name="evaluation",
     kinds={"pytorch", "torchmetrics"},
     tags={"recap/gpu": "1"},

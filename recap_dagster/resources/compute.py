@@ -5,6 +5,7 @@ import torch
 from pydantic import Field
 
 from recap_dagster import devices
+from recap_dagster.pool_watchdog import record_worker
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -24,6 +25,12 @@ class ComputeResource(dg.ConfigurableResource):
         "CPU), no, fp16, bf16.",
     )
     cpu_threads: int = Field(default=0, description="torch CPU threads (0 keeps torch's default).")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Every GPU step uses this resource: tag its run with this machine, so that the
+        # gpu pool's watchdog can tell when the run's worker has died holding a slot.
+        if context.instance is not None and context.run is not None:
+            record_worker(context.instance, context.run.run_id)
 
     def torch_device(self) -> torch.device:
         if self.cpu_threads > 0:
