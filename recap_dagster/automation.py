@@ -63,9 +63,10 @@ def shards_needing_recaption(instance: dg.DagsterInstance) -> tuple[list[str], l
 
 
 def ranged_run_requests(
-    shards: list[str], all_shards: list[str], tags: dict
+    shards: list[str], all_shards: list[str], tags: dict, run_key_prefix: str | None = None
 ) -> list[dg.RunRequest]:
-    """One run per group of up to SHARDS_PER_RUN consecutive shards (one model load each)."""
+    """One run per group of up to SHARDS_PER_RUN consecutive shards (one model load each);
+    with ``run_key_prefix``, each run's key is the prefix plus its first and last shard."""
     position = {key: i for i, key in enumerate(all_shards)}
     ordered = sorted(shards, key=position.__getitem__)
     groups: list[list[str]] = []
@@ -79,9 +80,27 @@ def ranged_run_requests(
         else:
             groups.append([key])
     return [
-        dg.RunRequest(tags={**tags, RANGE_START_TAG: group[0], RANGE_END_TAG: group[-1]})
+        dg.RunRequest(
+            run_key=f"{run_key_prefix}{group[0]}-{group[-1]}" if run_key_prefix else None,
+            tags={**tags, RANGE_START_TAG: group[0], RANGE_END_TAG: group[-1]},
+        )
         for group in groups
     ]
+
+
+def new_shard_run_requests(
+    instance: dg.DagsterInstance, new_keys: list[str]
+) -> list[dg.RunRequest]:
+    """Recaptioning runs for shards the sensor registers in this tick: ranges of up to
+    SHARDS_PER_RUN (one model load each). Keys appended together in sorted order are
+    consecutive partitions, so any run of them is a valid partition range; a key that was
+    registered before (elsewhere in the partition order) gets a run of its own."""
+    name = laion_shards_partitions.name
+    known = {key for key in new_keys if instance.has_dynamic_partition(name, key)}
+    fresh = [key for key in new_keys if key not in known]
+    ranged = ranged_run_requests(fresh, fresh, {"recap/sensor": "new-shards"}, "recaption-")
+    alone = [dg.RunRequest(partition_key=key, run_key=f"recaption-{key}") for key in sorted(known)]
+    return ranged + alone
 
 
 @dg.sensor(
@@ -89,7 +108,8 @@ def ranged_run_requests(
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists the LAION source root, adds each newly completed shard as a partition "
-    "and requests its recaptioning once a captioner checkpoint exists.",
+    "and, once a captioner checkpoint exists, requests their recaptioning in ranged runs "
+    "(several shards per run, one model load per run).",
 )
 def laion_shard_sensor(
     context: dg.SensorEvaluationContext, sources: DataSourcesResource
@@ -102,9 +122,7 @@ def laion_shard_sensor(
     context.log.info(f"{len(new_keys)} new shard(s): {new_keys[:5]}...")
     run_requests = []
     if captioner_version(context.instance) is not None:
-        run_requests = [
-            dg.RunRequest(partition_key=key, run_key=f"recaption-{key}") for key in new_keys
-        ]
+        run_requests = new_shard_run_requests(context.instance, new_keys)
     else:
         context.log.info("no captioner_checkpoint yet: the backfill schedule will recaption later")
     return dg.SensorResult(

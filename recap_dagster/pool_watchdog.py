@@ -176,7 +176,7 @@ def sweep_pool(
             message = (
                 f"Run worker lost: {dead}. The run held {len(steps)} slot(s) of pool "
                 f"'{pool}' (step {', '.join(steps)}); recap's pool watchdog marked it failed "
-                "and freed them. Re-run it: finished shards and checkpoints are kept."
+                "and freed them."
             )
             current = instance.get_run_by_id(run_id)
             if current is not None and current.status in IN_PROGRESS:

@@ -243,6 +243,30 @@ def recaption_shard(
     return pa.Table.from_pylist(rows, schema=SCHEMA), stats
 
 
+def finished_stats(
+    table: pa.Table, captioner_version: str, settings: GenerationSettings
+) -> RecaptionStats | None:
+    """Counts of a shard that this captioner already wrote with these settings, so that a
+    resumed run keeps it instead of captioning it again; None when it must be recaptioned
+    (another captioner or settings, an older schema, an empty file)."""
+    if not set(SCHEMA.names) <= set(table.schema.names) or table.num_rows == 0:
+        return None
+    written_by = set(table.column("captioner_version").to_pylist())
+    if written_by != {captioner_version} or set(table.column("generation").to_pylist()) != {
+        settings.to_json()
+    }:
+        return None
+    stats = RecaptionStats(rows=table.num_rows)
+    for row in table.select(["delivered", "status", "recap_short", "recap_long"]).to_pylist():
+        if row["status"] == STATUS_OK:
+            stats.captioned += 1
+            stats.short_words.append(len(row["recap_short"].split()))
+            stats.long_words.append(len(row["recap_long"].split()))
+        else:
+            stats.count(row["delivered"], row["status"])
+    return stats
+
+
 def validate_recaptions(
     table: pa.Table,
     expected_rows: int,

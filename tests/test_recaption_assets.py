@@ -262,8 +262,10 @@ def test_sensor_requests_recaptioning_of_new_shards(miniworld_paths, tmp_path: P
         )
         fresh = dg.build_sensor_context(instance=instance, resources={"sources": sources})
         after = laion_shard_sensor(fresh)
-        assert sorted(r.partition_key for r in after.run_requests) == ["00000", "00001"]
-        assert {r.run_key for r in after.run_requests} == {"recaption-00000", "recaption-00001"}
+        # One ranged run for both new shards: one model load.
+        [request] = after.run_requests
+        assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("00000", "00001")
+        assert request.run_key == "recaption-00000-00001"
 
 
 def test_missing_base_captioner_is_a_clear_error(miniworld_paths, tmp_path: Path) -> None:
@@ -281,3 +283,98 @@ def test_missing_base_captioner_is_a_clear_error(miniworld_paths, tmp_path: Path
         e for e in result.all_events if e.event_type_value == "STEP_FAILURE"
     ).step_failure_data.error
     assert "nowhere" in failure.message or "nowhere" in str(failure.cause)
+
+
+# -- a recaptioning run killed part-way ----------------------------------------------------
+
+KILL_SHARDS = ["00000", "00001", "00002", "00003"]
+
+
+def _kill_test_setup(root: Path, base_captioner: str) -> None:
+    """Four shards of 150 images and a captioner checkpoint under ``root/storage``."""
+    for index in range(len(KILL_SHARDS)):
+        records = [
+            ShardRecord(sample_key(index, i), _jpeg(i), f"alt {i}", f"https://ok/{i}", {})
+            for i in range(150)
+        ]
+        write_shard(str(root / "laion"), index, records)
+    with StorageResource(root=str(root / "storage")).get().atomic_dir(*CHECKPOINT_PARTS) as out:
+        shutil.copytree(base_captioner, out, dirs_exist_ok=True)
+
+
+def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult:
+    """One ranged run over every shard (the subprocess entry point runs this too)."""
+    resources = {
+        "sources": DataSourcesResource.for_miniworld(miniworld_root, str(root / "laion")),
+        "storage": StorageResource(root=str(root / "storage")),
+        "models": ModelsResource(base_captioner="unused: the checkpoint is in storage"),
+        "compute": ComputeResource(),
+    }
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(laion_shards_partitions.name, KILL_SHARDS)
+        tags = {RANGE_START_TAG: KILL_SHARDS[0], RANGE_END_TAG: KILL_SHARDS[-1]}
+        return dg.materialize(
+            [*ASSETS, *CHECKS],
+            selection=dg.AssetSelection.assets(recaptioned_shards),
+            instance=instance,
+            resources=resources,
+            run_config=RECAPTION_CONFIG,
+            tags=tags,
+        )
+
+
+def _outputs(root: Path) -> dict[str, list[dict]]:
+    out = root / "storage" / "recaptioned"
+    return {p.stem: pq.read_table(p).to_pylist() for p in sorted(out.glob("*.parquet"))}
+
+
+def test_killed_recaptioning_run_resumes_to_the_same_output(
+    miniworld_paths, base_captioner, tmp_path: Path
+) -> None:
+    """SIGKILL a ranged run once its first shard is written; no partial file is ever
+    visible under a shard's name; run again: it keeps the finished shards, writes the rest,
+    and the output equals an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    for root in (killed, whole):
+        _kill_test_setup(root, base_captioner)
+    worker = subprocess.Popen(
+        [sys.executable, __file__, "recaption", str(killed), str(miniworld_paths.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = killed / "storage" / "recaptioned"
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*.parquet")):
+            assert worker.poll() is None, worker.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no shard written"
+            time.sleep(0.01)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    finished = _outputs(killed)  # every visible shard file reads whole
+    assert 1 <= len(finished) < len(KILL_SHARDS), sorted(finished)
+    assert all(len(rows) == 150 for rows in finished.values())
+
+    resumed = _recaption_all(killed, str(miniworld_paths.root))
+    assert resumed.success
+    metadata = resumed.asset_materializations_for_node("recaptioned_shards")[0].metadata
+    assert metadata["shards_kept"].value == sorted(finished)
+    assert _recaption_all(whole, str(miniworld_paths.root)).success
+    assert _outputs(killed) == _outputs(whole)
+    assert sorted(_outputs(whole)) == KILL_SHARDS
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["recaption"]:
+        _recaption_all(Path(sys.argv[2]), sys.argv[3])

@@ -38,6 +38,12 @@ class RecaptionConfig(dg.Config):
     num_workers: int = Field(
         default=1, description="DataLoader workers decoding images while the model generates."
     )
+    reuse_finished_shards: bool = Field(
+        default=True,
+        description="Keep a shard's output when this captioner checkpoint already wrote it with "
+        "these generation settings (a run resumed after a kill goes on where it stopped); "
+        "false recaptions every shard of the run.",
+    )
 
 
 @dg.asset(
@@ -69,7 +75,9 @@ def recaptioned_shards(
     )
     shards = list(context.partition_keys)
     total = core.RecaptionStats()
+    captioned = core.RecaptionStats()  # the shards this run captioned (not kept ones)
     per_shard = []
+    kept: list[str] = []
     last_table = None
     with store.local_dir(*CHECKPOINT_PARTS) as checkpoint:
         version = read_checkpoint_version(checkpoint)
@@ -78,43 +86,47 @@ def recaptioned_shards(
         )
         context.log.info(f"captioner {version} loaded once for {len(shards)} shard(s)")
         for shard in shards:
-            table, stats = core.recaption_shard(
-                captioner,
-                sources.shards_root,
-                shard,
-                captioner_version=version,
-                settings=settings,
-                max_pixels=sources.max_image_pixels,
-            )
-            uri = store.write_parquet(table, *output_parts(shard))
-            context.log.info(
-                f"shard {shard}: {stats.rows} rows, {stats.not_delivered} not delivered by "
-                f"img2dataset, {stats.undecodable} undecodable, "
-                f"{stats.images_per_second:.1f} images/s -> {uri}"
-            )
-            total.merge(stats)
-            last_table = table
-            per_shard.append(
-                [
+            uri = store.uri(*output_parts(shard))
+            stats = None
+            if config.reuse_finished_shards and store.exists(*output_parts(shard)):
+                existing = store.read_parquet(*output_parts(shard))
+                stats = core.finished_stats(existing, version, settings)
+            if stats is not None:
+                kept.append(shard)
+                context.log.info(f"shard {shard}: kept, this captioner already wrote {uri}")
+            else:
+                table, stats = core.recaption_shard(
+                    captioner,
+                    sources.shards_root,
                     shard,
-                    stats.rows,
-                    stats.not_delivered,
-                    stats.undecodable,
-                    round(stats.images_per_second, 1),
-                    uri,
-                ]
+                    captioner_version=version,
+                    settings=settings,
+                    max_pixels=sources.max_image_pixels,
+                )
+                uri = store.write_parquet(table, *output_parts(shard))
+                last_table = table
+                context.log.info(
+                    f"shard {shard}: {stats.rows} rows, {stats.not_delivered} not delivered by "
+                    f"img2dataset, {stats.undecodable} undecodable, "
+                    f"{stats.images_per_second:.1f} images/s -> {uri}"
+                )
+            total.merge(stats)
+            speed = "kept" if shard in kept else round(stats.images_per_second, 1)
+            per_shard.append(
+                [shard, stats.rows, stats.not_delivered, stats.undecodable, speed, uri]
             )
     metadata = {
         "dagster/row_count": total.rows,
         "dagster/column_schema": column_schema(core.SCHEMA, core.COLUMN_DESCRIPTIONS),
         "shards": len(shards),
+        "shards_kept": dg.MetadataValue.json(kept),
         "delivered": total.delivered,
         "not_delivered": total.not_delivered,
         "not_delivered_by_status": dg.MetadataValue.json(total.not_delivered_by_status),
         "undecodable": total.undecodable,
         "undecodable_by_status": dg.MetadataValue.json(total.undecodable_by_status),
         "failure_fraction": round(total.failure_fraction, 5),
-        "images_per_second": round(total.images_per_second, 2),
+        "images_per_second": round(captioned.images_per_second, 2),
         "captioner_version": version,
         "generation": dg.MetadataValue.json(settings.__dict__),
         **total.length_summary(),
