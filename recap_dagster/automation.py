@@ -4,7 +4,12 @@ import json
 
 import dagster as dg
 
-from recap_dagster.assets.recaption import SHARDS_PER_RUN, recaptioned_shards
+from recap_dagster.assets.recaption import (
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    SHARDS_PER_RUN,
+    recaptioned_shards,
+)
 from recap_dagster.discovery import discover_new_shards
 from recap_dagster.partitions import laion_shards_partitions
 from recap_dagster.pool_watchdog import GPU_POOL, sweep_pool
@@ -14,8 +19,18 @@ CAPTIONER_KEY = dg.AssetKey("captioner_checkpoint")
 RECAPTIONED_KEY = dg.AssetKey("recaptioned_shards")
 DATA_VERSION_TAG = "dagster/data_version"
 CAPTIONER_INPUT_TAG = "dagster/input_data_version/captioner_checkpoint"
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
+PARTITION_TAG = "dagster/partition"
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+# A tick requests at most this many runs (8 shards each): at LAION-2B's 230,000 shards a
+# single tick would otherwise submit ~29,000 runs. Later ticks take the rest; runs still
+# queued or running are not requested twice. A UI backfill submits everything at once.
+MAX_RUNS_PER_TICK = 500
+MAX_IN_FLIGHT = 10_000
 
 recaption_job = dg.define_asset_job(
     "recaption_shards_job",
@@ -37,29 +52,49 @@ def captioner_version(instance: dg.DagsterInstance) -> str | None:
     return event.asset_materialization.tags.get(DATA_VERSION_TAG)
 
 
-def shards_needing_recaption(instance: dg.DagsterInstance) -> tuple[list[str], list[str]]:
-    """(missing, stale) shard keys: never recaptioned, or recaptioned by an older captioner."""
-    shards = instance.get_dynamic_partitions(laion_shards_partitions.name)
-    current = captioner_version(instance)
-    latest: dict[str, str | None] = {}
-    cursor = None
+def current_captioner_since(instance: dg.DagsterInstance) -> tuple[str, int] | None:
+    """(data version, storage id of its first materialization) of the current captioner:
+    shards recaptioned after that event used it. Walks back only over re-materializations
+    that kept the same weights."""
+    version, since, cursor = None, None, None
     while True:
-        result = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=RECAPTIONED_KEY),
-            limit=1000,
-            cursor=cursor,
-            ascending=False,
-        )
-        for record in result.records:
-            materialization = record.asset_materialization
-            if record.partition_key and record.partition_key not in latest and materialization:
-                latest[record.partition_key] = materialization.tags.get(CAPTIONER_INPUT_TAG)
-        if not result.has_more:
-            break
-        cursor = result.cursor
-    missing = [s for s in shards if s not in latest]
-    stale = [s for s in shards if s in latest and current is not None and latest[s] != current]
-    return missing, stale
+        page = instance.fetch_materializations(CAPTIONER_KEY, limit=100, cursor=cursor)
+        for record in page.records:
+            tag = record.asset_materialization.tags.get(DATA_VERSION_TAG)
+            if since is not None and tag != version:
+                return version, since
+            version, since = tag, record.storage_id
+        if not page.has_more:
+            return None if since is None else (version, since)
+        cursor = page.cursor
+
+
+def shards_in_flight(instance: dg.DagsterInstance, all_shards: list[str]) -> set[str]:
+    """Shards that a queued or running recaptioning run will write."""
+    position = {key: i for i, key in enumerate(all_shards)}
+    busy: set[str] = set()
+    for record in instance.get_run_records(
+        dg.RunsFilter(job_name=recaption_job.name, statuses=IN_FLIGHT), limit=MAX_IN_FLIGHT
+    ):
+        tags = record.dagster_run.tags
+        start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+        if start in position and end in position:
+            busy.update(all_shards[position[start] : position[end] + 1])
+        elif tags.get(PARTITION_TAG):
+            busy.add(tags[PARTITION_TAG])
+    return busy
+
+
+def shards_needing_recaption(instance: dg.DagsterInstance, all_shards: list[str]) -> list[str]:
+    """Registered shards with no recaption by the current captioner (never recaptioned, or
+    by an older one). One grouped query over the materializations since the current
+    captioner's: the work does not grow with older history."""
+    current = current_captioner_since(instance)
+    if current is None:
+        return []
+    _, since = current
+    fresh = instance.get_materialized_partitions(RECAPTIONED_KEY, after_cursor=since)
+    return [key for key in all_shards if key not in fresh]
 
 
 def ranged_run_requests(
@@ -142,12 +177,20 @@ def laion_shard_sensor(
 def recaption_backfill_schedule(context: dg.ScheduleEvaluationContext):
     if captioner_version(context.instance) is None:
         return dg.SkipReason("no captioner_checkpoint materialized yet")
-    missing, stale = shards_needing_recaption(context.instance)
-    if not missing and not stale:
-        return dg.SkipReason("every shard is recaptioned with the current captioner")
     all_shards = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
-    tags = {"recap/backfill": "missing-or-stale"}
-    return ranged_run_requests(missing + stale, all_shards, tags)
+    todo = shards_needing_recaption(context.instance, all_shards)
+    if not todo:
+        return dg.SkipReason("every shard is recaptioned with the current captioner")
+    busy = shards_in_flight(context.instance, all_shards)
+    waiting = [key for key in todo if key not in busy]
+    if not waiting:
+        return dg.SkipReason(f"all {len(todo)} shard(s) to recaption are in queued or running runs")
+    requests = ranged_run_requests(waiting, all_shards, {"recap/backfill": "missing-or-stale"})
+    context.log.info(
+        f"{len(todo)} shard(s) not recaptioned by the current captioner, {len(busy)} in "
+        f"flight; requesting {min(len(requests), MAX_RUNS_PER_TICK)} of {len(requests)} runs"
+    )
+    return requests[:MAX_RUNS_PER_TICK]
 
 
 @dg.sensor(

@@ -135,7 +135,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
             assert all(r["recap_short"] and r["recap_long"] for r in ok)
             for bad in (r for r in rows if r["status"] != "ok"):
                 assert bad["error"] and bad["recap_short"] is None
-        assert shards_needing_recaption(instance) == ([], [])
+        assert shards_needing_recaption(instance, ["00000", "00001"]) == []
 
         resolver = get_stale_status_resolver(instance, ASSETS)
         key = recaptioned_shards.key
@@ -151,7 +151,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         resolver = get_stale_status_resolver(instance, ASSETS)
         assert resolver.get_status(key, "00000") == StaleStatus.STALE
         assert resolver.get_status(key, "00001") == StaleStatus.STALE
-        assert shards_needing_recaption(instance) == ([], ["00000", "00001"])
+        assert shards_needing_recaption(instance, ["00000", "00001"]) == ["00000", "00001"]
 
         # Same weights again (same seed) -> same data version -> shards are not made stale.
         _materialize(instance, resources, ["captioner_checkpoint"], run_config=_finetune_config(1))
@@ -175,6 +175,43 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         resolver = get_stale_status_resolver(instance, ASSETS)
         assert resolver.get_status(key, "00001") == StaleStatus.FRESH
         assert isinstance(recaption_backfill_schedule(context), dg.SkipReason)
+
+
+def test_backfill_schedule_skips_shards_in_flight_and_caps_a_tick(monkeypatch) -> None:
+    import uuid
+
+    from recap_dagster import automation
+
+    keys = [f"{i:05d}" for i in range(40)]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(laion_shards_partitions.name, keys)
+        captioner = dg.AssetMaterialization(
+            captioner_checkpoint.key, tags={"dagster/data_version": "v1"}
+        )
+        instance.report_runless_asset_event(captioner)
+        for key in keys[:8]:  # recaptioned by the current captioner
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(recaptioned_shards.key, partition=key)
+            )
+        running = dg.DagsterRun(
+            job_name="recaption_shards_job",
+            run_id=str(uuid.uuid4()),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={RANGE_START_TAG: "00008", RANGE_END_TAG: "00015"},
+        )
+        instance.add_run(running)
+        context = dg.build_schedule_context(instance=instance)
+        requests = recaption_backfill_schedule(context)
+        spans = [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in requests]
+        assert spans == [("00016", "00023"), ("00024", "00031"), ("00032", "00039")]
+        monkeypatch.setattr(automation, "MAX_RUNS_PER_TICK", 2)
+        assert len(recaption_backfill_schedule(context)) == 2
+        # A new captioner: every shard needs it again, except those in flight.
+        captioner = dg.AssetMaterialization(
+            captioner_checkpoint.key, tags={"dagster/data_version": "v2"}
+        )
+        instance.report_runless_asset_event(captioner)
+        assert shards_needing_recaption(instance, keys) == keys
 
 
 def _dead_url_shard(root: Path, shard: int, undecodable: int) -> None:

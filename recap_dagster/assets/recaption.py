@@ -25,6 +25,8 @@ from recap_dagster.storage import Storage
 
 OUTPUT_DIR = "recaptioned"
 SHARDS_PER_RUN = 8
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def output_parts(shard: str) -> tuple[str, str]:
@@ -144,6 +146,11 @@ def recaptioned_shards(
 
 
 class RecaptionCheckConfig(dg.Config):
+    all_shards: bool = Field(
+        default=False,
+        description="Run on its own, check every registered shard (one read per shard: hours "
+        "at LAION scale) instead of the shards of the latest recaptioning run.",
+    )
     max_failure_fraction: float = Field(
         default=0.05,
         description="Blocking: at most this fraction of a shard's delivered images may fail to "
@@ -177,12 +184,29 @@ CHECKS = {
 }
 
 
-def _checked_shards(context: dg.AssetCheckExecutionContext, store: Storage) -> list[str]:
-    """The shards of this run, or every recaptioned shard when run on its own (e.g. in CI)."""
+def _checked_shards(
+    context: dg.AssetCheckExecutionContext, store: Storage, all_shards: bool
+) -> list[str]:
+    """The shards of this run. Run on its own (CI, the UI): the shards of the latest
+    recaptioning run, or with ``all_shards`` every registered shard that has an output."""
     if context.has_partition_key or context.has_partition_key_range:
         return list(context.partition_keys)
-    registered = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
-    return [s for s in registered if store.exists(*output_parts(s))]
+    if all_shards:
+        registered = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
+        return [s for s in registered if store.exists(*output_parts(s))]
+    latest = context.instance.get_latest_materialization_event(recaptioned_shards.key)
+    if latest is None:
+        return []
+    run = context.instance.get_run_by_id(latest.run_id)
+    start, end = (
+        (run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)) if run else (None, None)
+    )
+    if start is None or end is None:
+        return [latest.asset_materialization.partition]
+    partitions = laion_shards_partitions.get_partition_keys_in_range(
+        dg.PartitionKeyRange(start, end), dynamic_partitions_store=context.instance
+    )
+    return list(partitions)
 
 
 @dg.multi_asset_check(
@@ -200,7 +224,7 @@ def recaptioned_shards_checks(
 ) -> Iterator[dg.AssetCheckResult]:
     store = storage.get()
     counter = clip_token_counter(sources.tokenizer_path)
-    shards = _checked_shards(context, store)
+    shards = _checked_shards(context, store, config.all_shards)
     failing: dict[str, list[str]] = {name: [] for name in CHECKS}
     for shard in shards:
         if not store.exists(*output_parts(shard)):
