@@ -4,16 +4,12 @@ import json
 
 import dagster as dg
 
-from recap_dagster.assets.recaption import (
-    RANGE_END_TAG,
-    RANGE_START_TAG,
-    SHARDS_PER_RUN,
-    recaptioned_shards,
-)
+from recap_dagster.assets.recaption import recaptioned_shards
 from recap_dagster.discovery import discover_new_shards
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.pool_watchdog import GPU_POOL, sweep_pool
 from recap_dagster.resources import DataSourcesResource
+from recap_dagster.shard_groups import group_of
 
 CAPTIONER_KEY = dg.AssetKey("captioner_checkpoint")
 RECAPTIONED_KEY = dg.AssetKey("recaptioned_shards")
@@ -26,16 +22,16 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-# A tick requests at most this many runs (8 shards each): at LAION-2B's 230,000 shards a
-# single tick would otherwise submit ~29,000 runs. Later ticks take the rest; runs still
-# queued or running are not requested twice. A UI backfill submits everything at once.
+# A tick requests at most this many runs (one group of up to 100 shards each); later ticks
+# take the rest, and groups of queued or running runs are not requested twice. A backfill
+# from the UI submits everything at once.
 MAX_RUNS_PER_TICK = 500
 MAX_IN_FLIGHT = 10_000
 
 recaption_job = dg.define_asset_job(
     "recaption_shards_job",
     selection=dg.AssetSelection.assets(recaptioned_shards),
-    partitions_def=laion_shards_partitions,
+    partitions_def=shard_group_partitions,
     description="Recaption LAION shards with the current captioner checkpoint.",
     # Run retries re-run a run whose worker died (lost machine, preempted pod). Step
     # failures are left alone: transient ones were retried by the step's RetryPolicy, bad
@@ -69,100 +65,71 @@ def current_captioner_since(instance: dg.DagsterInstance) -> tuple[str, int] | N
         cursor = page.cursor
 
 
-def shards_in_flight(instance: dg.DagsterInstance, all_shards: list[str]) -> set[str]:
-    """Shards that a queued or running recaptioning run will write."""
-    position = {key: i for i, key in enumerate(all_shards)}
-    busy: set[str] = set()
-    for record in instance.get_run_records(
+def groups_in_flight(instance: dg.DagsterInstance) -> set[str]:
+    """Groups that a queued or running recaptioning run will write."""
+    records = instance.get_run_records(
         dg.RunsFilter(job_name=recaption_job.name, statuses=IN_FLIGHT), limit=MAX_IN_FLIGHT
-    ):
-        tags = record.dagster_run.tags
-        start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
-        if start in position and end in position:
-            busy.update(all_shards[position[start] : position[end] + 1])
-        elif tags.get(PARTITION_TAG):
-            busy.add(tags[PARTITION_TAG])
-    return busy
+    )
+    return {
+        r.dagster_run.tags[PARTITION_TAG] for r in records if PARTITION_TAG in r.dagster_run.tags
+    }
 
 
-def shards_needing_recaption(instance: dg.DagsterInstance, all_shards: list[str]) -> list[str]:
-    """Registered shards with no recaption by the current captioner (never recaptioned, or
-    by an older one). One grouped query over the materializations since the current
-    captioner's: the work does not grow with older history."""
+def groups_needing_recaption(instance: dg.DagsterInstance, groups: list[str]) -> list[str]:
+    """Groups with no recaption by the current captioner (never recaptioned, or by an older
+    one). One grouped query over the materializations since the current captioner's: the
+    work does not grow with older history."""
     current = current_captioner_since(instance)
     if current is None:
         return []
     _, since = current
     fresh = instance.get_materialized_partitions(RECAPTIONED_KEY, after_cursor=since)
-    return [key for key in all_shards if key not in fresh]
-
-
-def ranged_run_requests(
-    shards: list[str], all_shards: list[str], tags: dict, run_key_prefix: str | None = None
-) -> list[dg.RunRequest]:
-    """One run per group of up to SHARDS_PER_RUN consecutive shards (one model load each);
-    with ``run_key_prefix``, each run's key is the prefix plus its first and last shard."""
-    position = {key: i for i, key in enumerate(all_shards)}
-    ordered = sorted(shards, key=position.__getitem__)
-    groups: list[list[str]] = []
-    for key in ordered:
-        if (
-            groups
-            and position[key] == position[groups[-1][-1]] + 1
-            and len(groups[-1]) < SHARDS_PER_RUN
-        ):
-            groups[-1].append(key)
-        else:
-            groups.append([key])
-    return [
-        dg.RunRequest(
-            run_key=f"{run_key_prefix}{group[0]}-{group[-1]}" if run_key_prefix else None,
-            tags={**tags, RANGE_START_TAG: group[0], RANGE_END_TAG: group[-1]},
-        )
-        for group in groups
-    ]
+    return [group for group in groups if group not in fresh]
 
 
 def new_shard_run_requests(
-    instance: dg.DagsterInstance, new_keys: list[str]
-) -> list[dg.RunRequest]:
-    """Recaptioning runs for shards the sensor registers in this tick: ranges of up to
-    SHARDS_PER_RUN (one model load each). Keys appended together in sorted order are
-    consecutive partitions, so any run of them is a valid partition range; a key that was
-    registered before (elsewhere in the partition order) gets a run of its own."""
-    name = laion_shards_partitions.name
-    known = {key for key in new_keys if instance.has_dynamic_partition(name, key)}
-    fresh = [key for key in new_keys if key not in known]
-    ranged = ranged_run_requests(fresh, fresh, {"recap/sensor": "new-shards"}, "recaption-")
-    alone = [dg.RunRequest(partition_key=key, run_key=f"recaption-{key}") for key in sorted(known)]
-    return ranged + alone
+    instance: dg.DagsterInstance, new_shards: list[str]
+) -> tuple[list[str], list[dg.RunRequest]]:
+    """(groups to register, runs to request) for shards the sensor found in this tick: one
+    run per group with new shards (one model load; its shards already done are kept)."""
+    last = {group_of(shard): shard for shard in sorted(new_shards)}  # group -> its last new
+    name = shard_group_partitions.name
+    unknown = [group for group in last if not instance.has_dynamic_partition(name, group)]
+    requests = [
+        dg.RunRequest(partition_key=group, run_key=f"recaption-{group}-upto-{shard}")
+        for group, shard in last.items()
+    ]
+    return unknown, requests
 
 
 @dg.sensor(
     job=recaption_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Lists the LAION source root, adds each newly completed shard as a partition "
-    "and, once a captioner checkpoint exists, requests their recaptioning in ranged runs "
-    "(several shards per run, one model load per run).",
+    description="Lists the LAION source root, adds the group of each newly completed shard as "
+    "a partition and, once a captioner checkpoint exists, requests one recaptioning run per "
+    "group with new shards (one model load per run).",
 )
 def laion_shard_sensor(
     context: dg.SensorEvaluationContext, sources: DataSourcesResource
 ) -> dg.SensorResult:
-    new_keys, cursor = discover_new_shards(sources.shards_root, context.cursor)
-    if not new_keys:
+    new_shards, cursor = discover_new_shards(sources.shards_root, context.cursor)
+    if not new_shards:
         return dg.SensorResult(
             skip_reason=f"no new shards under {sources.shards_root}", cursor=cursor
         )
-    context.log.info(f"{len(new_keys)} new shard(s): {new_keys[:5]}...")
-    run_requests = []
-    if captioner_version(context.instance) is not None:
-        run_requests = new_shard_run_requests(context.instance, new_keys)
-    else:
+    unknown, run_requests = new_shard_run_requests(context.instance, new_shards)
+    context.log.info(
+        f"{len(new_shards)} new shard(s) {new_shards[:3]}... in {len(run_requests)} group(s)"
+    )
+    if captioner_version(context.instance) is None:
         context.log.info("no captioner_checkpoint yet: the backfill schedule will recaption later")
+        run_requests = []
     return dg.SensorResult(
         run_requests=run_requests,
-        dynamic_partitions_requests=[laion_shards_partitions.build_add_request(new_keys)],
+        dynamic_partitions_requests=[shard_group_partitions.build_add_request(unknown)]
+        if unknown
+        else [],
         cursor=cursor,
     )
 
@@ -171,26 +138,26 @@ def laion_shard_sensor(
     job=recaption_job,
     cron_schedule="0 * * * *",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Hourly backfill of every shard that is missing or was recaptioned by an older "
-    "captioner checkpoint, several shards per run.",
+    description="Hourly backfill of every shard group that is missing or was recaptioned by an "
+    "older captioner checkpoint, one run per group.",
 )
 def recaption_backfill_schedule(context: dg.ScheduleEvaluationContext):
     if captioner_version(context.instance) is None:
         return dg.SkipReason("no captioner_checkpoint materialized yet")
-    all_shards = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
-    todo = shards_needing_recaption(context.instance, all_shards)
+    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
+    todo = groups_needing_recaption(context.instance, groups)
     if not todo:
-        return dg.SkipReason("every shard is recaptioned with the current captioner")
-    busy = shards_in_flight(context.instance, all_shards)
-    waiting = [key for key in todo if key not in busy]
+        return dg.SkipReason("every shard group is recaptioned with the current captioner")
+    busy = groups_in_flight(context.instance)
+    waiting = [group for group in todo if group not in busy]
     if not waiting:
-        return dg.SkipReason(f"all {len(todo)} shard(s) to recaption are in queued or running runs")
-    requests = ranged_run_requests(waiting, all_shards, {"recap/backfill": "missing-or-stale"})
+        return dg.SkipReason(f"all {len(todo)} group(s) to recaption are in queued or running runs")
     context.log.info(
-        f"{len(todo)} shard(s) not recaptioned by the current captioner, {len(busy)} in "
-        f"flight; requesting {min(len(requests), MAX_RUNS_PER_TICK)} of {len(requests)} runs"
+        f"{len(todo)} group(s) not recaptioned by the current captioner, {len(busy)} in "
+        f"flight; requesting {min(len(waiting), MAX_RUNS_PER_TICK)} of {len(waiting)}"
     )
-    return requests[:MAX_RUNS_PER_TICK]
+    tags = {"recap/backfill": "missing-or-stale"}
+    return [dg.RunRequest(partition_key=group, tags=tags) for group in waiting[:MAX_RUNS_PER_TICK]]
 
 
 @dg.sensor(

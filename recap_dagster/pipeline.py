@@ -2,7 +2,7 @@
 
 Runs go through the local Dagster instance under ``$DAGSTER_HOME``, so everything the
 main job did is visible afterwards in ``dagster dev`` (runs, lineage, metadata, checks).
-The recaptioning backfill is split into ranged runs exactly as the backfill schedule does.
+Recaptioning runs once per shard group, as the sensor and the backfill schedule request it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from recap_dagster import settings
-from recap_dagster.automation import ranged_run_requests
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
 from recap_dagster.miniworld.base_captioner import build_base_captioner
 from recap_dagster.miniworld.generate import generate_miniworld
-from recap_dagster.partitions import CAPTION_VARIANTS, laion_shards_partitions
+from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.pool_watchdog import WORKER_TAG, this_host, watching_pool
 from recap_dagster.profiles import PROFILES
+from recap_dagster.shard_groups import groups_of
 from recap_dagster.shards import list_shards
 from recap_dagster.t2i.base import build_miniworld_base
 
@@ -44,14 +44,14 @@ class PipelineSummary:
         return "\n".join(lines)
 
 
-def register_shards(instance: dg.DagsterInstance, shards_root: str) -> list[str]:
-    """Add every complete shard under ``shards_root`` as a ``laion_shards`` partition."""
-    keys = [info.key for info in list_shards(shards_root) if info.complete]
-    known = set(instance.get_dynamic_partitions(laion_shards_partitions.name))
-    new = [k for k in keys if k not in known]
+def register_shard_groups(instance: dg.DagsterInstance, shards_root: str) -> list[str]:
+    """Add the group of every complete shard under ``shards_root`` as a partition."""
+    groups = groups_of(info.key for info in list_shards(shards_root) if info.complete)
+    known = set(instance.get_dynamic_partitions(shard_group_partitions.name))
+    new = [group for group in groups if group not in known]
     if new:
-        instance.add_dynamic_partitions(laion_shards_partitions.name, new)
-    return keys
+        instance.add_dynamic_partitions(shard_group_partitions.name, new)
+    return groups
 
 
 def _say(line: str) -> None:
@@ -106,8 +106,8 @@ def run_pipeline(profile_name: str = "default", seed: int = 0) -> PipelineSummar
     summary.add("base text-to-image (cached)", time.perf_counter() - start, base_t2i)
 
     instance = dg.DagsterInstance.get()
-    keys = register_shards(instance, resources["sources"].shards_root)
-    summary.add("laion_shards partitions", 0.0, f"{len(keys)} shards, instance {home}")
+    groups = register_shard_groups(instance, resources["sources"].shards_root)
+    summary.add("laion_shard_groups", 0.0, f"{len(groups)} partition(s), instance {home}")
 
     start = time.perf_counter()
     result = _materialize(
@@ -119,17 +119,16 @@ def run_pipeline(profile_name: str = "default", seed: int = 0) -> PipelineSummar
     if not summary.succeeded:
         return summary
 
-    for request in ranged_run_requests(keys, keys, {"recap/backfill": "main-job"}):
+    for group in groups:  # one run per group of shards: one model load each
         start = time.perf_counter()
         result = _materialize(
             instance,
             ["recaptioned_shards"],
+            partition_key=group,
             run_config=profile.recaption_run_config(),
-            tags=request.tags,
+            tags={"recap/backfill": "main-job"},
         )
-        span = f"{request.tags['dagster/asset_partition_range_start']}.."
-        span += request.tags["dagster/asset_partition_range_end"]
-        _report(summary, f"recaptioned_shards {span}", start, result)
+        _report(summary, f"recaptioned_shards {group}", start, result)
     if not summary.succeeded:
         return summary
 

@@ -399,8 +399,11 @@ def _after(key: str, after: str) -> bool:
     return key > after
 
 
-def _list_s3_names(fs: fsspec.AbstractFileSystem, root: str, after: str | None) -> list[str]:
-    """Object names directly under ``root``, starting after shard ``after`` (server-side)."""
+def _list_s3_names(
+    fs: fsspec.AbstractFileSystem, root: str, after: str | None, until: str | None = None
+) -> list[str]:
+    """Object names directly under ``root``, starting after shard ``after`` (server-side)
+    and, with ``until``, stopping at the first page past shard ``until``."""
     bucket, _, prefix = root.partition("/")
     prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     kwargs: dict[str, Any] = {
@@ -417,7 +420,7 @@ def _list_s3_names(fs: fsspec.AbstractFileSystem, root: str, after: str | None) 
     while True:
         response = fs.call_s3("list_objects_v2", **kwargs)
         names.extend(obj["Key"][len(prefix) :] for obj in response.get("Contents", []))
-        if not response.get("IsTruncated"):
+        if not response.get("IsTruncated") or (until is not None and names[-1] > f"{until}~"):
             return names
         kwargs["ContinuationToken"] = response["NextContinuationToken"]
 
@@ -430,7 +433,9 @@ def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, s3fs.S3FileSystem)
 
 
-def _list_names(fs: fsspec.AbstractFileSystem, root: str, after: str | None) -> list[str]:
+def _list_names(
+    fs: fsspec.AbstractFileSystem, root: str, after: str | None, until: str | None = None
+) -> list[str]:
     if is_local(fs):
         try:
             with os.scandir(root) as entries:
@@ -438,28 +443,33 @@ def _list_names(fs: fsspec.AbstractFileSystem, root: str, after: str | None) -> 
         except FileNotFoundError:
             return []
     if _is_s3(fs):
-        return _list_s3_names(fs, root, after)
+        return _list_s3_names(fs, root, after, until)
     try:
         return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return []
 
 
-def list_shards(root_url: str, after: str | None = None) -> list[ShardInfo]:
-    """Shards under ``root_url`` sorted by key; only keys after ``after`` when given.
+def list_shards(
+    root_url: str, after: str | None = None, until: str | None = None
+) -> list[ShardInfo]:
+    """Shards under ``root_url`` sorted by key; only keys after ``after`` and up to ``until``
+    (inclusive) when given.
 
     A key with a ``.tar`` is webdataset, with only a ``.parquet`` it is the parquet format.
     On S3 the listing starts server-side after ``after`` (ListObjectsV2 ``StartAfter``).
     """
     fs, root = filesystem(root_url)
     found: dict[str, set[str]] = {}
-    for name in _list_names(fs, root.rstrip("/"), after):
+    for name in _list_names(fs, root.rstrip("/"), after, until):
         match = _SHARD_FILE.match(name)
         if match:
             found.setdefault(match.group(1), set()).add(match.group(2))
     infos = []
     for key, suffixes in found.items():
-        if after is not None and not _after(key, after):
+        if (after is not None and not _after(key, after)) or (
+            until is not None and _after(key, until)
+        ):
             continue
         if ".tar" in suffixes:
             fmt = FORMAT_WEBDATASET

@@ -400,10 +400,10 @@ def test_queued_run_is_launched_as_a_kubernetes_job(
         from recap_dagster.definitions_k8s import defs
 
         job_def = defs.resolve_job_def("recaption_shards_job")
-        instance.add_dynamic_partitions("laion_shards", ["00000"])
+        instance.add_dynamic_partitions("laion_shard_groups", ["00000-00099"])
         run = instance.create_run_for_job(
             job_def,
-            tags={**job_def.tags, "dagster/partition": "00000"},
+            tags={**job_def.tags, "dagster/partition": "00000-00099"},
             remote_job_origin=remote_job.get_remote_origin(),
             job_code_origin=remote_job.get_python_origin(),
         )

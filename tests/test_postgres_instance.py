@@ -20,7 +20,7 @@ import yaml
 from pg_server import PostgresServer, postgres_server  # noqa: F401  (fixture)
 
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.resources import DataSourcesResource, StorageResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_runs_events_partitions_and_schedules_land_in_postgres(
     run_id = result.run_id
 
     # 2. Shards registered as dynamic partitions (what laion_shard_sensor does).
-    instance.add_dynamic_partitions(laion_shards_partitions.name, ["00000", "00001"])
+    instance.add_dynamic_partitions(shard_group_partitions.name, ["00000-00099", "00100-00199"])
 
     # 3. The code location's real schedule and sensor, started on this instance.
     from dagster._core.test_utils import in_process_test_workspace
@@ -118,7 +118,7 @@ def test_runs_events_partitions_and_schedules_land_in_postgres(
 
     # Read back through Dagster ...
     assert instance.get_run_by_id(run_id).is_success
-    assert instance.get_dynamic_partitions("laion_shards") == ["00000", "00001"]
+    assert instance.get_dynamic_partitions("laion_shard_groups") == ["00000-00099", "00100-00199"]
     state = instance.get_instigator_state(schedule_origin_id, schedule.selector_id)
     assert state is not None and state.is_running
 
@@ -146,8 +146,8 @@ def test_runs_events_partitions_and_schedules_land_in_postgres(
         url,
         "SELECT partition FROM dynamic_partitions WHERE partitions_def_name = %s "
         "ORDER BY partition",
-        "laion_shards",
-    ) == [("00000",), ("00001",)]
+        "laion_shard_groups",
+    ) == [("00000-00099",), ("00100-00199",)]
     instigators = dict(_rows(url, "SELECT selector_id, instigator_type FROM instigators"))
     assert instigators == {schedule.selector_id: "SCHEDULE", sensor.selector_id: "SENSOR"}
     jobs = dict(_rows(url, "SELECT job_origin_id, status FROM jobs"))

@@ -20,15 +20,13 @@ from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.automation import (
-    RANGE_END_TAG,
-    RANGE_START_TAG,
+    groups_needing_recaption,
     laion_shard_sensor,
     recaption_backfill_schedule,
-    shards_needing_recaption,
 )
 from recap_dagster.captioner import build_tiny_captioner
 from recap_dagster.miniworld.captions import vocabulary_texts
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
     ComputeResource,
@@ -45,6 +43,7 @@ def _jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+GROUP = "00000-00099"  # the shard group of every test shard here
 ASSETS = [laion_shards, human_captions, captioner_checkpoint, recaptioned_shards]
 CHECKS = [*human_captions_checks, recaptioned_shards_checks]
 
@@ -98,7 +97,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
     resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage")
     storage = resources["storage"].get()
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(laion_shards_partitions.name, ["00000", "00001"])
+        instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
         result = _materialize(
             instance,
             resources,
@@ -113,13 +112,13 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         assert storage.dir_complete("checkpoints", "captioner")
         first_version = metadata["version"].value
 
-        # A two-shard range in one run: one model load, one parquet per shard, checks pass.
+        # A group of two shards in one run: one model load, one parquet per shard.
         result = _materialize(
             instance,
             resources,
             dg.AssetSelection.assets(recaptioned_shards),
             run_config=RECAPTION_CONFIG,
-            tags={RANGE_START_TAG: "00000", RANGE_END_TAG: "00001"},
+            partition_key=GROUP,
         )
         assert result.success
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -135,11 +134,11 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
             assert all(r["recap_short"] and r["recap_long"] for r in ok)
             for bad in (r for r in rows if r["status"] != "ok"):
                 assert bad["error"] and bad["recap_short"] is None
-        assert shards_needing_recaption(instance, ["00000", "00001"]) == []
+        assert groups_needing_recaption(instance, [GROUP]) == []
 
         resolver = get_stale_status_resolver(instance, ASSETS)
         key = recaptioned_shards.key
-        assert resolver.get_status(key, "00000") == StaleStatus.FRESH
+        assert resolver.get_status(key, GROUP) == StaleStatus.FRESH
 
         # New weights -> every recaptioned shard is stale, through the instance.
         result = _materialize(
@@ -149,69 +148,65 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         second = result.asset_materializations_for_node("captioner_checkpoint")[0].metadata
         assert second["version"].value != first_version
         resolver = get_stale_status_resolver(instance, ASSETS)
-        assert resolver.get_status(key, "00000") == StaleStatus.STALE
-        assert resolver.get_status(key, "00001") == StaleStatus.STALE
-        assert shards_needing_recaption(instance, ["00000", "00001"]) == ["00000", "00001"]
+        assert resolver.get_status(key, GROUP) == StaleStatus.STALE
+        assert groups_needing_recaption(instance, [GROUP]) == [GROUP]
 
         # Same weights again (same seed) -> same data version -> shards are not made stale.
         _materialize(instance, resources, ["captioner_checkpoint"], run_config=_finetune_config(1))
         third = instance.get_latest_materialization_event(captioner_checkpoint.key)
         assert third.asset_materialization.tags["dagster/data_version"] == second["version"].value
 
-        # The schedule backfills both stale shards in one ranged run.
+        # The schedule backfills the stale group (both shards) in one run.
         context = dg.build_schedule_context(instance=instance)
         requests = recaption_backfill_schedule(context)
-        assert [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in requests] == [
-            ("00000", "00001")
-        ]
+        assert [r.partition_key for r in requests] == [GROUP]
         result = _materialize(
             instance,
             resources,
             dg.AssetSelection.assets(recaptioned_shards),
             run_config=RECAPTION_CONFIG,
-            tags=requests[0].tags,
+            partition_key=requests[0].partition_key,
         )
         assert result.success
         resolver = get_stale_status_resolver(instance, ASSETS)
-        assert resolver.get_status(key, "00001") == StaleStatus.FRESH
+        assert resolver.get_status(key, GROUP) == StaleStatus.FRESH
         assert isinstance(recaption_backfill_schedule(context), dg.SkipReason)
 
 
-def test_backfill_schedule_skips_shards_in_flight_and_caps_a_tick(monkeypatch) -> None:
+def test_backfill_schedule_skips_groups_in_flight_and_caps_a_tick(monkeypatch) -> None:
     import uuid
 
     from recap_dagster import automation
 
-    keys = [f"{i:05d}" for i in range(40)]
+    groups = [f"{i * 100:05d}-{i * 100 + 99:05d}" for i in range(40)]
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(laion_shards_partitions.name, keys)
+        instance.add_dynamic_partitions(shard_group_partitions.name, groups)
         captioner = dg.AssetMaterialization(
             captioner_checkpoint.key, tags={"dagster/data_version": "v1"}
         )
         instance.report_runless_asset_event(captioner)
-        for key in keys[:8]:  # recaptioned by the current captioner
+        for group in groups[:8]:  # recaptioned by the current captioner
             instance.report_runless_asset_event(
-                dg.AssetMaterialization(recaptioned_shards.key, partition=key)
+                dg.AssetMaterialization(recaptioned_shards.key, partition=group)
             )
         running = dg.DagsterRun(
             job_name="recaption_shards_job",
             run_id=str(uuid.uuid4()),
             status=dg.DagsterRunStatus.STARTED,
-            tags={RANGE_START_TAG: "00008", RANGE_END_TAG: "00015"},
+            tags={"dagster/partition": groups[8]},
         )
         instance.add_run(running)
         context = dg.build_schedule_context(instance=instance)
         requests = recaption_backfill_schedule(context)
-        spans = [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in requests]
-        assert spans == [("00016", "00023"), ("00024", "00031"), ("00032", "00039")]
+        assert [r.partition_key for r in requests] == groups[9:]
         monkeypatch.setattr(automation, "MAX_RUNS_PER_TICK", 2)
-        assert len(recaption_backfill_schedule(context)) == 2
-        # A new captioner: every shard needs it again, except those in flight.
+        assert [r.partition_key for r in recaption_backfill_schedule(context)] == groups[9:11]
+        # A new captioner: every group needs it again.
         captioner = dg.AssetMaterialization(
             captioner_checkpoint.key, tags={"dagster/data_version": "v2"}
         )
         instance.report_runless_asset_event(captioner)
-        assert shards_needing_recaption(instance, keys) == keys
+        assert groups_needing_recaption(instance, groups) == groups
 
 
 def _dead_url_shard(root: Path, shard: int, undecodable: int) -> None:
@@ -250,13 +245,13 @@ def test_dead_urls_are_counted_apart_from_decoding_failures(
     with resources["storage"].get().atomic_dir(*CHECKPOINT_PARTS) as staging:
         shutil.copytree(base_captioner, staging, dirs_exist_ok=True)  # a captioner checkpoint
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(laion_shards_partitions.name, ["00000"])
+        instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
         result = _materialize(
             instance,
             resources,
             dg.AssetSelection.assets(recaptioned_shards),
             run_config=RECAPTION_CONFIG,
-            partition_key="00000",
+            partition_key=GROUP,
             raise_on_error=False,
         )
     metadata = result.asset_materializations_for_node("recaptioned_shards")[0].metadata
@@ -288,10 +283,7 @@ def test_sensor_requests_recaptioning_of_new_shards(miniworld_paths, tmp_path: P
         context = dg.build_sensor_context(instance=instance, resources={"sources": sources})
         before = laion_shard_sensor(context)
         assert before.run_requests == []  # no captioner yet: partitions only
-        assert [k for r in before.dynamic_partitions_requests for k in r.partition_keys] == [
-            "00000",
-            "00001",
-        ]
+        assert [k for r in before.dynamic_partitions_requests for k in r.partition_keys] == [GROUP]
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
                 asset_key=captioner_checkpoint.key, tags={"dagster/data_version": "v1"}
@@ -299,10 +291,10 @@ def test_sensor_requests_recaptioning_of_new_shards(miniworld_paths, tmp_path: P
         )
         fresh = dg.build_sensor_context(instance=instance, resources={"sources": sources})
         after = laion_shard_sensor(fresh)
-        # One ranged run for both new shards: one model load.
+        # One run for the group of both new shards: one model load.
         [request] = after.run_requests
-        assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("00000", "00001")
-        assert request.run_key == "recaption-00000-00001"
+        assert request.partition_key == GROUP
+        assert request.run_key == f"recaption-{GROUP}-upto-00001"
 
 
 def test_missing_base_captioner_is_a_clear_error(miniworld_paths, tmp_path: Path) -> None:
@@ -340,7 +332,7 @@ def _kill_test_setup(root: Path, base_captioner: str) -> None:
 
 
 def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult:
-    """One ranged run over every shard (the subprocess entry point runs this too)."""
+    """One run over the group of every shard (the subprocess entry point runs this too)."""
     resources = {
         "sources": DataSourcesResource.for_miniworld(miniworld_root, str(root / "laion")),
         "storage": StorageResource(root=str(root / "storage")),
@@ -348,15 +340,14 @@ def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult
         "compute": ComputeResource(),
     }
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(laion_shards_partitions.name, KILL_SHARDS)
-        tags = {RANGE_START_TAG: KILL_SHARDS[0], RANGE_END_TAG: KILL_SHARDS[-1]}
+        instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
         return dg.materialize(
             [*ASSETS, *CHECKS],
             selection=dg.AssetSelection.assets(recaptioned_shards),
             instance=instance,
             resources=resources,
             run_config=RECAPTION_CONFIG,
-            tags=tags,
+            partition_key=GROUP,
         )
 
 
@@ -368,7 +359,7 @@ def _outputs(root: Path) -> dict[str, list[dict]]:
 def test_killed_recaptioning_run_resumes_to_the_same_output(
     miniworld_paths, base_captioner, tmp_path: Path
 ) -> None:
-    """SIGKILL a ranged run once its first shard is written; no partial file is ever
+    """SIGKILL a group's run once its first shard is written; no partial file is ever
     visible under a shard's name; run again: it keeps the finished shards, writes the rest,
     and the output equals an uninterrupted run's."""
     import signal

@@ -12,7 +12,7 @@ from PIL import Image
 from recap_dagster.automation import laion_shard_sensor
 from recap_dagster.discovery import DiscoveryCursor, discover_new_shards
 from recap_dagster.fs import filesystem, join
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.resources import DataSourcesResource
 from recap_dagster.shards import ShardRecord, write_shard
 
@@ -67,7 +67,7 @@ def _exercise_sensor(root: str) -> None:
         handle.write(b"")
     with dg.instance_for_test() as instance:
         first = _tick(instance, root, None)
-        assert _added(first) == ["00000", "00001", "00002"]
+        assert _added(first) == ["00000-00099"]  # one group holds the three shards
         assert DiscoveryCursor.loads(first.cursor).pending == ["00003"]
 
         second = _tick(instance, root, first.cursor)
@@ -76,15 +76,16 @@ def _exercise_sensor(root: str) -> None:
         _write(root, 3)  # the pending shard completes
         _write(root, 4)
         third = _tick(instance, root, second.cursor)
-        assert _added(third) == ["00003", "00004"]
-        assert instance.get_dynamic_partitions(laion_shards_partitions.name) == [
-            "00000",
-            "00001",
-            "00002",
-            "00003",
-            "00004",
+        assert _added(third) == []  # their group is registered already
+        assert [r.run_key for r in third.run_requests] == []  # no captioner yet
+        _write(root, 100)  # the first shard of the next group
+        fourth = _tick(instance, root, third.cursor)
+        assert _added(fourth) == ["00100-00199"]
+        assert instance.get_dynamic_partitions(shard_group_partitions.name) == [
+            "00000-00099",
+            "00100-00199",
         ]
-        assert DiscoveryCursor.loads(third.cursor) == DiscoveryCursor(after="00004", pending=[])
+        assert DiscoveryCursor.loads(fourth.cursor) == DiscoveryCursor(after="00100", pending=[])
 
 
 def test_sensor_local(tmp_path: Path) -> None:

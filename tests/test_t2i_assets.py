@@ -15,7 +15,7 @@ from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoint
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.scenes import Scene
-from recap_dagster.partitions import CAPTION_VARIANTS, laion_shards_partitions
+from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
     ComputeResource,
@@ -23,6 +23,7 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
+from recap_dagster.shard_groups import groups_of
 from recap_dagster.shards import iter_shard, list_shards
 from recap_dagster.storage import Storage
 from recap_dagster.t2i.base import build_miniworld_base
@@ -84,7 +85,7 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
     storage = resources["storage"].get()
     shards = _write_recaptions(storage, str(miniworld_paths.corpus))
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(laion_shards_partitions.name, shards)
+        instance.add_dynamic_partitions(shard_group_partitions.name, groups_of(shards))
         for variant in CAPTION_VARIANTS:
             result = dg.materialize(
                 [*ASSETS, *ASSET_CHECKS],

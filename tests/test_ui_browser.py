@@ -1,7 +1,7 @@
 """The Dagster UI in a real browser: headless Chromium against ``dagster-webserver``.
 
 A temporary instance (the project's dagster.yaml) gets real materializations of
-human_captions (+ its checks), captioner_checkpoint and two recaptioned_shards partitions
+human_captions (+ its checks), captioner_checkpoint and recaptioned_shards (one shard group)
 at tiny sizes; the webserver serves it from ``workspace.yaml`` on loopback, and Playwright
 drives Debian's Chromium through the pages a person would open. Screenshots land in
 ``test-artifacts/ui/``. Without a browser these tests fail; they never skip.
@@ -19,11 +19,10 @@ import dagster as dg
 import pytest
 from browser import REPO, chromium_page, dagster_webserver, screenshot
 
-from recap_dagster.automation import RANGE_END_TAG, RANGE_START_TAG
 from recap_dagster.captioner import build_tiny_captioner
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.captions import vocabulary_texts
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -43,6 +42,7 @@ ASSET_NAMES = [
     "recap_report",
 ]
 SHARDS = ["00000", "00001"]
+GROUP = "00000-00099"  # the one partition (shard group) that holds both shards
 HUMAN_CAPTIONS = dg.AssetKey("human_captions")
 # The UI loads the code location in a code server after the webserver answers.
 LOAD_TIMEOUT_MS = 90_000
@@ -87,7 +87,7 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(home))  # the project's dagster.yaml reads it
         with dg.DagsterInstance.get() as instance:
-            instance.add_dynamic_partitions(laion_shards_partitions.name, SHARDS)
+            instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
             result = dg.materialize(
                 defs,
                 selection=["human_captions", "captioner_checkpoint"],
@@ -102,7 +102,7 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
                 instance=instance,
                 resources=resources,
                 run_config={"ops": {"recaptioned_shards": {"config": recaption}}},
-                tags={RANGE_START_TAG: SHARDS[0], RANGE_END_TAG: SHARDS[-1]},
+                partition_key=GROUP,
             )
             assert result.success
             sample = _latest_metadata(instance, "human_captions")["sample"].value
@@ -184,16 +184,18 @@ def test_catalog_and_graph_list_every_asset(browser) -> None:
 def test_partitioned_asset_shows_its_shards(browser, materialized: Materialized) -> None:
     url, page = browser
     page.goto(f"{url}/assets/recaptioned_shards?view=partitions")
-    for shard in SHARDS:
-        page.locator("span", has_text=shard).first.wait_for(timeout=LOAD_TIMEOUT_MS)
-    page.get_by_text("Materialized (2)").wait_for()
+    page.locator("span", has_text=GROUP).first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    page.get_by_text("Materialized (1)").wait_for()
     screenshot(page, "03_recaptioned_shards_partitions")
 
-    page.locator("span", has_text=SHARDS[1]).first.click()
-    page.wait_for_url(re.compile(rf"partition={SHARDS[1]}"))
+    page.locator("span", has_text=GROUP).first.click()
+    page.wait_for_url(re.compile(rf"partition={GROUP}"))
     version = _metadata_row(page, "captioner_version")
     version.get_by_text(materialized.captioner_version, exact=True).wait_for()
-    screenshot(page, f"04_recaptioned_shards_partition_{SHARDS[1]}")
+    per_shard = _metadata_row(page, "per_shard")  # each shard of the group, with its counts
+    for shard in SHARDS:
+        per_shard.get_by_text(shard, exact=True).first.wait_for()
+    screenshot(page, f"04_recaptioned_shards_partition_{GROUP}")
 
 
 def test_table_metadata_is_visible(browser, materialized: Materialized) -> None:

@@ -1,17 +1,18 @@
-"""``laion_shards``: the raw corpus, one dynamic partition per img2dataset shard."""
+"""``laion_shards``: the raw corpus, one dynamic partition per group of img2dataset shards."""
 
 import dagster as dg
 
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 
 laion_shards = dg.AssetSpec(
     key="laion_shards",
-    partitions_def=laion_shards_partitions,
+    partitions_def=shard_group_partitions,
     group_name="corpus",
     kinds={"webdataset"},
     description=(
         "LAION-style image/alt-text shards as img2dataset writes them (NNNNN.tar with "
         "key.jpg/.txt/.json, NNNNN.parquet, NNNNN_stats.json) under the configured source "
-        "root. Partitions are added by the laion_shard_sensor as shards appear."
+        "root. A partition is a group of up to 100 consecutive shards (00100-00199); the "
+        "laion_shard_sensor adds them as shards appear."
     ),
 )

@@ -15,18 +15,16 @@ from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.metadata import column_schema, sample_table
 from recap_dagster.captioner import Captioner
 from recap_dagster.human_captions import clip_token_counter
-from recap_dagster.partitions import laion_shards_partitions
+from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.plots import markdown_table
 from recap_dagster.pool_watchdog import GPU_POOL
 from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
+from recap_dagster.shard_groups import group_shards, shards_of_groups
 from recap_dagster.shards import count_rows
 from recap_dagster.storage import Storage
 
 OUTPUT_DIR = "recaptioned"
-SHARDS_PER_RUN = 8
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def output_parts(shard: str) -> tuple[str, str]:
@@ -50,15 +48,17 @@ class RecaptionConfig(dg.Config):
 
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
-    partitions_def=laion_shards_partitions,
+    partitions_def=shard_group_partitions,
     deps=[laion_shards, captioner_checkpoint],
     pool=GPU_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=SHARDS_PER_RUN),
+    # A partition is a group of up to 100 shards: one run, one model load per group.
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name="recaption",
     kinds={"pytorch", "parquet"},
     tags={"recap/gpu": "1"},
     description="One parquet file per LAION shard with RECAP short and long captions beside "
-    "the alt text. Backfills run several shards per run and load the captioner once per run.",
+    "the alt text. A partition is a group of up to 100 shards, recaptioned in one run with "
+    "one model load; shards already written by this captioner are kept.",
 )
 @retry_only_transient
 def recaptioned_shards(
@@ -75,7 +75,7 @@ def recaptioned_shards(
         num_beams=config.num_beams,
         num_workers=config.num_workers,
     )
-    shards = list(context.partition_keys)
+    shards = shards_of_groups(sources.shards_root, context.partition_keys)
     total = core.RecaptionStats()
     captioned = core.RecaptionStats()  # the shards this run captioned (not kept ones)
     per_shard = []
@@ -86,7 +86,10 @@ def recaptioned_shards(
         captioner = Captioner.from_pretrained(
             checkpoint, device=compute.torch_device(), dtype=compute.torch_dtype()
         )
-        context.log.info(f"captioner {version} loaded once for {len(shards)} shard(s)")
+        context.log.info(
+            f"captioner {version} loaded once for {len(shards)} shard(s) of "
+            f"{', '.join(context.partition_keys)}"
+        )
         for shard in shards:
             uri = store.uri(*output_parts(shard))
             stats = None
@@ -148,8 +151,8 @@ def recaptioned_shards(
 class RecaptionCheckConfig(dg.Config):
     all_shards: bool = Field(
         default=False,
-        description="Run on its own, check every registered shard (one read per shard: hours "
-        "at LAION scale) instead of the shards of the latest recaptioning run.",
+        description="Run on its own, check every recaptioned shard (one read per shard: hours "
+        "at LAION scale) instead of the shards of the latest recaptioned group.",
     )
     max_failure_fraction: float = Field(
         default=0.05,
@@ -185,28 +188,20 @@ CHECKS = {
 
 
 def _checked_shards(
-    context: dg.AssetCheckExecutionContext, store: Storage, all_shards: bool
+    context: dg.AssetCheckExecutionContext, root_url: str, store: Storage, all_shards: bool
 ) -> list[str]:
-    """The shards of this run. Run on its own (CI, the UI): the shards of the latest
-    recaptioning run, or with ``all_shards`` every registered shard that has an output."""
+    """The shards of this run's groups. Run on its own (CI, the UI): the shards of the
+    latest recaptioned group, or with ``all_shards`` every shard with an output."""
     if context.has_partition_key or context.has_partition_key_range:
-        return list(context.partition_keys)
+        return shards_of_groups(root_url, context.partition_keys)
+    instance = context.instance
     if all_shards:
-        registered = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
-        return [s for s in registered if store.exists(*output_parts(s))]
-    latest = context.instance.get_latest_materialization_event(recaptioned_shards.key)
-    if latest is None:
+        groups = instance.get_dynamic_partitions(shard_group_partitions.name)
+        return [s for s in shards_of_groups(root_url, groups) if store.exists(*output_parts(s))]
+    latest = instance.get_latest_materialization_event(recaptioned_shards.key)
+    if latest is None or latest.asset_materialization is None:
         return []
-    run = context.instance.get_run_by_id(latest.run_id)
-    start, end = (
-        (run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)) if run else (None, None)
-    )
-    if start is None or end is None:
-        return [latest.asset_materialization.partition]
-    partitions = laion_shards_partitions.get_partition_keys_in_range(
-        dg.PartitionKeyRange(start, end), dynamic_partitions_store=context.instance
-    )
-    return list(partitions)
+    return group_shards(root_url, latest.asset_materialization.partition)
 
 
 @dg.multi_asset_check(
@@ -224,7 +219,7 @@ def recaptioned_shards_checks(
 ) -> Iterator[dg.AssetCheckResult]:
     store = storage.get()
     counter = clip_token_counter(sources.tokenizer_path)
-    shards = _checked_shards(context, store, config.all_shards)
+    shards = _checked_shards(context, sources.shards_root, store, config.all_shards)
     failing: dict[str, list[str]] = {name: [] for name in CHECKS}
     for shard in shards:
         if not store.exists(*output_parts(shard)):

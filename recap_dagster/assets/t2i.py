@@ -15,7 +15,7 @@ from recap_dagster.assets.recaption import recaptioned_shards
 from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.metrics import evaluate_generations
 from recap_dagster.miniworld.generate import read_eval_prompts
-from recap_dagster.partitions import caption_variants_partitions, laion_shards_partitions
+from recap_dagster.partitions import caption_variants_partitions, shard_group_partitions
 from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.pool_watchdog import GPU_POOL
 from recap_dagster.resources import (
@@ -25,6 +25,7 @@ from recap_dagster.resources import (
     StorageResource,
 )
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
+from recap_dagster.shard_groups import shards_of_groups
 from recap_dagster.shards import iter_shard
 from recap_dagster.storage import Storage
 from recap_dagster.t2i.model import load_pipeline, save_pipeline
@@ -136,9 +137,10 @@ def sd_checkpoints(
 ) -> dg.MaterializeResult:
     variant = context.partition_key
     store = storage.get()
+    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
     shards = [
         s
-        for s in context.instance.get_dynamic_partitions(laion_shards_partitions.name)
+        for s in shards_of_groups(sources.shards_root, groups)
         if store.exists(RECAPTIONED_DIR, f"{s}.parquet")
     ]
     if not shards:
@@ -272,7 +274,8 @@ def metric_reports(
         snapshots = snapshots[-1:]
     truths = [t for t in _eval_prompts(sources) for _ in range(config.seeds_per_prompt)]
     seeds = [i % config.seeds_per_prompt for i in range(len(truths))]
-    shards = context.instance.get_dynamic_partitions(laion_shards_partitions.name)
+    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
+    shards = shards_of_groups(sources.shards_root, groups)
     reference = _reference_images(sources.shards_root, shards, config.reference_images)
     device = compute.torch_device()
     curve, final_report, final_images = [], None, []
