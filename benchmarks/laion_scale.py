@@ -70,7 +70,9 @@ def write_source_root(root: Path, keys: list[str]) -> None:
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
+    seconds = time.perf_counter() - start
+    print(f"  {getattr(fn, '__name__', fn)}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return seconds, result
 
 
 def old_schedule_scan(instance: dg.DagsterInstance) -> int:
@@ -110,8 +112,8 @@ def instance_for(storage: str, home: Path, server):
         yield instance
 
 
-def sensor_tick(instance: dg.DagsterInstance, source: str, after: str, job) -> float:
-    """Evaluate the sensor, then do what the daemon does with its result."""
+def sensor_tick(instance: dg.DagsterInstance, source: str, after: str, job) -> dict:
+    """Evaluate the sensor, then do what the daemon does with its result; seconds."""
     start = time.perf_counter()
     context = dg.build_sensor_context(
         instance=instance,
@@ -121,11 +123,18 @@ def sensor_tick(instance: dg.DagsterInstance, source: str, after: str, job) -> f
     result = laion_shard_sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    evaluated = time.perf_counter()
     for request in result.run_requests:
         instance.create_run_for_job(
             job, tags={**request.tags, "dagster/partition": request.partition_key}
         )
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return {
+        "sensor_tick_s": round(end - start, 2),
+        "sensor_eval_s": round(evaluated - start, 2),
+        "sensor_runs": len(result.run_requests),
+        "s_per_run_created": round((end - evaluated) / max(1, len(result.run_requests)), 2),
+    }
 
 
 def sources(work: Path) -> DataSourcesResource:
@@ -164,7 +173,7 @@ def measure(storage: str, size: int, history: int, work: Path, server, ui: bool)
         from recap_dagster.definitions import defs
 
         job = defs.resolve_job_def("recaption_shards_job")
-        row["sensor_tick_s"] = round(sensor_tick(instance, str(source), registered[-1], job), 2)
+        row.update(sensor_tick(instance, str(source), registered[-1], job))
 
         # The schedule with H materializations since the current captioner, then with 2H
         # older ones before it as well: its work must stay flat; the old scan must not.
@@ -187,11 +196,11 @@ def measure(storage: str, size: int, history: int, work: Path, server, ui: bool)
         row["checks_s"] = round(seconds, 2)
         row["checks_ran"] = sum(o.status != "skipped: not materialized" for o in report.outcomes)
         if ui:
-            row.update(measure_ui(work, source))
+            row.update(measure_ui(work, source, f"{storage}_{size}"))
     return row
 
 
-def measure_ui(work: Path, source: Path) -> dict:
+def measure_ui(work: Path, source: Path, label: str) -> dict:
     from browser import chromium_page, dagster_webserver
 
     figures: dict = {}
@@ -226,9 +235,9 @@ def measure_ui(work: Path, source: Path) -> dict:
             page.goto(f"{url}/assets/recaptioned_shards?view=partitions")
             page.get_by_text("000000-000099", exact=True).first.wait_for()
             figures["partitions_page_s"] = round(time.perf_counter() - start, 1)
-            page.screenshot(
-                path=str(ROOT / "test-artifacts" / f"partitions_{len(source.name)}.png")
-            )
+            shots = ROOT / "test-artifacts"
+            shots.mkdir(exist_ok=True)
+            page.screenshot(path=str(shots / f"partitions_{label}.png"))
     return figures
 
 
@@ -236,7 +245,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[250_000, 600_000])
     parser.add_argument("--storages", nargs="+", default=["sqlite", "postgres"])
-    parser.add_argument("--history", type=int, default=20_000)
+    parser.add_argument(
+        "--history", type=int, default=1_000, help="H (SQLite stores ~25 events/s: keep it small)"
+    )
     parser.add_argument("--ui", action="store_true")
     args = parser.parse_args()
     server = None

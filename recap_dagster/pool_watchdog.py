@@ -192,6 +192,7 @@ def sweep_pool(
         )
 
     held = "; ".join(h.describe(now) for h in sweep.holders) or "no run (a slot frees up now)"
+    holders_key = ",".join(sorted(h.run_id for h in sweep.holders))
     for pending in info.pending_steps:
         if pending.assigned_timestamp is not None:
             continue  # it holds its slot: a holder, not a waiter
@@ -199,10 +200,9 @@ def sweep_pool(
         sweep.waiting.append((pending.run_id, pending.step_key, since))
         if told is None:
             continue
-        key = ",".join(sorted(h.run_id for h in sweep.holders))
-        if told.get(pending.run_id) == key:
+        if told.get(pending.run_id) == holders_key:
             continue
-        told[pending.run_id] = key
+        told[pending.run_id] = holders_key
         waiter = instance.get_run_by_id(pending.run_id)
         if waiter is not None and waiter.status in IN_PROGRESS:
             instance.report_engine_event(

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import operator
 import os
 import re
 import shutil
@@ -399,6 +400,19 @@ def _after(key: str, after: str) -> bool:
     return key > after
 
 
+def _surely_outside(name: str, after: str | None, until: str | None) -> bool:
+    """Whether ``name`` is a file of a shard outside (after, until], by a string comparison
+    of same-width keys; a name it cannot judge is kept for the exact check."""
+    for bound, outside in ((after, operator.le), (until, operator.gt)):
+        if bound is None:
+            continue
+        width = len(bound)
+        key = name[:width]
+        if len(name) > width and name[width] in "._" and key.isdigit() and outside(key, bound):
+            return True
+    return False
+
+
 def _list_s3_names(
     fs: fsspec.AbstractFileSystem, root: str, after: str | None, until: str | None = None
 ) -> list[str]:
@@ -462,6 +476,8 @@ def list_shards(
     fs, root = filesystem(root_url)
     found: dict[str, set[str]] = {}
     for name in _list_names(fs, root.rstrip("/"), after, until):
+        if _surely_outside(name, after, until):
+            continue  # cheap: a local listing holds every shard of the corpus
         match = _SHARD_FILE.match(name)
         if match:
             found.setdefault(match.group(1), set()).add(match.group(2))

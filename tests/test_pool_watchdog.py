@@ -55,6 +55,18 @@ def _start(name: str, out: Path, hold: float) -> subprocess.Popen:
     )
 
 
+def _start_holder(out: Path) -> tuple[subprocess.Popen, str]:
+    """A run worker whose GPU step has started and holds the slot; (process, run id)."""
+    out.mkdir()
+    holder = _start("holder", out, hold=600)
+    try:
+        _wait_for(lambda: (out / "holder.started").exists(), "holder's step", workers=[holder])
+    except BaseException:
+        holder.kill()
+        raise
+    return holder, (out / "holder.started").read_text().split()[0]
+
+
 def _wait_for(predicate, what: str, timeout: float = 90, workers=()) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -97,13 +109,10 @@ def test_sigkilled_run_worker_frees_the_pool_for_the_next_run(
     from recap_dagster.pool_watchdog import WORKER_TAG, watching_pool
 
     out = tmp_path / "out"
-    out.mkdir()
-    holder = _start("holder", out, hold=600)
+    holder, holder_run = _start_holder(out)
     waiter = None
     said: list[str] = []
     try:
-        _wait_for(lambda: (out / "holder.started").exists(), "holder's step", workers=[holder])
-        holder_run = (out / "holder.started").read_text().split()[0]
         assert _holders(instance) == [holder_run]
         assert instance.get_run_by_id(holder_run).tags[WORKER_TAG]
 
@@ -195,11 +204,8 @@ def test_a_dead_looking_run_of_another_machine_keeps_its_slot(
     from recap_dagster.pool_watchdog import WORKER_TAG, sweep_pool, this_host, worker_is_dead
 
     out = tmp_path / "out"
-    out.mkdir()
-    holder = _start("holder", out, hold=600)
+    holder, run_id = _start_holder(out)
     try:
-        _wait_for(lambda: (out / "holder.started").exists(), "holder's step", workers=[holder])
-        run_id = (out / "holder.started").read_text().split()[0]
         instance.add_run_tags(run_id, {WORKER_TAG: "recap-run-7f9c/another-boot"})
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
