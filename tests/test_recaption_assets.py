@@ -93,6 +93,14 @@ def _materialize(instance, resources, selection, **kwargs) -> dg.ExecuteInProces
     )
 
 
+def _recaption(instance, resources, group: str, **kwargs) -> dg.ExecuteInProcessResult:
+    """Materialize one group of ``recaptioned_shards`` (and its checks)."""
+    selection = dg.AssetSelection.assets(recaptioned_shards)
+    return _materialize(
+        instance, resources, selection, run_config=RECAPTION_CONFIG, partition_key=group, **kwargs
+    )
+
+
 def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp_path) -> None:
     resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage")
     storage = resources["storage"].get()
@@ -113,13 +121,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         first_version = metadata["version"].value
 
         # A group of two shards in one run: one model load, one parquet per shard.
-        result = _materialize(
-            instance,
-            resources,
-            dg.AssetSelection.assets(recaptioned_shards),
-            run_config=RECAPTION_CONFIG,
-            partition_key=GROUP,
-        )
+        result = _recaption(instance, resources, GROUP)
         assert result.success
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert set(checks) == {spec.name for spec in recaptioned_shards_checks.check_specs}
@@ -160,13 +162,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         context = dg.build_schedule_context(instance=instance)
         requests = recaption_backfill_schedule(context)
         assert [r.partition_key for r in requests] == [GROUP]
-        result = _materialize(
-            instance,
-            resources,
-            dg.AssetSelection.assets(recaptioned_shards),
-            run_config=RECAPTION_CONFIG,
-            partition_key=requests[0].partition_key,
-        )
+        result = _recaption(instance, resources, requests[0].partition_key)
         assert result.success
         resolver = get_stale_status_resolver(instance, ASSETS)
         assert resolver.get_status(key, GROUP) == StaleStatus.FRESH
@@ -246,14 +242,7 @@ def test_dead_urls_are_counted_apart_from_decoding_failures(
         shutil.copytree(base_captioner, staging, dirs_exist_ok=True)  # a captioner checkpoint
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
-        result = _materialize(
-            instance,
-            resources,
-            dg.AssetSelection.assets(recaptioned_shards),
-            run_config=RECAPTION_CONFIG,
-            partition_key=GROUP,
-            raise_on_error=False,
-        )
+        result = _recaption(instance, resources, GROUP, raise_on_error=False)
     metadata = result.asset_materializations_for_node("recaptioned_shards")[0].metadata
     assert metadata["dagster/row_count"].value == 20
     assert metadata["delivered"].value == 12 and metadata["not_delivered"].value == 8
@@ -317,14 +306,15 @@ def test_missing_base_captioner_is_a_clear_error(miniworld_paths, tmp_path: Path
 # -- a recaptioning run killed part-way ----------------------------------------------------
 
 KILL_SHARDS = ["00000", "00001", "00002", "00003"]
+IMAGES_PER_KILL_SHARD = 100
 
 
 def _kill_test_setup(root: Path, base_captioner: str) -> None:
-    """Four shards of 150 images and a captioner checkpoint under ``root/storage``."""
+    """Four shards of 100 images and a captioner checkpoint under ``root/storage``."""
     for index in range(len(KILL_SHARDS)):
         records = [
             ShardRecord(sample_key(index, i), _jpeg(i), f"alt {i}", f"https://ok/{i}", {})
-            for i in range(150)
+            for i in range(IMAGES_PER_KILL_SHARD)
         ]
         write_shard(str(root / "laion"), index, records)
     with StorageResource(root=str(root / "storage")).get().atomic_dir(*CHECKPOINT_PARTS) as out:
@@ -341,14 +331,7 @@ def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult
     }
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
-        return dg.materialize(
-            [*ASSETS, *CHECKS],
-            selection=dg.AssetSelection.assets(recaptioned_shards),
-            instance=instance,
-            resources=resources,
-            run_config=RECAPTION_CONFIG,
-            partition_key=GROUP,
-        )
+        return _recaption(instance, resources, GROUP)
 
 
 def _outputs(root: Path) -> dict[str, list[dict]]:
@@ -390,7 +373,7 @@ def test_killed_recaptioning_run_resumes_to_the_same_output(
             worker.kill()
     finished = _outputs(killed)  # every visible shard file reads whole
     assert 1 <= len(finished) < len(KILL_SHARDS), sorted(finished)
-    assert all(len(rows) == 150 for rows in finished.values())
+    assert all(len(rows) == IMAGES_PER_KILL_SHARD for rows in finished.values())
 
     resumed = _recaption_all(killed, str(miniworld_paths.root))
     assert resumed.success
