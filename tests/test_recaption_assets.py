@@ -251,6 +251,7 @@ def test_dead_urls_are_counted_apart_from_decoding_failures(
         "failed_to_resize": 2,
     }
     assert metadata["undecodable"].value == undecodable
+    assert metadata["images_per_second"].value > 0 and metadata["shards_kept"].value == []
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["recaptioned_failure_fraction"].passed == (undecodable == 0)
     if undecodable:
@@ -379,6 +380,8 @@ def test_killed_recaptioning_run_resumes_to_the_same_output(
     assert resumed.success
     metadata = resumed.asset_materializations_for_node("recaptioned_shards")[0].metadata
     assert metadata["shards_kept"].value == sorted(finished)
+    assert metadata["images_per_second"].value > 0  # of the shards it captioned, not kept ones
+    assert "| kept |" in metadata["per_shard"].value
     assert _recaption_all(whole, str(miniworld_paths.root)).success
     assert _outputs(killed) == _outputs(whole)
     assert sorted(_outputs(whole)) == KILL_SHARDS

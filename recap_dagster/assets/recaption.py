@@ -98,6 +98,7 @@ def recaptioned_shards(
                 stats = core.finished_stats(existing, version, settings)
             if stats is not None:
                 kept.append(shard)
+                speed: float | str = "kept"
                 context.log.info(f"shard {shard}: kept, this captioner already wrote {uri}")
             else:
                 table, stats = core.recaption_shard(
@@ -110,13 +111,14 @@ def recaptioned_shards(
                 )
                 uri = store.write_parquet(table, *output_parts(shard))
                 last_table = table
+                captioned.merge(stats)
+                speed = round(stats.images_per_second, 1)
                 context.log.info(
                     f"shard {shard}: {stats.rows} rows, {stats.not_delivered} not delivered by "
                     f"img2dataset, {stats.undecodable} undecodable, "
                     f"{stats.images_per_second:.1f} images/s -> {uri}"
                 )
             total.merge(stats)
-            speed = "kept" if shard in kept else round(stats.images_per_second, 1)
             per_shard.append(
                 [shard, stats.rows, stats.not_delivered, stats.undecodable, speed, uri]
             )
