@@ -48,8 +48,8 @@ def captioner_version(instance: dg.DagsterInstance) -> str | None:
     return event.asset_materialization.tags.get(DATA_VERSION_TAG)
 
 
-def current_captioner_since(instance: dg.DagsterInstance) -> tuple[str, int] | None:
-    """(data version, storage id of its first materialization) of the current captioner:
+def current_captioner_since(instance: dg.DagsterInstance) -> int | None:
+    """Storage id of the current captioner's first materialization (None: none yet):
     shards recaptioned after that event used it. Walks back only over re-materializations
     that kept the same weights."""
     version, since, cursor = None, None, None
@@ -58,10 +58,10 @@ def current_captioner_since(instance: dg.DagsterInstance) -> tuple[str, int] | N
         for record in page.records:
             tag = record.asset_materialization.tags.get(DATA_VERSION_TAG)
             if since is not None and tag != version:
-                return version, since
+                return since
             version, since = tag, record.storage_id
         if not page.has_more:
-            return None if since is None else (version, since)
+            return since
         cursor = page.cursor
 
 
@@ -79,10 +79,9 @@ def groups_needing_recaption(instance: dg.DagsterInstance, groups: list[str]) ->
     """Groups with no recaption by the current captioner (never recaptioned, or by an older
     one). One grouped query over the materializations since the current captioner's: the
     work does not grow with older history."""
-    current = current_captioner_since(instance)
-    if current is None:
+    since = current_captioner_since(instance)
+    if since is None:
         return []
-    _, since = current
     fresh = instance.get_materialized_partitions(RECAPTIONED_KEY, after_cursor=since)
     return [group for group in groups if group not in fresh]
 

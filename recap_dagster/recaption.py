@@ -106,8 +106,13 @@ class RecaptionStats:
         """Delivered images that could not be captioned, over delivered images."""
         return self.undecodable / self.delivered if self.delivered else 0.0
 
-    def count(self, delivered: bool, status: str) -> None:
-        """Count a row without captions."""
+    def add_row(self, delivered: bool, status: str, short: str | None, long: str | None) -> None:
+        """Count one output row: captioned, or by why it has no captions."""
+        if short is not None and long is not None:
+            self.captioned += 1
+            self.short_words.append(len(short.split()))
+            self.long_words.append(len(long.split()))
+            return
         counts = self.undecodable_by_status if delivered else self.not_delivered_by_status
         counts[status] = counts.get(status, 0) + 1
 
@@ -228,12 +233,7 @@ def recaption_shard(
                         "generation": generation,
                     }
                 )
-                if ok:
-                    stats.captioned += 1
-                    stats.short_words.append(len(short.split()))
-                    stats.long_words.append(len(long.split()))
-                else:
-                    stats.count(record.delivered, record.status)
+                stats.add_row(record.delivered, rows[-1]["status"], short, long)
             if on_batch is not None:
                 on_batch(len(rows))
     stats.seconds = time.perf_counter() - start
@@ -258,12 +258,7 @@ def finished_stats(
         return None
     stats = RecaptionStats(rows=table.num_rows)
     for row in table.select(["delivered", "status", "recap_short", "recap_long"]).to_pylist():
-        if row["status"] == STATUS_OK:
-            stats.captioned += 1
-            stats.short_words.append(len(row["recap_short"].split()))
-            stats.long_words.append(len(row["recap_long"].split()))
-        else:
-            stats.count(row["delivered"], row["status"])
+        stats.add_row(row["delivered"], row["status"], row["recap_short"], row["recap_long"])
     return stats
 
 

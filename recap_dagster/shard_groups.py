@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from recap_dagster.shards import list_shards
 
 SHARDS_PER_GROUP = 100
+# Up to this many groups are listed one by one (bounded listings); more, the root at once.
+BOUNDED_LISTINGS_UP_TO = 8
 
 
 def group_of(shard: str, size: int = SHARDS_PER_GROUP) -> str:
@@ -34,7 +36,9 @@ def group_bounds(group: str) -> tuple[str, str]:
 
 def groups_of(shards: Iterable[str], size: int = SHARDS_PER_GROUP) -> list[str]:
     """The groups of ``shards``, in shard order, each once."""
-    return sorted({group_of(shard, size) for shard in shards}, key=lambda g: int(g.split("-")[0]))
+    return sorted(
+        {group_of(shard, size) for shard in shards}, key=lambda group: int(group_bounds(group)[0])
+    )
 
 
 def group_shards(root_url: str, group: str) -> list[str]:
@@ -46,8 +50,15 @@ def group_shards(root_url: str, group: str) -> list[str]:
 
 
 def shards_of_groups(root_url: str, groups: Iterable[str]) -> list[str]:
-    """The complete shards of every group in ``groups``, in shard order (one listing)."""
-    wanted = set(groups)
+    """The complete shards of every group in ``groups``, in shard order: a run's few groups
+    each by a listing bounded to the group (on S3 a page or two, not the whole corpus), many
+    groups by one listing of the root."""
+    wanted = sorted(set(groups), key=lambda group: int(group_bounds(group)[0]))
+    if len(wanted) <= BOUNDED_LISTINGS_UP_TO:
+        return [shard for group in wanted for shard in group_shards(root_url, group)]
+    members = set(wanted)
     return [
-        info.key for info in list_shards(root_url) if info.complete and group_of(info.key) in wanted
+        info.key
+        for info in list_shards(root_url)
+        if info.complete and group_of(info.key) in members
     ]

@@ -6,6 +6,7 @@ import pytest
 
 from recap_dagster.fs import filesystem
 from recap_dagster.shard_groups import (
+    BOUNDED_LISTINGS_UP_TO,
     SHARDS_PER_GROUP,
     group_bounds,
     group_of,
@@ -43,9 +44,9 @@ def test_group_shards_lists_only_its_complete_shards(
     assert group_shards(root, "00000-00099") == ["00098", "00099"]
     assert group_shards(root, "00100-00199") == ["00100", "00101", "00199"]
     assert group_shards(root, "00300-00399") == []
-    assert shards_of_groups(root, ["00100-00199", "01500-01599"]) == [
-        "00100",
-        "00101",
-        "00199",
-        "01500",
-    ]
+    few = ["01500-01599", "00100-00199"]  # listed group by group, bounded
+    many = few + [f"{i * 100:05d}-{i * 100 + 99:05d}" for i in range(2, 12)]  # one listing
+    assert len(many) > BOUNDED_LISTINGS_UP_TO >= len(few)
+    expected = ["00100", "00101", "00199", "01500"]
+    assert shards_of_groups(root, few) == expected
+    assert shards_of_groups(root, many) == [*expected[:3], "00200", expected[3]]
