@@ -140,27 +140,45 @@ class Storage:
     @contextmanager
     def atomic_dir(self, *parts: str) -> Iterator[str]:
         """Yield a local temp directory to fill; it replaces ``parts`` only on success."""
-        target = self._fs_path(*parts)
         with tempfile.TemporaryDirectory(prefix="recap-dir-") as staging_root:
             staging = os.path.join(staging_root, "out")
             os.makedirs(staging)
             yield staging
-            Path(staging, SUCCESS_MARKER).write_text("")
-            if self.local:
-                replace_dir(staging, target)
-            else:
-                marker = f"{target}/{SUCCESS_MARKER}"
-                if self.fs.exists(target):
-                    # Unmark first so no reader sees old and new files mixed as "complete".
-                    if self.fs.exists(marker):
-                        self.fs.rm_file(marker)
-                    self.fs.rm(target, recursive=True)
-                files = sorted(p for p in Path(staging).rglob("*") if p.is_file())
-                for path in files:
-                    if path.name != SUCCESS_MARKER:
-                        self.fs.put_file(str(path), f"{target}/{path.relative_to(staging)}")
-                self.fs.put_file(str(Path(staging, SUCCESS_MARKER)), marker)
-                self.fs.invalidate_cache(target)
+            self.publish_dir(staging, *parts)
+
+    def publish_dir(self, local: str, *parts: str) -> str:
+        """Put the finished local folder ``local`` at ``parts``, replacing what was there:
+        moved in by renames locally (``local`` is consumed), uploaded with the ``_SUCCESS``
+        marker last on S3."""
+        target = self._fs_path(*parts)
+        Path(local, SUCCESS_MARKER).write_text("")
+        if self.local:
+            replace_dir(local, target)
+            return self.uri(*parts)
+        marker = f"{target}/{SUCCESS_MARKER}"
+        if self.fs.exists(target):
+            # Unmark first so no reader sees old and new files mixed as "complete".
+            if self.fs.exists(marker):
+                self.fs.rm_file(marker)
+            self.fs.rm(target, recursive=True)
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        for path in files:
+            if path.name != SUCCESS_MARKER:
+                self.fs.put_file(str(path), f"{target}/{path.relative_to(local)}")
+        self.fs.put_file(str(Path(local, SUCCESS_MARKER)), marker)
+        self.fs.invalidate_cache(target)
+        return self.uri(*parts)
+
+    def remove_dir(self, *parts: str) -> None:
+        """Delete the directory ``parts``: its ``_SUCCESS`` marker first, so that a
+        half-deleted directory never counts as complete."""
+        target = self._fs_path(*parts)
+        marker = f"{target}/{SUCCESS_MARKER}"
+        if self.fs.exists(marker):
+            self.fs.rm_file(marker)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        self.fs.invalidate_cache(os.path.dirname(target))
 
     @contextmanager
     def local_dir(self, *parts: str) -> Iterator[str]:

@@ -13,10 +13,16 @@ import torch
 from PIL import Image, ImageOps
 
 from recap_dagster.captioner.model import Captioner, dropout_state, restore_dropout
+from recap_dagster.training import (
+    Checkpoints,
+    check_lr_scheduler,
+    check_mixed_precision,
+    lr_schedule,
+    make_accelerator,
+    seed_everything,
+)
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
-#: The ``transformers.get_scheduler`` schedules that need no extra arguments.
-LR_SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 
 
 @dataclass
@@ -105,12 +111,8 @@ class FineTuneConfig:
             raise ValueError("batch_size must be a multiple of grad_accum_steps")
         if not 0.0 <= self.long_fraction <= 1.0:
             raise ValueError("long_fraction must be in [0, 1]")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(
-                f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}"
-            )
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no|fp16|bf16, got {self.mixed_precision!r}")
+        check_lr_scheduler(self.lr_scheduler)
+        check_mixed_precision(self.mixed_precision)
 
     @property
     def micro_batch_size(self) -> int:
@@ -147,30 +149,14 @@ def training_examples(
     return examples + [e.mirrored() for e in examples] if config.mirror else examples
 
 
-def _make_accelerator(config: FineTuneConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    kwargs = {
-        "mixed_precision": config.mixed_precision,
-        "gradient_accumulation_steps": config.grad_accum_steps,
-    }
-    try:
-        return Accelerator(**kwargs)
-    except ValueError:
-        # accelerate keeps one process-wide AcceleratorState and refuses a different
-        # mixed_precision later in the same process (e.g. a bf16 run after a fp32 one in a
-        # test session). The process-group part (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(**kwargs)
-
-
 def fine_tune(
     captioner: Captioner,
     examples: Sequence[CaptionExample],
     config: FineTuneConfig,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
     """Fine-tune ``captioner`` in place on ``examples``; returns the loss of every step.
 
@@ -181,16 +167,14 @@ def fine_tune(
     mode on the accelerator's device.
     ``on_step(step, loss)`` is called after every optimizer step (1-based step).
     With ``config.train_vision_tower`` False the image encoder gets no updates; its
-    ``requires_grad`` flags are restored afterwards.
+    ``requires_grad`` flags are restored afterwards. With ``checkpoints`` the training
+    state is saved every ``checkpoint_every`` steps and a new call resumes from the latest.
     """
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
     if not examples:
         raise ValueError("fine_tune needs at least one example")
     examples = training_examples(examples, config)
-    set_seed(config.seed)
-    accelerator = _make_accelerator(config)
+    seed_everything(config.seed)
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum_steps)
     saved_dropout = dropout_state(captioner.model)
     captioner.set_dropout(config.dropout)
     frozen = [] if config.train_vision_tower else list(captioner.vision_tower().parameters())
@@ -203,19 +187,24 @@ def fine_tune(
     model, optimizer = accelerator.prepare(captioner.model, optimizer)
     # Stepped by hand once per optimizer step: accelerate's scheduler wrapper would step it
     # once per process and per micro-batch bookkeeping, not per RECAP step.
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=config.steps,
+    scheduler = lr_schedule(
+        config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps
     )
+    accelerator.register_for_checkpointing(scheduler)
 
     micro = config.micro_batch_size
     batches = sample_batches(len(examples), config)
     losses: list[float] = []
+    start_step = 0
+    latest = checkpoints.latest(config.steps) if checkpoints is not None else None
+    if latest is not None:
+        checkpoints.load(accelerator, latest)
+        start_step, losses = latest.step, list(latest.meta["losses"])
+        for _ in range(start_step):  # the data order resumes where it stopped
+            next(batches)
     model.train()
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(start_step + 1, config.steps + 1):
             pairs = next(batches)
             step_loss = 0.0
             for start in range(0, len(pairs), micro):
@@ -240,6 +229,8 @@ def fine_tune(
             losses.append(step_loss)
             if on_step is not None:
                 on_step(step, step_loss)
+            if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0:
+                checkpoints.save(accelerator, step, {"losses": losses})
     finally:
         captioner.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         captioner.model.eval()

@@ -77,9 +77,11 @@ from recap_dagster.miniworld.captions import (
 )
 from recap_dagster.miniworld.generate import MiniworldPaths, item_seed
 from recap_dagster.miniworld.scenes import COLOURS, GRID, SHAPES, Scene, cell_name, sample_scene
+from recap_dagster.storage import Storage
+from recap_dagster.training import Checkpoints, lr_schedule, make_accelerator, seed_everything
 
 # Bump when the same config and data would give a different model (code change).
-BASE_CAPTIONER_VERSION = 1
+BASE_CAPTIONER_VERSION = 2  # 2: the shared training substrate (accelerate, LR schedule)
 MANIFEST_FILE = "base_captioner.json"
 
 #: The pretraining tasks and their prefixes; disjoint from the RECAP style prefixes.
@@ -520,16 +522,6 @@ def read_base_manifest(directory: str | os.PathLike[str]) -> dict | None:
         return None
 
 
-def _lr_factor(step: int, config: BaseCaptionerConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` (``step`` is 0-based)."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
-
-
 def _task_batches(n_items: int, config: BaseCaptionerConfig):
     """Endless (item index, style) batches over reshuffled copies of the set (seeded)."""
     rng = random.Random(item_seed(config.seed, "captioner_pretrain_order", 0))
@@ -568,26 +560,49 @@ def pretrain(
     config: BaseCaptionerConfig,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
-    """Pretrain ``captioner`` in place on the caption/detect mixture; the loss of every step."""
+    """Pretrain ``captioner`` in place on the caption/detect mixture; the loss of every step.
+
+    On the shared training substrate (accelerator, seeding, LR schedule, checkpoints): with
+    ``checkpoints`` the state is saved every ``checkpoint_every`` steps and a new call
+    resumes from the latest one.
+    """
     import torch
 
     if not items:
         raise ValueError("pretraining needs at least one item")
-    torch.manual_seed(config.seed)
-    model = captioner.model
+    seed_everything(config.seed)
+    accelerator = make_accelerator()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        captioner.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    model, optimizer = accelerator.prepare(captioner.model, optimizer)
+    scheduler = lr_schedule(
+        "cosine_with_min_lr",
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    accelerator.register_for_checkpointing(scheduler)
     batches = _task_batches(len(items), config)
     prefixes = pretrain_prefixes(config)
     questions = random.Random(item_seed(config.seed, "captioner_pretrain_vqa", 0))
     blanks = _blank_images(config, items[0].image.size[0])
     losses: list[float] = []
+    start_step = 0
+    latest = checkpoints.latest(config.steps) if checkpoints is not None else None
+    if latest is not None:
+        checkpoints.load(accelerator, latest)
+        start_step, losses = latest.step, list(latest.meta["losses"])
+        questions.setstate(_rng_state(latest.meta["questions_rng"]))
+        for _ in range(start_step):  # the data order resumes where it stopped
+            next(batches)
     model.train()
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(start_step + 1, config.steps + 1):
             pairs = next(batches)
             prompts, targets, images = [], [], []
             for i, style in pairs:
@@ -603,8 +618,8 @@ def pretrain(
                 targets.append(target)
                 images.append(image)
             loss = model(**captioner.training_batch(images, prompts, targets)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -614,9 +629,19 @@ def pretrain(
             losses.append(value)
             if on_step is not None:
                 on_step(step, value)
+            if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0:
+                meta = {"losses": losses, "questions_rng": json.dumps(questions.getstate())}
+                checkpoints.save(accelerator, step, meta)
     finally:
-        model.eval()
+        captioner.model = accelerator.unwrap_model(model)
+        captioner.model.eval()
+        accelerator.free_memory()
     return losses
+
+
+def _rng_state(text: str) -> tuple:
+    version, internal, gauss = json.loads(text)
+    return version, tuple(internal), gauss
 
 
 def build_base_captioner(
@@ -677,7 +702,12 @@ def build_base_captioner(
     # its own rate (FineTuneConfig.dropout) anyway.
     captioner.set_dropout(0.0)
     captioner.model.to(resolve_device(device))
-    losses = pretrain(captioner, items, config, on_step=on_step)
+    # Resumable: a killed build goes on from its last checkpoint (same config and data).
+    work = Storage(f"{out}.work")
+    checkpoints = Checkpoints(work, fingerprint=json.dumps(key, sort_keys=True), keep=1)
+    losses = pretrain(
+        captioner, items, config, on_step=on_step, checkpoints=checkpoints, checkpoint_every=250
+    )
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
 
@@ -712,4 +742,5 @@ def build_base_captioner(
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(f"{out}.work", ignore_errors=True)
     return str(out)

@@ -1,0 +1,174 @@
+"""The training substrate every trainer shares: accelerator setup, seeding, LR schedules,
+and checkpoints that live under the storage root (local folder or ``s3://``).
+
+The text-to-image trainer, the captioner fine-tune and the miniworld's base-captioner
+pretraining all build on these pieces, so a setting means the same thing in each and a
+resumed run of any of them restores the same state (models, optimizer, LR scheduler, EMA,
+RNG, plus the trainer's own metadata such as its data position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from recap_dagster.storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: ``transformers.get_scheduler`` names the trainers accept (all need only warmup + length).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+CHECKPOINT_PREFIX = "checkpoint-"
+META_FILE = "recap_train.json"  # inside a checkpoint: step, fingerprint, data position, losses
+
+
+def check_lr_scheduler(name: str) -> str:
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {name!r}")
+    return name
+
+
+def check_mixed_precision(name: str) -> str:
+    if name not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {name!r}")
+    return name
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1):
+    """An ``accelerate.Accelerator`` for this process (one of N under torchrun / accelerate
+    launch: the process group comes from the environment, gloo on CPU, NCCL on GPUs).
+
+    accelerate keeps one process-wide state that refuses a second Accelerator with another
+    mixed precision (one process may train several models in turn, e.g. in tests); that
+    part is reset, the process group is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    check_mixed_precision(mixed_precision)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) the same way in every trainer."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def lr_schedule(
+    name: str, optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+):
+    """The LR schedule of a whole run: warmup, then ``name`` over ``total_steps`` optimizer
+    steps. Step it once per optimizer step (not per micro-batch, not per process)."""
+    from transformers import get_scheduler
+
+    check_lr_scheduler(name)
+    kwargs = {"min_lr_rate": min_lr_ratio} if name == "cosine_with_min_lr" else None
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=max(1, total_steps),
+        scheduler_specific_kwargs=kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    meta: dict[str, Any]
+
+
+class Checkpoints:
+    """Resumable training states under ``storage`` at ``parts`` (``checkpoint-<step>``).
+
+    A state is written locally by ``accelerator.save_state`` (every process writes its
+    part, e.g. its RNG state), then published under the storage root in one step: renamed
+    into place locally, or uploaded with a ``_SUCCESS`` marker last on S3. A run killed
+    while saving leaves the previous checkpoint as the latest complete one. Checkpoints of
+    another configuration (``fingerprint``) are never resumed from.
+    """
+
+    def __init__(self, storage: Storage, *parts: str, fingerprint: str, keep: int = 2):
+        self.storage = storage
+        self.parts = parts
+        self.fingerprint = fingerprint
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        found = []
+        for name in self.storage.listdir(*self.parts):
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)
+            if match and self.storage.dir_complete(*self.parts, name):
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        name = f"{CHECKPOINT_PREFIX}{step}"
+        return json.loads(self.storage.read_text(*self.parts, name, META_FILE))
+
+    def latest(self, up_to: int | None = None) -> Checkpoint | None:
+        """The newest complete checkpoint of this configuration (at most ``up_to``)."""
+        for step in reversed(self.steps()):
+            if up_to is not None and step > up_to:
+                continue
+            meta = self._meta(step)
+            if meta.get("fingerprint") == self.fingerprint:
+                return Checkpoint(step, meta)
+            log.warning("ignoring %s: another run configuration", self._name(step))
+        return None
+
+    def _name(self, step: int) -> str:
+        return self.storage.uri(*self.parts, f"{CHECKPOINT_PREFIX}{step}")
+
+    def save(self, accelerator, step: int, meta: dict[str, Any]) -> str:
+        """Save the accelerator's registered state plus ``meta``; every process calls it."""
+        name = f"{CHECKPOINT_PREFIX}{step}"
+        with _shared_local_dir(accelerator, f"save-{name}") as local:
+            accelerator.save_state(local, safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                payload = {**meta, "step": step, "fingerprint": self.fingerprint}
+                with open(os.path.join(local, META_FILE), "w", encoding="utf-8") as handle:
+                    json.dump(payload, handle)
+                self.storage.publish_dir(local, *self.parts, name)
+                for old in self.steps()[: -self.keep] if self.keep > 0 else []:
+                    self.storage.remove_dir(*self.parts, f"{CHECKPOINT_PREFIX}{old}")
+            accelerator.wait_for_everyone()
+        return self._name(step)
+
+    def load(self, accelerator, checkpoint: Checkpoint) -> None:
+        """Restore ``checkpoint`` into the accelerator's registered objects (every process)."""
+        with self.storage.local_dir(*self.parts, f"{CHECKPOINT_PREFIX}{checkpoint.step}") as local:
+            accelerator.load_state(local)
+        log.info("resumed from %s", self._name(checkpoint.step))
+
+
+@contextmanager
+def _shared_local_dir(accelerator, name: str) -> Iterator[str]:
+    """A local folder every process of this machine agrees on (the main process makes it)."""
+    from accelerate.utils import broadcast_object_list
+
+    holder = [tempfile.mkdtemp(prefix=f"recap-{name}-") if accelerator.is_main_process else ""]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(holder)
+    try:
+        yield holder[0]
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(holder[0], ignore_errors=True)
