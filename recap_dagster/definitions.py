@@ -10,10 +10,12 @@ from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.assets.t2i import (
+    base_t2i_model,
     metric_reports,
     recap_mix_beats_alttext,
     recap_report,
     sd_checkpoints,
+    t2i_latents,
 )
 from recap_dagster.automation import (
     gpu_pool_watchdog,
@@ -45,6 +47,8 @@ def default_resources() -> dict:
             base_t2i=str(settings.models_dir() / "base_t2i"),
         ),
         "compute": ComputeResource(),
+        # Runs the text-to-image trainer (torchrun) and relays its logs to the run.
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
 
 
@@ -53,6 +57,8 @@ ASSETS = [
     human_captions,
     captioner_checkpoint,
     recaptioned_shards,
+    base_t2i_model,
+    t2i_latents,
     sd_checkpoints,
     metric_reports,
     recap_report,

@@ -132,6 +132,16 @@ def run_pipeline(profile_name: str = "default", seed: int = 0) -> PipelineSummar
     if not summary.succeeded:
         return summary
 
+    start = time.perf_counter()
+    result = _materialize(instance, ["base_t2i_model"])
+    _report(summary, "base_t2i_model (observed)", start, result)
+    for group in groups:  # the base model's latents, once for every variant
+        start = time.perf_counter()
+        result = _materialize(instance, ["t2i_latents"], partition_key=group)
+        _report(summary, f"t2i_latents {group}", start, result)
+    if not summary.succeeded:
+        return summary
+
     for variant in CAPTION_VARIANTS:
         start = time.perf_counter()
         result = _materialize(

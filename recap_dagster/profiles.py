@@ -28,7 +28,6 @@ class Profile:
     captioner_finetune: FineTuneConfig
     t2i: T2IProfile
     recaption_batch_size: int = 64
-    snapshot_every: int = 400
     metric_reference_images: int = 1000
 
     def with_seed(self, seed: int) -> Profile:
@@ -47,12 +46,7 @@ class Profile:
         return {"ops": {"captioner_checkpoint": {"config": config}}}
 
     def t2i_run_config(self) -> dict:
-        tune = asdict(self.t2i.finetune)
-        names = ("steps", "learning_rate", "batch_size", "micro_batch_size", "prompt_dropout")
-        names += ("train_unet", "train_text_encoder", "use_ema", "ema_decay", "lr_warmup_steps")
-        names += ("lr_scheduler",)
-        sd = {k: tune[k] for k in (*names, "snr_gamma", "checkpoint_every", "seed")}
-        sd["snapshot_every"] = self.snapshot_every
+        sd = asdict(self.t2i.finetune)  # sd_checkpoints' config is TrainConfig's fields
         sample = self.t2i.sample
         metrics = {
             "guidance_scale": sample.guidance_scale,
@@ -87,7 +81,6 @@ PROFILES: dict[str, Profile] = {
         replace(QUICK_FINETUNE, steps=40, learning_rate=3e-3),
         QUICK_PROFILE,
         recaption_batch_size=16,
-        snapshot_every=2,
         metric_reference_images=64,
     ),
 }

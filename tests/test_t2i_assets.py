@@ -11,7 +11,13 @@ import pyarrow as pa
 import pytest
 
 from recap_dagster.assets.recaption import output_parts
-from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoints
+from recap_dagster.assets.t2i import (
+    base_t2i_model,
+    metric_reports,
+    recap_report,
+    sd_checkpoints,
+    t2i_latents,
+)
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.scenes import Scene
@@ -26,6 +32,7 @@ from recap_dagster.resources import (
 from recap_dagster.shard_groups import groups_of
 from recap_dagster.shards import iter_shard, list_shards
 from recap_dagster.storage import Storage
+from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.base import build_miniworld_base
 
 SD_CONFIG = {
@@ -81,11 +88,34 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i),
         "compute": ComputeResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     storage = resources["storage"].get()
     shards = _write_recaptions(storage, str(miniworld_paths.corpus))
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(shard_group_partitions.name, groups_of(shards))
+        groups = groups_of(shards)
+        instance.add_dynamic_partitions(shard_group_partitions.name, groups)
+        observed = dg.materialize(
+            [*ASSETS], selection=[base_t2i_model.key], instance=instance, resources=resources
+        )
+        assert observed.success
+        for group in groups:
+            result = dg.materialize(
+                [*ASSETS], selection=[t2i_latents.key], partition_key=group,
+                instance=instance, resources=resources,
+            )  # fmt: skip
+            assert result.success
+            meta = result.asset_materializations_for_node("t2i_latents")[0].metadata
+            assert meta["rows"].value == sum(
+                1 for s in shards for r in iter_shard(str(miniworld_paths.corpus), s) if r.image
+            )
+            assert meta["bytes_written"].value > 0 and meta["images_per_second"].value > 0
+        # The cache remembers which base model it was made from: a new base makes it stale.
+        record = instance.get_latest_materialization_event(t2i_latents.key)
+        tags = record.asset_materialization.tags
+        assert tags["dagster/input_data_version/base_t2i_model"] == latent_cache.model_version(
+            base_t2i
+        )
         for variant in CAPTION_VARIANTS:
             result = dg.materialize(
                 [*ASSETS, *ASSET_CHECKS],
@@ -136,15 +166,14 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         assert check.severity == dg.AssetCheckSeverity.WARN
         assert "object_accuracy" in check.description
 
-        # Asking for more steps continues from the saved training state.
-        longer = {**SD_CONFIG, "steps": 6, "snapshot_every": 6}
+        # Materializing again with the same settings finds the finished run's state.
         result = dg.materialize(
             [*ASSETS, *ASSET_CHECKS],
             selection=[sd_checkpoints.key],
             partition_key="alttext",
             instance=instance,
             resources=resources,
-            run_config={"ops": {"sd_checkpoints": {"config": longer}}},
+            run_config={"ops": {"sd_checkpoints": {"config": SD_CONFIG}}},
         )
         meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
         assert meta["resumed_from_step"].value == 4

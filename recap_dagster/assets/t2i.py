@@ -2,17 +2,20 @@
 metric reports per variant, and the side-by-side RECAP report."""
 
 import json
-import time
+import os
+import tempfile
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import dagster as dg
+import pydantic
 from pydantic import Field
 
 from recap_dagster import report as report_core
-from recap_dagster import settings
+from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
-from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.metrics import evaluate_generations
 from recap_dagster.miniworld.generate import read_eval_prompts
 from recap_dagster.partitions import caption_variants_partitions, shard_group_partitions
@@ -25,167 +28,242 @@ from recap_dagster.resources import (
     StorageResource,
 )
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
-from recap_dagster.shard_groups import shards_of_groups
+from recap_dagster.shard_groups import group_shards, shards_of_groups
 from recap_dagster.shards import iter_shard
 from recap_dagster.storage import Storage
-from recap_dagster.t2i.model import load_pipeline, save_pipeline
+from recap_dagster.t2i import latents as latent_cache
+from recap_dagster.t2i.model import load_pipeline, local_model_dir
 from recap_dagster.t2i.sample import generate
-from recap_dagster.t2i.train import TrainConfig, train
-from recap_dagster.training_data import recaptioned_examples
+from recap_dagster.t2i.train import (
+    SNAPSHOTS_FILE,
+    TrainConfig,
+    TrainJob,
+    launch_command,
+    training_stream,
+    write_job,
+)
+from recap_dagster.training_data import variant_captions
 
 SD_DIR = ("checkpoints", "sd")
-SNAPSHOTS_FILE = "snapshots.json"
+SD_STATE_DIR = "sd_training"
 SAMPLE_SEED = 1234
 
 
-class SDFineTuneConfig(dg.Config):
-    """RECAP step 3. Defaults are the paper's recipe (SD v1.4: lr 1e-5, batch 512,
-    prompt dropout 0.14, UNet and text encoder trained); the miniworld profile overrides."""
+@dg.observable_source_asset(
+    group_name="text_to_image",
+    description="The base text-to-image pipeline RECAP fine-tunes (Stable Diffusion layout: "
+    "the models resource's base_t2i directory). Observed: its version is a fingerprint of "
+    "its weights, so a new base model makes the latent cache and the fine-tunes stale.",
+)
+def base_t2i_model(models: ModelsResource) -> dg.DataVersion:
+    return dg.DataVersion(latent_cache.model_version(local_model_dir(models.base_t2i)))
 
-    steps: int = Field(default=1000, description="Optimizer steps.")
-    learning_rate: float = Field(default=1e-5, description="AdamW learning rate.")
-    batch_size: int = Field(default=512, description="Effective batch (images per step).")
-    micro_batch_size: int = Field(
-        default=64, description="Images per forward pass; batch_size/micro = accumulation."
-    )
-    prompt_dropout: float = Field(
-        default=0.14, description="Probability of training on the empty prompt (for CFG)."
-    )
-    train_unet: bool = Field(default=True, description="Train the UNet.")
-    train_text_encoder: bool = Field(default=True, description="Train the CLIP text encoder.")
-    use_ema: bool = Field(default=False, description="Keep an EMA of the weights and save it.")
-    ema_decay: float = Field(default=0.9999, description="EMA decay.")
-    lr_warmup_steps: int = Field(default=0, description="Linear warmup steps.")
-    lr_scheduler: str = Field(
-        default="constant_with_warmup",
-        description="Learning-rate schedule after the warmup, any diffusers.optimization name "
-        "(constant_with_warmup, linear, cosine, ...; decays over `steps`).",
-    )
-    snr_gamma: float | None = Field(
-        default=None,
-        description="Min-SNR loss weighting gamma (Hang et al. 2023; diffusers' --snr_gamma); "
-        "None: plain MSE, as the paper.",
-    )
-    checkpoint_every: int = Field(
-        default=100, description="Save a resumable training state every N steps."
-    )
-    snapshot_every: int = Field(
-        default=250,
-        description="Save a diffusers snapshot every N steps (metric_reports evaluates each).",
-    )
-    max_examples: int = Field(default=0, description="Use at most this many images (0: all).")
-    seed: int = Field(default=0, description="Seed for data order, noise and dropout.")
-    sample_prompts: int = Field(default=16, description="Prompts in the sample grid.")
 
-    def train_config(self, steps: int, mixed_precision: str) -> TrainConfig:
-        return TrainConfig(
-            steps=steps,
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            micro_batch_size=self.micro_batch_size,
-            prompt_dropout=self.prompt_dropout,
-            train_unet=self.train_unet,
-            train_text_encoder=self.train_text_encoder,
-            mixed_precision=mixed_precision,
-            use_ema=self.use_ema,
-            ema_decay=self.ema_decay,
-            lr_warmup_steps=self.lr_warmup_steps,
-            lr_scheduler=self.lr_scheduler,
-            snr_gamma=self.snr_gamma,
-            checkpoint_every=self.checkpoint_every,
-            seed=self.seed,
+class LatentCacheConfig(dg.Config):
+    batch_size: int = Field(default=64, description="Images per VAE forward pass.")
+    reuse_existing: bool = Field(
+        default=True,
+        description="Keep a shard's latents already cached for this VAE (a killed run goes "
+        "on where it stopped); off: encode every shard of the group again.",
+    )
+
+
+@dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
+    partitions_def=shard_group_partitions,
+    deps=[laion_shards, base_t2i_model],
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
+    pool=GPU_POOL,
+    group_name="text_to_image",
+    kinds={"pytorch", "safetensors"},
+    tags={"recap/gpu": "1"},
+    description="The base model's VAE latents of every decodable image of a shard group, "
+    "encoded once at the model's training resolution (resize + center crop), one "
+    "safetensors file per shard under t2i_latents/<VAE version>/. Every caption variant "
+    "trains from it.",
+)
+@retry_only_transient
+def t2i_latents(
+    context: dg.AssetExecutionContext,
+    config: LatentCacheConfig,
+    models: ModelsResource,
+    compute: ComputeResource,
+    sources: DataSourcesResource,
+    storage: StorageResource,
+) -> dg.MaterializeResult:
+    group = context.partition_key
+    store = storage.get()
+    shards = group_shards(sources.shards_root, group)
+    if not shards:
+        raise ValueError(f"shard group {group} has no complete shard under {sources.shards_root}")
+    base = local_model_dir(models.base_t2i)
+    vae, resolution, vae_version = latent_cache.load_vae(base, compute.torch_device())
+    stats = latent_cache.cache_latents(
+        vae,
+        vae_version,
+        store,
+        sources.shards_root,
+        shards,
+        resolution=resolution,
+        batch_size=config.batch_size,
+        reuse_existing=config.reuse_existing,
+        on_shard=lambda shard, i, n: context.log.info(f"latents of shard {shard} ({i}/{n})"),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/uri": dg.MetadataValue.path(
+                store.uri(latent_cache.LATENTS_DIR, vae_version)
+            ),
+            "vae_version": vae_version,
+            "resolution": resolution,
+            "rows": stats.rows,
+            "rows_without_image": stats.skipped,
+            "images_per_second": round(stats.images_per_second, 1),
+            "bytes_written": stats.bytes_written,
+            "shards_written": len(stats.shards_written),
+            "shards_kept": dg.MetadataValue.json(stats.shards_kept),
+        },
+        data_version=dg.DataVersion(f"{vae_version}-{group}"),
+    )
+
+
+def _dagster_config(settings: type, name: str, doc: str, **extra: typing.Any) -> type:
+    """A ``dg.Config`` whose fields are the dataclass ``settings``' fields (same names,
+    types, defaults and descriptions) plus ``extra``: one definition per setting."""
+    hints = typing.get_type_hints(settings)
+    definitions: dict[str, typing.Any] = {
+        f.name: (
+            hints[f.name],
+            Field(default=f.default, description=f.metadata["description"]),
         )
+        for f in fields(settings)
+        if f.default is not MISSING
+    }
+    model = pydantic.create_model(name, __base__=dg.Config, **definitions, **extra)
+    model.__doc__ = doc
+    return model
 
 
-def milestones(steps: int, every: int) -> list[int]:
-    """Snapshot steps: every ``every`` steps, always ending at ``steps``."""
-    points = list(range(every, steps, every)) if every > 0 else []
-    return [*points, steps]
+SDFineTuneConfig = _dagster_config(
+    TrainConfig,
+    "SDFineTuneConfig",
+    "RECAP step 3: the trainer's settings (TrainConfig) plus how the step runs it.",
+    processes=(
+        int,
+        Field(default=1, description="Training processes (one per GPU; gloo on CPU)."),
+    ),
+    dataloader_workers=(
+        int,
+        Field(default=1, description="DataLoader workers per process (reading, tokenizing)."),
+    ),
+    sample_prompts=(int, Field(default=16, description="Prompts in the sample grid.")),
+)
 
 
-def _work_dir(store: Storage, variant: str) -> str:
-    """Resumable training state: under the storage root when local, else a local cache."""
-    if store.local:
-        return store.uri("sd_training", variant)
-    return str(settings.workdir() / "sd_training" / variant)
+def _train_config(config: dg.Config) -> TrainConfig:
+    return TrainConfig.from_dict(config.model_dump())
 
 
 def _eval_prompts(sources: DataSourcesResource):
     return read_eval_prompts(sources.eval_prompts_path)
 
 
+def _training_shards(
+    context: dg.AssetExecutionContext, store: Storage, shards_root: str, vae_version: str
+) -> list[str]:
+    """Every registered shard with recaptions; each must have cached latents."""
+    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
+    recaptioned = set(store.listdir(RECAPTIONED_DIR))
+    cached = set(store.listdir(latent_cache.LATENTS_DIR, vae_version))
+    shards = [s for s in shards_of_groups(shards_root, groups) if f"{s}.parquet" in recaptioned]
+    if not shards:
+        raise ValueError("no recaptioned shards: materialize recaptioned_shards first")
+    missing = [s for s in shards if latent_cache.latent_file(s) not in cached]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} recaptioned shard(s) have no latents for VAE {vae_version} "
+            f"(first: {missing[:5]}): materialize t2i_latents for their groups first"
+        )
+    return shards
+
+
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
-    deps=[dg.AssetDep(recaptioned_shards, partition_mapping=dg.AllPartitionMapping())],
+    deps=[
+        dg.AssetDep(recaptioned_shards, partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep(t2i_latents, partition_mapping=dg.AllPartitionMapping()),
+        base_t2i_model,
+    ],
     pool=GPU_POOL,
     group_name="text_to_image",
     kinds={"pytorch", "diffusers"},
     tags={"recap/gpu": "1"},
     description="The base text-to-image model fine-tuned on every recaptioned shard with one "
-    "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample). "
-    "Resumes from its last training state after an interruption.",
+    "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample), by "
+    "the standalone trainer (torchrun, `processes` processes) launched through Dagster "
+    "Pipes. Streams the latent cache; resumes from its training state under the storage "
+    "root after an interruption, on any machine.",
 )
 @retry_only_transient
 def sd_checkpoints(
     context: dg.AssetExecutionContext,
-    config: SDFineTuneConfig,
+    config: SDFineTuneConfig,  # type: ignore[valid-type]
     models: ModelsResource,
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     variant = context.partition_key
     store = storage.get()
-    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
-    shards = [
-        s
-        for s in shards_of_groups(sources.shards_root, groups)
-        if store.exists(RECAPTIONED_DIR, f"{s}.parquet")
-    ]
-    if not shards:
-        raise ValueError("no recaptioned shards: materialize recaptioned_shards first")
-    examples = recaptioned_examples(
-        store, sources.shards_root, shards, variant, limit=config.max_examples or None
+    base = local_model_dir(models.base_t2i)
+    vae_version = latent_cache.model_version(Path(base) / "vae")
+    shards = _training_shards(context, store, sources.shards_root, vae_version)
+    train_config = _train_config(config)
+    job = TrainJob(
+        base_model=base,
+        base_version=latent_cache.model_version(base),
+        storage_root=store.root,
+        state_parts=(SD_STATE_DIR, variant),
+        snapshot_parts=(*SD_DIR, variant),
+        data=training_stream(
+            train_config,
+            base_model=base,
+            latents_root=store.root,
+            vae_version=vae_version,
+            shards=shards,
+            captions=variant_captions(store.root, variant, RECAPTIONED_DIR),
+        ),
+        config=train_config,
+        mixed_precision=compute.training_precision(),
+        num_workers=config.dataloader_workers,
+        snapshot_meta={"variant": variant},
     )
-    context.log.info(f"{variant}: {len(examples)} training images from {len(shards)} shard(s)")
-    device = compute.torch_device()
-    pipe = load_pipeline(models.base_t2i, device=device)
-    work_dir = _work_dir(store, variant)
-    precision = compute.training_precision()
-    snapshots, losses, resumed_from = [], [], None
-    start = time.perf_counter()
-    for step in milestones(config.steps, config.snapshot_every):
-        result = train(
-            pipe,
-            examples,
-            config.train_config(step, precision),
-            work_dir,
-            on_step=lambda s, loss: (
-                context.log.info(f"{variant} step {s}/{config.steps} loss {loss:.4f}")
-                if s % max(1, config.steps // 10) == 0
-                else None
-            ),
+    context.log.info(
+        f"{variant}: training on {len(shards)} shard(s) with {config.processes} process(es)"
+    )
+    with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
+        job_file = write_job(job, tmp)
+        # torchrun would set one thread per process; keep the user's setting, else share.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(
+            max(1, (os.cpu_count() or 1) // config.processes)
         )
-        pipe, losses = result.pipeline, result.losses
-        if resumed_from is None:
-            resumed_from = result.resumed_from
-        name = "final" if step == config.steps else f"step-{step:06d}"
-        with store.atomic_dir(*SD_DIR, variant, name) as staging:
-            save_pipeline(pipe, staging, extra={"variant": variant, "step": step})
-            version = weights_fingerprint(staging)
-            Path(staging, VERSION_FILE).write_text(version + "\n")
-        snapshots.append({"step": step, "name": name, "version": version})
-    seconds = time.perf_counter() - start
-    # Written last: the list of snapshots of this materialization, for metric_reports.
-    store.write_text(json.dumps(snapshots, indent=2), *SD_DIR, variant, SNAPSHOTS_FILE)
+        env = {"OMP_NUM_THREADS": threads}
+        pipes_subprocess_client.run(
+            context=context, command=launch_command(job_file, config.processes), env=env
+        )
+    run = json.loads(store.read_text(SD_STATE_DIR, variant, "last_run.json"))
+    snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))
 
     truths = _eval_prompts(sources)[: config.sample_prompts]
+    with store.local_dir(*SD_DIR, variant, "final") as local:
+        pipe = load_pipeline(local, device=compute.torch_device())
     samples = generate(pipe, [t.prompt for t in truths], [SAMPLE_SEED] * len(truths))
     grid = image_grid(samples, columns=8, cell=64)
     store.write_bytes(grid, "reports", f"sd_{variant}_samples.png")
     loss_png = line_plot(
-        {variant: losses},
+        {variant: run["losses"]},
         title=f"fine-tuning loss ({variant})",
         xlabel="step",
         ylabel="loss",
@@ -198,11 +276,14 @@ def sd_checkpoints(
             "dagster/uri": dg.MetadataValue.path(store.uri(*SD_DIR, variant, "final")),
             "variant": variant,
             "version": final_version,
-            "training_images": len(examples),
-            "steps": config.steps,
-            "resumed_from_step": resumed_from if resumed_from is not None else -1,
-            "train_seconds": round(seconds, 1),
-            "final_loss": float(losses[-1]) if losses else float("nan"),
+            "training_shards": len(shards),
+            "steps": train_config.steps,
+            "processes": run["processes"],
+            "resumed_from_step": run["resumed_from_step"],
+            "train_seconds": run["train_seconds"],
+            "first_step_seconds": run["first_step_seconds"],
+            "samples_per_second": run["samples_per_second"],
+            "final_loss": run["final_loss"],
             "snapshots": dg.MetadataValue.json(snapshots),
             "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "loss")),
             "samples": dg.MetadataValue.md(

@@ -253,6 +253,18 @@ def load_pipeline(
     return pipe.to(torch.device(device) if device is not None else _default_device())
 
 
+def local_model_dir(path_or_id: str) -> str:
+    """A local directory of the model: ``path_or_id`` itself, or the hub snapshot of a model
+    id (from the local hub cache when offline)."""
+    if os.path.isdir(path_or_id):
+        return str(Path(path_or_id).resolve())
+    if not path_or_id:
+        raise ValueError("no base model configured")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path_or_id)
+
+
 def save_pipeline(pipe, out_dir: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> str:
     """Save atomically (temp dir + rename): ``out_dir`` is either absent or complete.
 

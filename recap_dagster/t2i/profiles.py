@@ -102,7 +102,7 @@ MINIWORLD_PROFILE = T2IProfile(
     ),
     finetune=TrainConfig(
         steps=1200, learning_rate=1e-3, batch_size=32, micro_batch_size=32,
-        lr_warmup_steps=10, checkpoint_every=200, snr_gamma=5.0,
+        lr_warmup_steps=10, checkpoint_every=200, snapshot_every=400, snr_gamma=5.0,
     ),
     sample=SampleConfig(guidance_scale=7.0, num_inference_steps=20, batch_size=100),
 )  # fmt: skip
@@ -123,7 +123,9 @@ QUICK_PROFILE = T2IProfile(
     vae_steps=5,
     vae_batch_size=8,
     base=TrainConfig(steps=3, learning_rate=1e-3, batch_size=8, micro_batch_size=8),
-    finetune=TrainConfig(steps=3, learning_rate=1e-3, batch_size=8, micro_batch_size=8),
+    finetune=TrainConfig(
+        steps=3, learning_rate=1e-3, batch_size=8, micro_batch_size=8, snapshot_every=2
+    ),
     sample=SampleConfig(guidance_scale=3.0, num_inference_steps=3, batch_size=16),
     corpus_limit=32,
 )

@@ -1,489 +1,538 @@
-"""Fine-tune a Stable Diffusion pipeline on (image, captions) pairs — RECAP step 3.
+"""Fine-tune a Stable Diffusion pipeline on cached latents and captions — RECAP step 3.
+
+A standalone command, like diffusers' training scripts, usable without Dagster::
+
+    torchrun --standalone --nproc_per_node N -m recap_dagster.t2i.train --job job.json
+
+(``accelerate launch`` works too). The job file (:class:`TrainJob`) names the base
+pipeline, the latent cache, the caption tables and where the training state and the
+snapshots go under the storage root (local folder or ``s3://``). ``sd_checkpoints``
+launches it through Dagster Pipes; under Pipes, process 0 sends its log lines, loss and
+progress to the Dagster run.
 
 The paper trains UNet and CLIP text encoder together (lr 1e-5, batch 512, prompt dropout
-0.14 for classifier-free guidance). :func:`train` does that with accelerate (device
-placement, gradient accumulation, mixed precision), optional EMA and resumable, atomic
-checkpoints. Each sample carries one or more captions and every draw picks one uniformly
-(RECAP Mix: ``captions=(short, long)``); with probability ``prompt_dropout`` the caption is
-replaced by the empty prompt, which is what the pipeline uses as its unconditional input.
-
-Determinism: every random choice of step ``s`` (samples, captions, dropout, noise,
-timesteps) comes from generators seeded by ``(seed, s)``. A resumed run therefore replays
-exactly the draws an uninterrupted run would have made, on top of the restored model,
-optimizer, LR schedule and EMA state.
+0.14, RECAP Mix = short or long per sample). One run has one LR schedule over all its
+steps; the diffusers snapshots behind the metric-versus-steps curves are written from
+inside it. Training state (models, optimizer, LR schedule, EMA, RNG, data position) is
+checkpointed under the storage root, so a run killed anywhere resumes on another machine
+and ends with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import random
-import re
-import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
+from recap_dagster.storage import Storage
+from recap_dagster.t2i.stream import CaptionSource, DataPosition, LatentStream, StreamSpec
+from recap_dagster.training import (
+    Checkpoints,
+    check_lr_scheduler,
+    check_mixed_precision,
+    lr_schedule,
+    make_accelerator,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-_META = "recap_train.json"  # inside a checkpoint: step, fingerprint, losses
+SNAPSHOTS_FILE = "snapshots.json"
+FINAL = "final"
 
 
-@dataclass(frozen=True)
-class TrainingExample:
-    """One training image and the captions to choose from (uniformly, per draw)."""
-
-    image: Image.Image
-    captions: tuple[str, ...]
+def _setting(default: Any, description: str) -> Any:
+    """A setting with the description the Dagster launchpad shows for it."""
+    return field(default=default, metadata={"description": description})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fine-tuning settings. Defaults are the paper's where it states them."""
+    """Fine-tuning settings: the one definition (``sd_checkpoints``' Dagster config is
+    derived from it). Defaults are the paper's recipe where it states them (SD v1.4:
+    lr 1e-5, batch 512, prompt dropout 0.14, UNet and text encoder trained)."""
 
-    steps: int = 100
-    learning_rate: float = 1e-5
-    batch_size: int = 512  # effective batch: micro_batch_size x accumulation
-    micro_batch_size: int = 64
-    prompt_dropout: float = 0.14
-    train_unet: bool = True
-    train_text_encoder: bool = True
-    text_encoder_lr_scale: float = 1.0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
-    use_ema: bool = False
-    ema_decay: float = 0.999
-    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization name
-    lr_warmup_steps: int = 0
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023); None: off
-    noise_offset: float = 0.0
-    # Train on the VAE posterior mean (False) or a sample from it (True, SD's trainer). A
-    # briefly trained tiny VAE keeps a posterior std about as large as the latents' spread
-    # (its decoder learns to ignore it), so sampling hands the UNet half-noise targets:
-    # measured eps-loss 0.55 and pure-noise samples. SD's VAE has a tiny std, so for it
-    # the two are the same.
-    sample_latents: bool = False
-    checkpoint_every: int = 0  # optimizer steps; 0: only at the end
-    keep_checkpoints: int = 2
-    seed: int = 0
+    steps: int = _setting(1000, "Optimizer steps of the whole run.")
+    learning_rate: float = _setting(1e-5, "Peak AdamW learning rate.")
+    batch_size: int = _setting(
+        512, "Effective batch: micro_batch_size x processes x gradient accumulation."
+    )
+    micro_batch_size: int = _setting(64, "Images per process and forward pass.")
+    prompt_dropout: float = _setting(
+        0.14, "Probability of training on the empty prompt (for classifier-free guidance)."
+    )
+    train_unet: bool = _setting(True, "Train the UNet.")
+    train_text_encoder: bool = _setting(True, "Train the CLIP text encoder.")
+    text_encoder_lr_scale: float = _setting(1.0, "Text encoder lr = learning_rate x this.")
+    use_ema: bool = _setting(False, "Keep an EMA of the weights; snapshots hold the EMA.")
+    ema_decay: float = _setting(0.9999, "EMA decay (diffusers' EMAModel).")
+    lr_scheduler: str = _setting(
+        "constant_with_warmup",
+        "LR schedule over the whole run after the warmup: constant, constant_with_warmup, "
+        "linear, cosine, cosine_with_min_lr.",
+    )
+    lr_warmup_steps: int = _setting(0, "Linear warmup steps.")
+    adam_weight_decay: float = _setting(1e-2, "AdamW weight decay.")
+    max_grad_norm: float = _setting(1.0, "Gradient norm clipping (0: off).")
+    snr_gamma: float | None = _setting(
+        None, "Min-SNR loss weighting gamma (Hang et al. 2023); None: plain MSE, as the paper."
+    )
+    noise_offset: float = _setting(0.0, "Offset noise strength (0: off).")
+    # A briefly trained tiny VAE keeps a posterior std about as large as the latents'
+    # spread (its decoder learns to ignore it), so sampling hands the UNet half-noise
+    # targets: measured eps-loss 0.55 and pure-noise samples. SD's VAE has a tiny std.
+    sample_latents: bool = _setting(
+        False, "Train on a sample of the VAE posterior (SD's trainer) instead of its mean."
+    )
+    window_shards: int = _setting(4, "Shards the data stream mixes at a time (memory bound).")
+    checkpoint_every: int = _setting(
+        100, "Optimizer steps between resumable training states (under the storage root)."
+    )
+    keep_checkpoints: int = _setting(2, "Resumable states kept.")
+    snapshot_every: int = _setting(
+        250, "Optimizer steps between diffusers snapshots for the metric curves (0: final)."
+    )
+    seed: int = _setting(0, "Seed of the data order, captions, dropout, noise and timesteps.")
 
     def __post_init__(self) -> None:
-        # Checked here, not at the first optimizer step of a long run.
-        from diffusers.optimization import SchedulerType
+        check_lr_scheduler(self.lr_scheduler)
+        if self.steps < 1 or self.micro_batch_size < 1:
+            raise ValueError("steps and micro_batch_size must be >= 1")
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("nothing to train: train_unet and train_text_encoder are off")
 
-        known = [s.value for s in SchedulerType]
-        if self.lr_scheduler not in known:
-            raise ValueError(f"lr_scheduler must be one of {known}, got {self.lr_scheduler!r}")
-
-    @property
-    def accumulation_steps(self) -> int:
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError("batch_size must be a multiple of micro_batch_size")
-        return self.batch_size // self.micro_batch_size
+    def accumulation_steps(self, processes: int) -> int:
+        per_step = self.micro_batch_size * processes
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x "
+                f"processes = {per_step}"
+            )
+        return self.batch_size // per_step
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed from (not the length or cadence)."""
+        """What a checkpoint must agree on to be resumed from (not its cadence)."""
         data = asdict(self)
-        for key in ("steps", "checkpoint_every", "keep_checkpoints"):
+        for key in ("checkpoint_every", "keep_checkpoints", "snapshot_every"):
             data.pop(key)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def milestones(steps: int, every: int) -> list[int]:
+    """Snapshot steps: every ``every`` steps, always ending at ``steps``."""
+    points = list(range(every, steps, every)) if every > 0 else []
+    return [*points, steps]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run: what the standalone command reads from its job file."""
+
+    base_model: str  # diffusers pipeline directory to fine-tune
+    base_version: str  # fingerprint of its weights (a new base starts a new run)
+    storage_root: str  # where the state and the snapshots go (local or s3://)
+    state_parts: tuple[str, ...]  # resumable training state under the root
+    snapshot_parts: tuple[str, ...]  # diffusers snapshots under the root
+    data: StreamSpec
+    config: TrainConfig = field(default_factory=TrainConfig)
+    mixed_precision: str = "no"
+    num_workers: int = 1  # DataLoader workers per process (data order does not depend on it)
+    snapshot_meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_mixed_precision(self.mixed_precision)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainJob:
+        data = json.loads(text)
+        return cls(
+            **{
+                **data,
+                "state_parts": tuple(data["state_parts"]),
+                "snapshot_parts": tuple(data["snapshot_parts"]),
+                "data": StreamSpec.from_dict(data["data"]),
+                "config": TrainConfig.from_dict(data["config"]),
+            }
+        )
+
+    def fingerprint(self) -> str:
+        """The run's identity: a checkpoint of another one is never resumed from."""
+        payload = {
+            "base_model": self.base_model,
+            "base_version": self.base_version,
+            "data": self.data.to_dict(),
+            "config": self.config.fingerprint(),
+            "mixed_precision": self.mixed_precision,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def training_stream(
+    config: TrainConfig,
+    *,
+    base_model: str,
+    latents_root: str,
+    vae_version: str,
+    shards: list[str],
+    captions: CaptionSource,
+) -> StreamSpec:
+    """The data stream of a run with ``config`` over ``shards`` of the latent cache."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.load_config(base_model, subfolder="scheduler")
+    return StreamSpec(
+        latents_root=latents_root,
+        vae_version=vae_version,
+        shards=tuple(shards),
+        captions=captions,
+        seed=config.seed,
+        prompt_dropout=config.prompt_dropout,
+        window_shards=config.window_shards,
+        num_train_timesteps=int(scheduler["num_train_timesteps"]),
+        noise_offset=config.noise_offset,
+    )
 
 
 @dataclass
 class TrainResult:
     losses: list[float]  # one per optimizer step, from step 1 (including resumed ones)
-    steps_done: int
+    snapshots: list[dict[str, Any]]  # {"step", "name", "version"} in step order
     resumed_from: int | None  # checkpoint step resumed from, None for a fresh start
-    pipeline: Any = field(repr=False, default=None)
+    processes: int = 1
+    seconds: float = 0.0
+    first_step_seconds: float = 0.0  # from the call to the end of the first optimizer step
+    samples: int = 0  # samples trained on by this call (all processes)
 
 
-# ------------------------------------------------------------------------------ captions
+ProgressFn = Callable[[int, int, float, float], None]  # step, steps, loss, samples/s
 
 
-def select_caption(captions: Sequence[str], rng: random.Random, dropout: float) -> str:
-    """One draw: the empty prompt with probability ``dropout``, else a uniform caption."""
-    if rng.random() < dropout:
-        return ""
-    return captions[rng.randrange(len(captions))]
+def _loss(pred: torch.Tensor, target: torch.Tensor, timesteps, scheduler, config) -> torch.Tensor:
+    """Mean squared error, optionally Min-SNR weighted per sample (diffusers' formula)."""
+    if config.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
 
-
-def _step_seed(seed: int, step: int, salt: str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{step}/{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
-
-
-# --------------------------------------------------------------------------------- data
-
-
-def images_to_tensor(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
-    """(N, 3, R, R) in [-1, 1]. No flips: they would swap 'left' and 'right'."""
-    arrays = []
-    for image in images:
-        image = image.convert("RGB")
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(image, dtype=np.float32))
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return pixels / 127.5 - 1.0
-
-
-@torch.no_grad()
-def encode_latents(
-    vae, pixels: torch.Tensor, device: torch.device, batch_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image, unscaled, on the CPU. The VAE is frozen, so
-    this is done once and each step samples ``mean + std * noise`` (as SD's trainer does)."""
-    means, stds = [], []
-    dtype = next(vae.parameters()).dtype
-    for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size].to(device, dtype)
-        dist = vae.encode(batch).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def fit_vae(
-    vae,
-    images: Sequence[Image.Image],
-    *,
-    steps: int,
-    resolution: int,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    kl_weight: float = 1e-6,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> list[float]:
-    """Train a (tiny) AutoencoderKL to reconstruct ``images`` and set its ``scaling_factor``
-    so that scaled latents have unit variance (SD's 0.18215 was chosen the same way).
-
-    Needed because the miniworld has no pretrained VAE; SD's own is reused as is.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae.to(device).train()
-    pixels = images_to_tensor(images, resolution)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=learning_rate, total_steps=max(1, steps), pct_start=0.1
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=config.snr_gamma)
+    weight = clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else (
+        clipped / snr
     )
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
-        x = pixels[idx].to(device)
-        dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
-        recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + kl_weight * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    vae.eval()
-    mean, _ = encode_latents(vae, pixels[: min(len(pixels), 1024)], device)
-    vae.register_to_config(scaling_factor=float(1.0 / mean.std().clamp_min(1e-6)))
-    return losses
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed into place), oldest first."""
-    found = []
-    if work_dir.is_dir():
-        for entry in work_dir.iterdir():
-            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", entry.name)
-            if match and (entry / _META).exists():
-                found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def _fingerprint_digest(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _reset_accelerate_state() -> None:
-    """accelerate keeps process-wide state that refuses a second Accelerator with another
-    mixed precision or accumulation; one process may train several models in turn."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    if PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-
-
-def _save_checkpoint(
-    accelerator, work_dir: Path, step: int, meta: dict[str, Any], keep: int
-) -> Path:
-    """save_state into a temp dir, then rename: a killed run never leaves a half one."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    final = work_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{CHECKPOINT_PREFIX}{step}-", dir=work_dir))
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        (tmp / _META).write_text(json.dumps(meta), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in _checkpoints(work_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _clean_work_dir(work_dir: Path, fingerprint: str) -> None:
-    """Drop leftovers of killed saves and checkpoints of a different run configuration."""
-    if not work_dir.is_dir():
-        return
-    for entry in work_dir.iterdir():
-        if entry.name.startswith(f".tmp-{CHECKPOINT_PREFIX}"):
-            shutil.rmtree(entry, ignore_errors=True)
-    for step, path in _checkpoints(work_dir):
-        meta = json.loads((path / _META).read_text(encoding="utf-8"))
-        if meta.get("fingerprint") != fingerprint:
-            log.warning("removing checkpoint %s of a different run configuration", path)
-            shutil.rmtree(path, ignore_errors=True)
-        del step
-
-
-# ------------------------------------------------------------------------------ training
-
-
-def _as_pipeline(pipe_or_dir):
-    if isinstance(pipe_or_dir, str | os.PathLike):
-        from recap_dagster.t2i.model import load_pipeline
-
-        return load_pipeline(pipe_or_dir, device="cpu")
-    return pipe_or_dir
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight).mean()
 
 
 def train(
-    pipe_or_dir,
-    examples: Sequence[TrainingExample],
-    config: TrainConfig,
-    work_dir: str | os.PathLike,
+    job: TrainJob,
     *,
-    on_step: Callable[[int, float], None] | None = None,
-    on_checkpoint: Callable[[int, str], None] | None = None,
+    on_progress: ProgressFn | None = None,
+    on_snapshot: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune UNet and/or text encoder of a pipeline for ``config.steps`` optimizer steps.
-
-    The pipeline (or the one loaded from a directory) is updated in place and returned in
-    the result, with EMA weights copied in when ``use_ema``. Checkpoints go to
-    ``work_dir/checkpoint-<step>``; calling again with the same ``work_dir`` resumes from
-    the latest one made with the same configuration and data.
-    """
-    from accelerate import Accelerator
+    """Run (or resume) ``job`` in this process, one of N when launched by torchrun."""
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
-    if not examples:
-        raise ValueError("no training examples")
-    if not (config.train_unet or config.train_text_encoder):
-        raise ValueError("nothing to train")
-    pipe = _as_pipeline(pipe_or_dir)
-    work = Path(work_dir)
-    accum = config.accumulation_steps
-    _reset_accelerate_state()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=accum, mixed_precision=config.mixed_precision
-    )
+    from recap_dagster.t2i.model import load_pipeline
+
+    config = job.config
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    accelerator = make_accelerator(job.mixed_precision)
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    accum = config.accumulation_steps(processes)
     device = accelerator.device
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    store = Storage(job.storage_root)
+    fingerprint = job.fingerprint()
+    checkpoints = Checkpoints(
+        store, *job.state_parts, fingerprint, fingerprint=fingerprint, keep=config.keep_checkpoints
+    )
+
+    pipe = load_pipeline(job.base_model, device="cpu")
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # Sampling schedulers may store a prediction type; training must use the same.
     prediction_type = noise_scheduler.config.prediction_type
-    resolution = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1))
-
-    torch.manual_seed(config.seed)
-    # Latents once: the VAE is frozen. Fingerprint covers the data, so a resume never mixes
-    # two datasets.
-    vae.to(device).eval().requires_grad_(False)
-    pixels = images_to_tensor([e.image for e in examples], resolution)
-    lat_mean, lat_std = encode_latents(vae, pixels, device)
-    del pixels
-    scaling = float(vae.config.scaling_factor)
-    data_hash = hashlib.sha256(lat_mean.numpy().tobytes())
-    for e in examples:
-        data_hash.update("\x1f".join(e.captions).encode() + b"\x1e")
-    fingerprint = _fingerprint_digest(
-        {"config": config.fingerprint(), "data": data_hash.hexdigest()}
-    )
-    _clean_work_dir(work, fingerprint)
-
-    # Token ids per distinct caption (captions repeat across steps).
-    token_cache: dict[str, torch.Tensor] = {}
-
-    def token_ids(texts: list[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in token_cache]
-        if missing:
-            ids = tokenizer(
-                missing,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            token_cache.update(zip(missing, ids, strict=True))
-        return torch.stack([token_cache[t] for t in texts])
-
-    unet.requires_grad_(config.train_unet)
-    text_encoder.requires_grad_(config.train_text_encoder)
-    unet.train(config.train_unet)
-    text_encoder.train(config.train_text_encoder)
-    params: list[dict[str, Any]] = []
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction type {prediction_type!r}")
+    scaling = float(pipe.vae.config.scaling_factor)
+    unet.requires_grad_(config.train_unet).train(config.train_unet)
+    text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
+    groups: list[dict[str, Any]] = []
     if config.train_unet:
-        params.append({"params": list(unet.parameters()), "lr": config.learning_rate})
+        groups.append({"params": list(unet.parameters()), "lr": config.learning_rate})
     if config.train_text_encoder:
-        params.append(
-            {
-                "params": list(text_encoder.parameters()),
-                "lr": config.learning_rate * config.text_encoder_lr_scale,
-            }
-        )
-    optimizer = torch.optim.AdamW(params, weight_decay=config.adam_weight_decay)
-    lr_scheduler = get_scheduler(
+        lr = config.learning_rate * config.text_encoder_lr_scale
+        groups.append({"params": list(text_encoder.parameters()), "lr": lr})
+    trained = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
+    # Stepped by hand once per optimizer step over the whole run (accelerate's wrapper
+    # would step it once per process).
+    scheduler = lr_schedule(
         config.lr_scheduler,
-        optimizer=optimizer,
-        # accelerate's prepared scheduler advances once per synced (optimizer) step.
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=max(1, config.steps),
+        optimizer,
+        warmup_steps=config.lr_warmup_steps,
+        total_steps=config.steps,
     )
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-        unet, text_encoder, optimizer, lr_scheduler
-    )
+    accelerator.register_for_checkpointing(scheduler)
+    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     emas: list[tuple[Any, Any]] = []
     if config.use_ema:
-        for model, trained in (
-            (unet, config.train_unet),
-            (text_encoder, config.train_text_encoder),
-        ):
-            if trained:
-                base = accelerator.unwrap_model(model)
-                ema = EMAModel(base.parameters(), decay=config.ema_decay)
+        for model, on in ((unet, config.train_unet), (text_encoder, config.train_text_encoder)):
+            if on:
+                ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay)
                 ema.to(device)
                 accelerator.register_for_checkpointing(ema)
                 emas.append((ema, model))
 
     losses: list[float] = []
-    start = 0
-    resumed_from = None
-    existing = [(s, p) for s, p in _checkpoints(work) if s <= config.steps]
-    if existing:
-        start, path = existing[-1]
-        accelerator.load_state(str(path))
-        meta = json.loads((path / _META).read_text(encoding="utf-8"))
-        losses = list(meta.get("losses", []))[:start]
-        resumed_from = start
-        log.info("resuming from %s", path)
+    snapshots: list[dict[str, Any]] = []
+    position = DataPosition()
+    start_step, resumed_from = 0, None
+    latest = checkpoints.latest(up_to=config.steps)
+    if latest is not None:
+        checkpoints.load(accelerator, latest)
+        start_step = resumed_from = latest.step
+        losses = list(latest.meta["losses"])
+        snapshots = list(latest.meta["snapshots"])
+        position = DataPosition(*latest.meta["position"])
 
-    def save(step: int) -> None:
-        meta = {"step": step, "fingerprint": fingerprint, "losses": losses}
-        path = _save_checkpoint(accelerator, work, step, meta, config.keep_checkpoints)
-        if on_checkpoint is not None:
-            on_checkpoint(step, str(path))
+    stream = LatentStream(
+        job.data,
+        tokenizer,
+        micro_batch_size=config.micro_batch_size,
+        rank=rank,
+        world_size=processes,
+        start=position,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=job.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if job.num_workers else None,
+    )
+    batches = iter(loader)
+    snapshot_steps = set(milestones(config.steps, config.snapshot_every))
 
-    n = len(examples)
-    for step in range(start + 1, config.steps + 1):
-        rng = random.Random(_step_seed(config.seed, step, "captions"))
-        gen = torch.Generator().manual_seed(_step_seed(config.seed, step, "noise"))
-        step_loss = 0.0
+    def state_meta() -> dict[str, Any]:
+        return {"losses": losses, "snapshots": snapshots, "position": position.as_list()}
+
+    first_step_seconds = 0.0
+    window_start, window_samples = time.perf_counter(), 0
+    samples = 0
+    for step in range(start_step + 1, config.steps + 1):
+        step_loss = torch.zeros((), device=device)
         for _ in range(accum):
+            batch = next(batches)
             with accelerator.accumulate(unet, text_encoder):
-                idx = torch.randint(0, n, (config.micro_batch_size,), generator=gen)
-                texts = [
-                    select_caption(examples[i].captions, rng, config.prompt_dropout)
-                    for i in idx.tolist()
-                ]
-                ids = token_ids(texts).to(device)
-                mean, std = lat_mean[idx], lat_std[idx]
-                eps = torch.randn(mean.shape, generator=gen)  # drawn always: same RNG stream
-                latents = (mean + std * eps if config.sample_latents else mean) * scaling
-                noise = torch.randn(latents.shape, generator=gen)
-                if config.noise_offset:
-                    noise += config.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen
-                    )
-                timesteps = torch.randint(
-                    0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen
-                )
-                latents, noise, timesteps = (
-                    latents.to(device),
-                    noise.to(device),
-                    timesteps.to(device),
-                )
+                mean = batch["mean"].to(device)
+                latents = mean + batch["std"].to(device) * batch["eps"].to(device)
+                latents = (latents if config.sample_latents else mean) * scaling
+                noise = batch["noise"].to(device)
+                timesteps = batch["timesteps"].to(device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if prediction_type == "epsilon":
-                    target = noise
-                elif prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+                target = (
+                    noise
+                    if prediction_type == "epsilon"
+                    else noise_scheduler.get_velocity(latents, noise, timesteps)
+                )
+                ids = batch["input_ids"].to(device)
                 with accelerator.autocast():
-                    if config.train_text_encoder:
+                    context = (
+                        contextlib.nullcontext() if config.train_text_encoder else torch.no_grad()
+                    )
+                    with context:
                         hidden = text_encoder(ids, return_dict=False)[0]
-                    else:
-                        with torch.no_grad():
-                            hidden = text_encoder(ids, return_dict=False)[0]
                     pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-                if config.snr_gamma is None:
-                    loss = F.mse_loss(pred.float(), target.float())
-                else:
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    weight = torch.clamp(snr, max=config.snr_gamma) / snr
-                    if prediction_type == "v_prediction":
-                        weight = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
-                    per = F.mse_loss(pred.float(), target.float(), reduction="none")
-                    loss = (per.mean(dim=(1, 2, 3)) * weight).mean()
+                loss = _loss(pred, target, timesteps, noise_scheduler, config)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
-                    trained = [p for g in params for p in g["params"]]
                     accelerator.clip_grad_norm_(trained, config.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_loss += float(loss.detach()) / accum
+            step_loss += loss.detach() / accum
+            position = DataPosition(*batch["position"].tolist())
+        scheduler.step()
         for ema, model in emas:
             ema.step(accelerator.unwrap_model(model).parameters())
-        losses.append(step_loss)
-        if on_step is not None:
-            on_step(step, step_loss)
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            save(step)
-    if config.steps > start and not (
-        config.checkpoint_every and config.steps % config.checkpoint_every == 0
-    ):
-        save(config.steps)
-
-    unet = accelerator.unwrap_model(unet)
-    text_encoder = accelerator.unwrap_model(text_encoder)
-    for ema, model in emas:
-        ema.copy_to(accelerator.unwrap_model(model).parameters())
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-    pipe.unet, pipe.text_encoder = unet, text_encoder
-    accelerator.free_memory()
-    if not math.isfinite(losses[-1] if losses else 0.0):
-        raise FloatingPointError("training diverged (non-finite loss)")
+        # The global batch's loss: the mean over processes of each one's mean.
+        value = float(accelerator.reduce(step_loss, reduction="mean"))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: loss {value} at step {step}")
+        losses.append(value)
+        samples += config.batch_size
+        window_samples += config.batch_size
+        if step == start_step + 1:
+            first_step_seconds = time.perf_counter() - started
+        if on_progress is not None and accelerator.is_main_process:
+            elapsed = time.perf_counter() - window_start
+            on_progress(step, config.steps, value, window_samples / max(elapsed, 1e-9))
+        if step in snapshot_steps:
+            snapshot = _save_snapshot(accelerator, pipe, unet, text_encoder, emas, job, step)
+            snapshots.append(snapshot)
+            if on_snapshot is not None and accelerator.is_main_process:
+                on_snapshot(snapshot)
+        cadence = config.checkpoint_every and step % config.checkpoint_every == 0
+        if step in snapshot_steps or cadence:
+            checkpoints.save(accelerator, step, state_meta())
+    if accelerator.is_main_process:
+        store.write_text(json.dumps(snapshots, indent=2), *job.snapshot_parts, SNAPSHOTS_FILE)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return TrainResult(
-        losses=losses, steps_done=config.steps, resumed_from=resumed_from, pipeline=pipe
+        losses=losses,
+        snapshots=snapshots,
+        resumed_from=resumed_from,
+        processes=processes,
+        seconds=time.perf_counter() - started,
+        first_step_seconds=first_step_seconds,
+        samples=samples,
     )
+
+
+def _save_snapshot(accelerator, pipe, unet, text_encoder, emas, job: TrainJob, step: int) -> dict:
+    """A diffusers pipeline of the weights at ``step`` (EMA weights when kept), written
+    atomically under the storage root by process 0. Training goes on from the raw weights."""
+    from recap_dagster.t2i.model import save_pipeline
+
+    name = FINAL if step == job.config.steps else f"step-{step:06d}"
+    version = ""
+    for ema, model in emas:
+        ema.store(accelerator.unwrap_model(model).parameters())
+        ema.copy_to(accelerator.unwrap_model(model).parameters())
+    try:
+        if accelerator.is_main_process:
+            pipe.unet = accelerator.unwrap_model(unet)
+            pipe.text_encoder = accelerator.unwrap_model(text_encoder)
+            store = Storage(job.storage_root)
+            with store.atomic_dir(*job.snapshot_parts, name) as staging:
+                target = Path(staging, "pipeline")
+                save_pipeline(pipe, target, extra={**job.snapshot_meta, "step": step})
+                for entry in target.iterdir():
+                    entry.rename(Path(staging, entry.name))
+                target.rmdir()
+                version = weights_fingerprint(staging)
+                Path(staging, VERSION_FILE).write_text(version + "\n")
+    finally:
+        for ema, model in emas:
+            ema.restore(accelerator.unwrap_model(model).parameters())
+    holder = [version]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(holder)
+    return {"step": step, "name": name, "version": holder[0]}
+
+
+# ------------------------------------------------------------------------------ command
+
+
+def _progress_line(step: int, steps: int, loss: float, rate: float, started: float) -> str:
+    elapsed = time.perf_counter() - started
+    eta = elapsed / max(step, 1) * (steps - step)
+    return (
+        f"step {step}/{steps} ({100 * step / steps:.0f}%) loss {loss:.4f} "
+        f"{rate:.1f} samples/s, elapsed {elapsed:.0f} s, about {eta:.0f} s left"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", required=True, help="TrainJob JSON file")
+    parser.add_argument("--log-every", type=int, default=0, help="steps between log lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    job = TrainJob.from_json(Path(args.job).read_text(encoding="utf-8"))
+    every = args.log_every or max(1, job.config.steps // 20)
+    rank = int(os.environ.get("RANK", "0"))
+    use_pipes = rank == 0 and "DAGSTER_PIPES_CONTEXT" in os.environ
+    with _pipes(use_pipes) as pipes:
+        say = pipes.log.info if pipes is not None else log.info
+        started = time.perf_counter()
+
+        def progress(step: int, steps: int, loss: float, rate: float) -> None:
+            if step % every == 0 or step == steps:
+                say(_progress_line(step, steps, loss, rate, started))
+
+        def snapshot(entry: dict[str, Any]) -> None:
+            say(f"snapshot {entry['name']} (step {entry['step']}, version {entry['version']})")
+
+        result = train(job, on_progress=progress, on_snapshot=snapshot)
+        summary = {
+            "processes": result.processes,
+            "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
+            "train_seconds": round(result.seconds, 1),
+            "first_step_seconds": round(result.first_step_seconds, 2),
+            "samples_per_second": round(result.samples / max(result.seconds, 1e-9), 2),
+            "final_loss": result.losses[-1] if result.losses else float("nan"),
+        }
+        if rank == 0:
+            Storage(job.storage_root).write_text(
+                json.dumps({**summary, "losses": result.losses}),
+                *job.state_parts,
+                "last_run.json",
+            )
+        say(f"training finished: {json.dumps(summary)}")
+    return 0
+
+
+@contextlib.contextmanager
+def _pipes(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        yield pipes
+
+
+def write_job(job: TrainJob, directory: str | None = None) -> str:
+    """The job as a JSON file (for the command line); returns its path."""
+    fd, path = tempfile.mkstemp(prefix="recap-train-", suffix=".json", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(job.to_json())
+    return path
+
+
+def launch_command(job_file: str, processes: int) -> list[str]:
+    """The command that runs a job with ``processes`` processes (torchrun; gloo on CPU,
+    NCCL on GPUs, one process per GPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "recap_dagster.t2i.train",
+        "--job",
+        job_file,
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

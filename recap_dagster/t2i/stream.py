@@ -1,0 +1,249 @@
+"""Training data for the text-to-image trainer, streamed from the latent cache.
+
+The global sample order is a pure function of ``(seed, epoch)`` and does not depend on how
+many processes or DataLoader workers read it:
+
+- each epoch permutes the shards, then mixes them a window of ``window_shards`` at a time:
+  the window's cached latents are joined by key with the shards' caption tables (rows
+  whose caption status is not ok are left out) and permuted;
+- the sequence is cut into global micro-batches of ``micro_batch_size x world_size``
+  samples; DataLoader worker ``w`` of every process builds the micro-batches ``c`` with
+  ``c % workers == w`` (the DataLoader reads its workers round-robin, so they come out in
+  order) and process ``r`` takes the ``r``-th slice of each: disjoint samples, and the same
+  global batch as one process with a ``world_size`` times larger micro-batch;
+- every random draw of a sample (its caption, prompt dropout, noise, timestep) is seeded
+  by ``(seed, epoch, shard, key)``.
+
+The data position ``(epoch, window, offset)`` after each micro-batch travels with it, and a
+stream started at a saved position yields exactly what an uninterrupted one would have.
+Only one window of shards is in memory (per worker), whatever the number of shards.
+
+Why not a streaming library: webdataset and HF datasets' iterable datasets split by shard
+(or by sample index modulo the world size) and resume only approximately once a shuffle
+buffer is involved; mosaicml-streaming and litdata resume exactly, but only over their own
+pre-written formats, which would mean writing every caption variant's (latent, caption)
+pairs again per captioner version instead of joining the shared cache with the recaptions
+at read time. The I/O itself is pyarrow (captions), safetensors (latents) and fsspec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from recap_dagster.storage import Storage
+from recap_dagster.t2i.latents import read_latent_shard
+
+
+@dataclass(frozen=True)
+class CaptionSource:
+    """Per-shard parquet tables of captions: ``<root>/<prefix...>/<shard>.parquet``.
+
+    Each draw picks one of ``columns`` uniformly (RECAP Mix: short and long). Rows whose
+    ``status_column`` is not ``ok_status`` are left out.
+    """
+
+    root: str
+    prefix: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ("caption",)
+    key_column: str = "key"
+    status_column: str = "status"
+    ok_status: str = "ok"
+
+    def read(self, shard: str) -> dict[str, tuple[str, ...]]:
+        table = Storage(self.root).read_parquet(
+            *self.prefix,
+            f"{shard}.parquet",
+            columns=[self.key_column, self.status_column, *self.columns],
+        )
+        out = {}
+        for row in table.to_pylist():
+            if row[self.status_column] == self.ok_status:
+                out[row[self.key_column]] = tuple(row[c] or "" for c in self.columns)
+        return out
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a training stream reads and how it draws (JSON-able: the trainer's job file)."""
+
+    latents_root: str
+    vae_version: str
+    shards: tuple[str, ...]
+    captions: CaptionSource
+    seed: int = 0
+    prompt_dropout: float = 0.0
+    window_shards: int = 4
+    num_train_timesteps: int = 1000
+    noise_offset: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StreamSpec:
+        captions = dict(data["captions"])
+        captions["prefix"] = tuple(captions["prefix"])
+        captions["columns"] = tuple(captions["columns"])
+        return cls(
+            **{**data, "shards": tuple(data["shards"]), "captions": CaptionSource(**captions)}
+        )
+
+
+@dataclass
+class DataPosition:
+    """Where the global sample sequence stands: ``offset`` samples into ``window`` of
+    ``epoch``."""
+
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.epoch, self.window, self.offset]
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def select_caption(captions: tuple[str, ...], rng: random.Random, dropout: float) -> str:
+    """One draw: the empty prompt with probability ``dropout``, else a uniform caption."""
+    if rng.random() < dropout:
+        return ""
+    return captions[rng.randrange(len(captions))]
+
+
+@dataclass
+class _Window:
+    shards: list[str]
+    samples: list[tuple[int, int, tuple[str, ...]]] = field(default_factory=list)
+    keys: list[list[str]] = field(default_factory=list)
+    means: list[torch.Tensor] = field(default_factory=list)
+    stds: list[torch.Tensor] = field(default_factory=list)
+
+
+class LatentStream(torch.utils.data.IterableDataset):
+    """Endless micro-batches of this process's share of the global sample sequence.
+
+    Each item is a dict of tensors for ``micro_batch_size`` samples (``mean``, ``std``,
+    ``eps``, ``noise``, ``timesteps``, ``input_ids``) plus ``position``: the data position
+    after this global micro-batch. Use with ``DataLoader(batch_size=None)``.
+    """
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        tokenizer,
+        *,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: DataPosition | None = None,
+    ) -> None:
+        super().__init__()
+        if not spec.shards:
+            raise ValueError("no shards to train on")
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.micro = micro_batch_size
+        self.rank = rank
+        self.world = world_size
+        self.start = start or DataPosition()
+
+    # -- the global sequence -----------------------------------------------------------
+    def _windows(self, epoch: int) -> list[list[str]]:
+        order = list(self.spec.shards)
+        random.Random(_seed(self.spec.seed, "shards", epoch)).shuffle(order)
+        size = max(1, self.spec.window_shards)
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _load(self, epoch: int, window: int, shards: list[str]) -> _Window:
+        store = Storage(self.spec.latents_root)
+        loaded = _Window(shards)
+        for s, shard in enumerate(shards):
+            latents = read_latent_shard(store, self.spec.vae_version, shard)
+            captions = self.spec.captions.read(shard)
+            loaded.keys.append(latents.keys)
+            loaded.means.append(latents.mean)
+            loaded.stds.append(latents.std)
+            for row, key in enumerate(latents.keys):
+                if key in captions:
+                    loaded.samples.append((s, row, captions[key]))
+        random.Random(_seed(self.spec.seed, "window", epoch, window)).shuffle(loaded.samples)
+        return loaded
+
+    def _sequence(self) -> Iterator[tuple[_Window, int, int, DataPosition]]:
+        """(window, epoch, index in window, position after it) from ``self.start`` on."""
+        epoch, window, offset = self.start.epoch, self.start.window, self.start.offset
+        empty_epochs = 0
+        while True:
+            windows = self._windows(epoch)
+            for w in range(window, len(windows)):
+                loaded = self._load(epoch, w, windows[w])
+                for i in range(offset, len(loaded.samples)):
+                    empty_epochs = 0
+                    yield loaded, epoch, i, DataPosition(epoch, w, i + 1)
+                offset = 0
+            epoch, window = epoch + 1, 0
+            empty_epochs += 1
+            if empty_epochs > 1:
+                raise ValueError("no usable training samples: no cached latent has a caption")
+
+    # -- one sample's draws ------------------------------------------------------------
+    def _sample(self, loaded: _Window, epoch: int, index: int) -> dict:
+        s, row, captions = loaded.samples[index]
+        shard, key = loaded.shards[s], loaded.keys[s][row]
+        seed = _seed(self.spec.seed, epoch, shard, key)
+        text = select_caption(captions, random.Random(seed), self.spec.prompt_dropout)
+        gen = torch.Generator().manual_seed(seed)
+        mean = loaded.means[s][row]
+        noise = torch.randn(mean.shape, generator=gen)
+        if self.spec.noise_offset:
+            shape = (mean.shape[0], 1, 1)
+            noise = noise + self.spec.noise_offset * torch.randn(shape, generator=gen)
+        return {
+            "mean": mean,
+            "std": loaded.stds[s][row],
+            "eps": torch.randn(mean.shape, generator=gen),
+            "noise": noise,
+            "timesteps": torch.randint(0, self.spec.num_train_timesteps, (), generator=gen),
+            "text": text,
+            "key": f"{shard}/{key}",
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        global_micro = self.micro * self.world
+        mine = range(self.rank * self.micro, (self.rank + 1) * self.micro)
+        chunk, filled, picked = 0, 0, []
+        for loaded, epoch, index, position in self._sequence():
+            if chunk % workers == worker and filled in mine:
+                picked.append(self._sample(loaded, epoch, index))
+            filled += 1
+            if filled == global_micro:
+                if chunk % workers == worker:
+                    yield self._collate(picked, position)
+                chunk, filled, picked = chunk + 1, 0, []
+
+    def _collate(self, samples: list[dict], position: DataPosition) -> dict:
+        texts = [s["text"] for s in samples]
+        ids = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        batch = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "std", "eps", "noise")}
+        batch["timesteps"] = torch.stack([s["timesteps"] for s in samples])
+        batch["input_ids"] = ids
+        batch["keys"] = [s["key"] for s in samples]
+        batch["position"] = torch.tensor(position.as_list())
+        return batch
