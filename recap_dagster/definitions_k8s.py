@@ -13,11 +13,13 @@ chart's ``dagster-user-deployments``: ``dagsterApiGrpcArgs: ["-m",
 "recap_dagster.definitions_k8s"]``). Environment, read when the module loads:
 
 - ``RECAP_K8S_GPUS_PER_STEP`` (default 1): GPUs each GPU step's pod requests;
+- ``RECAP_K8S_TRAINING_GPUS`` (default: GPUs per step): GPUs of the ``sd_checkpoints``
+  pod, where the trainer runs one process per GPU (``processes: 0``, the default);
 - ``RECAP_K8S_GPU_NODE_SELECTOR`` (optional, ``key=value[,key=value]``): node labels of
   the GPU node pool, e.g. ``cloud.google.com/gke-accelerator=nvidia-l4``;
 - ``RECAP_K8S_GPU_TOLERATION`` (default ``nvidia.com/gpu``): taint key GPU nodes carry.
 
-Per-run overrides (e.g. 8 GPUs for one ``sd_checkpoints`` run) go in the run config:
+Per-run overrides (e.g. 4 GPUs for one ``sd_checkpoints`` run) go in the run config:
 ``execution: config: per_step_k8s_config: {sd_checkpoints: {container_config: ...}}``.
 """
 
@@ -107,15 +109,28 @@ def with_op_tags(assets_def: dg.AssetsDefinition, tags: Mapping[str, Any]) -> dg
     )
 
 
-def k8s_assets(gpu_config: Mapping[str, Any] | None = None) -> list:
-    """The default assets, GPU ones (pool ``gpu``) tagged with their pod's GPU request."""
+def training_gpus() -> int:
+    """GPUs of the text-to-image training pod (``RECAP_K8S_TRAINING_GPUS``)."""
+    default = os.environ.get("RECAP_K8S_GPUS_PER_STEP", "1")
+    return int(os.environ.get("RECAP_K8S_TRAINING_GPUS", default))
+
+
+def k8s_assets(
+    gpu_config: Mapping[str, Any] | None = None,
+    training_config: Mapping[str, Any] | None = None,
+) -> list:
+    """The default assets, GPU ones (pool ``gpu``) tagged with their pod's GPU request;
+    ``sd_checkpoints`` (N training processes, one per GPU) with ``training_config``'s."""
     config = gpu_config if gpu_config is not None else gpu_k8s_config()
-    return [
-        with_op_tags(a, {K8S_CONFIG_TAG: config})
-        if isinstance(a, dg.AssetsDefinition) and a.is_executable and a.op.pool == GPU_POOL
-        else a
-        for a in ASSETS
-    ]
+    training = training_config if training_config is not None else gpu_k8s_config(training_gpus())
+
+    def tagged(a: Any) -> Any:
+        if not (isinstance(a, dg.AssetsDefinition) and a.is_executable and a.op.pool == GPU_POOL):
+            return a
+        pod = training if a.key == dg.AssetKey("sd_checkpoints") else config
+        return with_op_tags(a, {K8S_CONFIG_TAG: pod})
+
+    return [tagged(a) for a in ASSETS]
 
 
 defs = dg.Definitions(

@@ -51,6 +51,7 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     mixed precision (one process may train several models in turn, e.g. in tests); that
     part is reset, the process group is kept.
     """
+    import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -58,7 +59,11 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(
-        mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        # Without a GPU, accelerate joins torchrun's process group only when told it is on
+        # CPU (gloo); with GPUs it picks NCCL by itself.
+        cpu=not torch.cuda.is_available(),
     )
 
 

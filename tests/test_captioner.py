@@ -358,3 +358,37 @@ def test_fine_tune_config_validation() -> None:
 def test_unknown_family_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no tiny builder"):
         build_tiny_captioner("llava", tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fine_tune_resumes_from_its_checkpoint(family: str, tmp_path: Path) -> None:
+    """The shared substrate's checkpoints: an interrupted fine-tune, resumed, ends with
+    the losses and weights of an uninterrupted one (dropout on: RNG state restored)."""
+    from recap_dagster.storage import Storage
+    from recap_dagster.training import Checkpoints
+
+    config = FineTuneConfig(steps=5, learning_rate=1e-3, batch_size=4, lr_scheduler="cosine")
+
+    def run(root: Path, on_step=None) -> tuple[list[float], dict]:
+        cap = build_tiny_captioner(family, None, words=WORDS, seed=1)
+        checkpoints = Checkpoints(Storage(str(root)), fingerprint="test", keep=1)
+        losses = fine_tune(
+            cap, EXAMPLES, config, on_step=on_step, checkpoints=checkpoints, checkpoint_every=2
+        )
+        return losses, cap.model.state_dict()
+
+    full, full_state = run(tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path / "b", kill_at_3)
+    assert Storage(str(tmp_path / "b")).listdir() == ["checkpoint-2"]
+    resumed, resumed_state = run(tmp_path / "b")
+    assert resumed == pytest.approx(full, rel=1e-6)
+    assert all(torch.allclose(full_state[k], resumed_state[k], atol=1e-7) for k in full_state)

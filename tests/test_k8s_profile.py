@@ -42,7 +42,10 @@ from pg_server import PostgresServer, postgres_server  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "deploy" / "k8s" / "dagster.yaml"
 README = ROOT / "deploy" / "k8s" / "README.md"
-GPU_ASSETS = {"captioner_checkpoint", "recaptioned_shards", "sd_checkpoints", "metric_reports"}
+GPU_ASSETS = {
+    "captioner_checkpoint", "recaptioned_shards", "t2i_latents", "sd_checkpoints",
+    "metric_reports",
+}  # fmt: skip
 IMAGE = "registry.example.com/recap-dagster:test"
 PROFILE_ENV = {
     "DAGSTER_POSTGRES_URL": "postgresql+psycopg2://recap:secret@postgres:5432/dagster",
@@ -205,6 +208,20 @@ def test_gpu_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     }
     with pytest.raises(ValueError, match="key=value"):
         gpu_k8s_config(node_selector="gpu-pool")
+    # The trainer's pod gets its own GPU count: one training process per GPU.
+    from recap_dagster.definitions_k8s import K8S_CONFIG_TAG, k8s_assets
+
+    monkeypatch.setenv("RECAP_K8S_GPUS_PER_STEP", "1")
+    monkeypatch.setenv("RECAP_K8S_TRAINING_GPUS", "8")
+    limits = {
+        a.key.to_user_string(): a.op.tags[K8S_CONFIG_TAG]["container_config"]["resources"][
+            "limits"
+        ]["nvidia.com/gpu"]
+        for a in k8s_assets()
+        if isinstance(a, dg.AssetsDefinition) and K8S_CONFIG_TAG in a.op.tags
+    }
+    assert limits.pop("sd_checkpoints") == "8"
+    assert set(limits.values()) == {"1"}
     with pytest.raises(ValueError, match="at least 1"):
         gpu_k8s_config(gpus=0)
 

@@ -1,23 +1,49 @@
-"""The text-to-image core: build/save/load, training, resume, sampling, base pretraining."""
+"""The text-to-image core: build/save/load, the latent cache, the training stream, the
+trainer (one and two processes, resume, S3), SD 1.x / 2.x shapes, sampling, the base."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
+import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from recap_dagster.miniworld.captions import vocabulary_texts
-from recap_dagster.miniworld.scenes import render, sample_scene
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
+from recap_dagster.shards import iter_shard, list_shards
+from recap_dagster.storage import Storage
+from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import TinyT2IConfig, build_pipeline, load_pipeline, save_pipeline
 from recap_dagster.t2i.profiles import QUICK_PROFILE
 from recap_dagster.t2i.sample import generate
-from recap_dagster.t2i.train import TrainConfig, TrainingExample, select_caption, train
+from recap_dagster.t2i.stream import (
+    CaptionSource,
+    DataPosition,
+    LatentStream,
+    select_caption,
+)
+from recap_dagster.t2i.train import (
+    FINAL,
+    TrainConfig,
+    TrainJob,
+    launch_command,
+    train,
+    training_stream,
+    write_job,
+)
 
 TINY = QUICK_PROFILE.model
+#: img2dataset's parquet: the alt text is ``caption``; delivered rows are ``success``.
+ALT_TEXT = {"columns": ("caption",), "ok_status": "success"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,30 +63,59 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+def _cached_world(corpus: str, model_dir: str, root: str) -> tuple[str, list[str]]:
+    """The latent cache of every shard of ``corpus`` for the VAE of ``model_dir``."""
+    vae, resolution, version = latent_cache.load_vae(model_dir, torch.device("cpu"))
+    shards = [info.key for info in list_shards(corpus)]
+    latent_cache.cache_latents(vae, version, Storage(root), corpus, shards, resolution=resolution)
+    return version, shards
+
+
 @pytest.fixture(scope="module")
-def examples() -> list[TrainingExample]:
-    rng = random.Random(0)
-    out = []
-    for i in range(8):
-        scene = sample_scene(rng)
-        o = scene.objects[0]
-        out.append(
-            TrainingExample(
-                render(scene, 32, seed=i), (f"{o.colour} {o.shape}", f"a {o.colour} {o.shape}")
-            )
-        )
-    return out
+def world(miniworld_paths, tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    """A saved tiny pipeline and the latent cache of the quick miniworld's corpus."""
+    root = tmp_path_factory.mktemp("t2i_world")
+    model = save_pipeline(build_pipeline(tokenizer_dir, TINY, seed=0), root / "model")
+    cache = str(root / "cache")
+    version, shards = _cached_world(str(miniworld_paths.corpus), model, cache)
+    return {"corpus": str(miniworld_paths.corpus), "model": model, "cache": cache,
+            "vae_version": version, "shards": shards}  # fmt: skip
 
 
-def _config(**kw) -> TrainConfig:
-    base = {"steps": 6, "learning_rate": 1e-3, "batch_size": 4, "micro_batch_size": 4}
-    return TrainConfig(**{**base, **kw})
+def _job(world, storage_root: str, **settings) -> TrainJob:
+    base = {"steps": 6, "learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 8,
+            "checkpoint_every": 0, "snapshot_every": 0, "window_shards": 1}  # fmt: skip
+    config = TrainConfig(**{**base, **settings})
+    return TrainJob(
+        base_model=world["model"],
+        base_version="test",
+        storage_root=storage_root,
+        state_parts=("state",),
+        snapshot_parts=("snapshots",),
+        data=training_stream(
+            config,
+            base_model=world["model"],
+            latents_root=world["cache"],
+            vae_version=world["vae_version"],
+            shards=world["shards"],
+            captions=CaptionSource(root=world["corpus"], **ALT_TEXT),
+        ),
+        config=config,
+        num_workers=0,
+    )
 
 
-def _state(pipe) -> dict[str, torch.Tensor]:
-    state = {f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()}
-    state |= {f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    return state
+def _weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    pipe = load_pipeline(directory, device="cpu")
+    state = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
+    return state | {f"te.{k}": v for k, v in pipe.text_encoder.state_dict().items()}
+
+
+def _assert_same_weights(a: str | Path, b: str | Path, atol: float = 0.0) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= atol, f"weights differ by up to {worst}"
 
 
 def test_build_save_load_through_both_loaders(tokenizer_dir: str, tmp_path: Path) -> None:
@@ -125,81 +180,246 @@ def test_select_caption_honours_dropout() -> None:
     assert select_caption(("only",), rng, 0.0) == "only"
 
 
-def test_training_reduces_loss(tokenizer_dir: str, examples, tmp_path: Path) -> None:
-    pipe = build_pipeline(tokenizer_dir, TINY, seed=0)
-    config = _config(steps=40, learning_rate=3e-3, batch_size=8, micro_batch_size=8)
-    result = train(pipe, examples[:4], config, tmp_path / "work")
-    assert result.steps_done == 40 and len(result.losses) == 40
+def test_latent_cache_files(world) -> None:
+    store = Storage(world["cache"])
+    shard = world["shards"][0]
+    cached = latent_cache.read_latent_shard(store, world["vae_version"], shard)
+    decodable = [r.key for r in iter_shard(world["corpus"], shard) if r.image is not None]
+    assert cached.keys == decodable
+    size = TINY.latent_size
+    assert cached.mean.shape == (len(decodable), TINY.vae_latent_channels, size, size)
+    assert cached.std.shape == cached.mean.shape and cached.meta["resolution"] == "32"
+    # The file is safetensors: loadable without pickle by any safetensors reader.
+    from safetensors import safe_open
+
+    path = store.uri(latent_cache.LATENTS_DIR, world["vae_version"], f"{shard}.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        assert set(handle.keys()) == {"mean", "std"}
+    # Again: the finished shard is kept, not encoded twice.
+    vae, resolution, version = latent_cache.load_vae(world["model"], torch.device("cpu"))
+    stats = latent_cache.cache_latents(
+        vae, version, store, world["corpus"], world["shards"], resolution=resolution
+    )
+    assert stats.shards_kept == world["shards"] and stats.rows == 0
+
+
+def test_resize_center_crop_keeps_the_middle() -> None:
+    image = Image.new("RGB", (64, 32), "white")
+    image.paste((255, 0, 0), (16, 0, 48, 32))  # a red square in the middle
+    out = latent_cache.resize_center_crop(image, 16)
+    assert out.size == (16, 16)
+    green = np.asarray(out)[:, :, 1]
+    assert green[:, 1:-1].max() == 0 and green.max() < 64  # the red middle (edges blended)
+
+
+def _batches(world, *, micro: int, rank: int = 0, world_size: int = 1, workers: int = 0,
+             start: DataPosition | None = None, count: int = 12, window: int = 1):  # fmt: skip
+    config = _job(world, "unused", micro_batch_size=micro, window_shards=window).data
+    stream = LatentStream(
+        config, load_pipeline(world["model"], device="cpu").tokenizer,
+        micro_batch_size=micro, rank=rank, world_size=world_size, start=start,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == count:
+            return out
+    return out
+
+
+def test_stream_splits_disjointly_and_does_not_depend_on_the_world_size(world) -> None:
+    one = _batches(world, micro=8, count=12, window=2)
+    ranks = [_batches(world, micro=4, rank=r, world_size=2, workers=2, count=12, window=2)
+             for r in (0, 1)]  # fmt: skip
+    for step, single in enumerate(one):
+        halves = [ranks[0][step]["keys"], ranks[1][step]["keys"]]
+        assert not set(halves[0]) & set(halves[1])  # disjoint samples
+        assert halves[0] + halves[1] == single["keys"]  # the same global batch
+        joined = torch.cat([ranks[0][step]["noise"], ranks[1][step]["noise"]])
+        assert torch.equal(joined, single["noise"])  # the same draws per sample
+        assert torch.equal(ranks[0][step]["position"], single["position"])
+    # 12 steps of 8 cover every sample of the 48 once per epoch, twice in all.
+    keys = [k for b in one for k in b["keys"]]
+    assert len(set(keys[:48])) == 48 and sorted(keys[:48]) == sorted(keys[48:])
+    assert keys[:48] != keys[48:]  # each epoch has its own order
+
+
+def test_stream_resumes_exactly_from_a_position(world) -> None:
+    full = _batches(world, micro=5, count=14)  # crosses windows and an epoch
+    position = DataPosition(*full[6]["position"].tolist())
+    resumed = _batches(world, micro=5, start=position, count=7)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[7:]]
+    for a, b in zip(resumed, full[7:], strict=True):
+        assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_training_reduces_loss(world, tmp_path: Path) -> None:
+    job = _job(world, str(tmp_path), steps=40, learning_rate=3e-3, prompt_dropout=0.0)
+    result = train(job)
+    assert len(result.losses) == 40 and result.resumed_from is None
     assert np.mean(result.losses[-10:]) < 0.7 * np.mean(result.losses[:5])
-    assert (tmp_path / "work" / "checkpoint-40").is_dir()
+    assert Storage(str(tmp_path)).dir_complete("snapshots", FINAL)
 
 
-def test_sd_checkpoints_config_sets_the_lr_schedule(
-    tokenizer_dir: str, examples, tmp_path: Path, learning_rates: list[float]
+def test_one_schedule_over_the_run_with_three_snapshots(
+    world, tmp_path: Path, learning_rates: list[float]
 ) -> None:
-    from recap_dagster.assets.t2i import SDFineTuneConfig
+    from recap_dagster.assets.t2i import SDFineTuneConfig, _train_config
 
     asset_config = SDFineTuneConfig(
-        learning_rate=1e-3, batch_size=4, micro_batch_size=4, lr_scheduler="cosine"
-    )
-    config = asset_config.train_config(steps=5, mixed_precision="no")
-    assert config.lr_scheduler == "cosine"
-    train(build_pipeline(tokenizer_dir, TINY, seed=0), examples[:4], config, tmp_path / "w")
-    # cosine from the peak to 0 over 5 steps: 0.5 * (1 + cos(pi * k / 5))
-    expected = [1e-3, 9.045085e-4, 6.545085e-4, 3.454915e-4, 9.54915e-5]
+        steps=8, learning_rate=1e-3, batch_size=8, micro_batch_size=8, lr_scheduler="cosine",
+        snapshot_every=2, checkpoint_every=0, window_shards=1,
+    )  # fmt: skip
+    config = _train_config(asset_config)
+    job = replace(_job(world, str(tmp_path)), config=config)
+    result = train(job)
+    assert [s["step"] for s in result.snapshots] == [2, 4, 6, 8]
+    assert [s["name"] for s in result.snapshots][-1] == FINAL
+    store = Storage(str(tmp_path))
+    assert all(store.dir_complete("snapshots", s["name"]) for s in result.snapshots)
+    # cosine from the peak to 0 across all 8 steps, not restarted at each snapshot
+    expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * k / 8)) for k in range(8)]
     assert learning_rates == pytest.approx(expected)
+    assert all(a > b for a, b in zip(learning_rates, learning_rates[1:], strict=False))
     with pytest.raises(ValueError, match="lr_scheduler"):
         TrainConfig(lr_scheduler="exponential")
 
 
-def test_resume_matches_uninterrupted_run(tokenizer_dir: str, examples, tmp_path: Path) -> None:
-    config = _config(checkpoint_every=3, keep_checkpoints=1)
-    full = train(build_pipeline(tokenizer_dir, TINY, seed=0), examples, config, tmp_path / "a")
+def test_resume_matches_uninterrupted_run(world, tmp_path: Path) -> None:
+    settings = {"checkpoint_every": 3, "keep_checkpoints": 1, "use_ema": True,
+                "ema_decay": 0.9, "snr_gamma": 5.0, "snapshot_every": 2}  # fmt: skip
+    full = train(_job(world, str(tmp_path / "a"), **settings))
 
     class Killed(Exception):
         pass
 
-    def kill_at_4(step: int, loss: float) -> None:
-        if step == 4:
+    def kill_at_5(step: int, steps: int, loss: float, rate: float) -> None:
+        if step == 5:
             raise Killed
 
     with pytest.raises(Killed):
-        train(build_pipeline(tokenizer_dir, TINY, seed=0), examples, config, tmp_path / "b",
-              on_step=kill_at_4)  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-3"]
-    # A fresh process would start from the same base weights.
-    resumed = train(build_pipeline(tokenizer_dir, TINY, seed=0), examples, config, tmp_path / "b")
-    assert resumed.resumed_from == 3 and full.resumed_from is None
-    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-7)
-    a, b = _state(full.pipeline), _state(resumed.pipeline)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    # Asking for the same length again is a no-op resume from the final checkpoint.
-    again = train(build_pipeline(tokenizer_dir, TINY, seed=0), examples, config, tmp_path / "b")
-    assert again.resumed_from == 6
+        train(_job(world, str(tmp_path / "b"), **settings), on_progress=kill_at_5)
+    fingerprint = _job(world, "", **settings).fingerprint()
+    # the snapshot at 4 saved a state too; one kept
+    assert Storage(str(tmp_path / "b")).listdir("state", fingerprint) == ["checkpoint-4"]
+    resumed = train(_job(world, str(tmp_path / "b"), **settings))
+    assert resumed.resumed_from == 4 and full.resumed_from is None
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-8)
+    assert resumed.snapshots == full.snapshots  # same steps, same weight versions
+    _assert_same_weights(tmp_path / "a" / "snapshots" / FINAL, tmp_path / "b" / "snapshots" / FINAL)
+    # The same run again is a no-op resume from its final state.
+    assert train(_job(world, str(tmp_path / "b"), **settings)).resumed_from == 6
 
 
-def test_half_written_checkpoint_is_ignored(tokenizer_dir: str, examples, tmp_path: Path) -> None:
-    work = tmp_path / "w"
-    (work / ".tmp-checkpoint-9-x").mkdir(parents=True)  # a save killed mid-write
-    (work / "checkpoint-5").mkdir()  # no metadata: never completed
-    result = train(build_pipeline(tokenizer_dir, TINY, seed=0), examples, _config(steps=2), work)
-    assert result.resumed_from is None
-    assert not (work / ".tmp-checkpoint-9-x").exists()
+def test_half_written_checkpoint_is_ignored(world, tmp_path: Path) -> None:
+    job = _job(world, str(tmp_path), steps=2)
+    state = tmp_path / "state" / job.fingerprint()
+    (state / "checkpoint-5").mkdir(parents=True)  # no _SUCCESS marker: never completed
+    assert train(job).resumed_from is None
 
 
-def test_ema_bf16_and_accumulation_run(tokenizer_dir: str, examples, tmp_path: Path) -> None:
-    pipe = build_pipeline(tokenizer_dir, TINY, seed=0)
-    config = _config(steps=3, batch_size=8, micro_batch_size=4, use_ema=True, ema_decay=0.9,
-                     mixed_precision="bf16", checkpoint_every=2, snr_gamma=5.0)  # fmt: skip
-    result = train(pipe, examples, config, tmp_path / "w")
+def test_bf16_and_gradient_accumulation_run(world, tmp_path: Path) -> None:
+    job = replace(_job(world, str(tmp_path), steps=3, micro_batch_size=4), mixed_precision="bf16")
+    result = train(job)
     assert all(np.isfinite(result.losses))
-    assert result.pipeline.unet.dtype == torch.float32
-    # EMA state is part of the checkpoint, so a resume restores it.
-    resumed = train(
-        build_pipeline(tokenizer_dir, TINY, seed=0), examples,
-        TrainConfig(**{**config.__dict__, "steps": 4}), tmp_path / "w",
+
+
+def _run_command(job: TrainJob, processes: int, tmp_path: Path, name: str, **popen):
+    job_file = write_job(job, str(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **popen.pop("env", {})}
+    return subprocess.Popen(
+        launch_command(job_file, processes), env=env, cwd=tmp_path,
+        stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True, **popen,
     )  # fmt: skip
-    assert resumed.resumed_from == 3
+
+
+def test_two_processes_match_one_with_twice_the_micro_batch(world, tmp_path: Path) -> None:
+    """Same effective batch (8): 2 processes x micro-batch 4 (gloo) vs 1 x 8."""
+    runs = {}
+    for processes, micro in ((1, 8), (2, 4)):
+        root = tmp_path / f"p{processes}"
+        job = _job(world, str(root), steps=4, micro_batch_size=micro, window_shards=2)
+        proc = _run_command(job, processes, tmp_path, f"p{processes}")
+        assert proc.wait(timeout=240) == 0, (tmp_path / f"p{processes}.log").read_text()[-3000:]
+        runs[processes] = json.loads(Storage(str(root)).read_text("state", "last_run.json"))
+    assert runs[2]["processes"] == 2 and runs[1]["processes"] == 1
+    # Equal up to float reassociation (the all-reduce sums two halves): within 1e-5.
+    assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-5, abs=1e-6)
+    _assert_same_weights(tmp_path / "p1" / "snapshots" / FINAL,
+                         tmp_path / "p2" / "snapshots" / FINAL, atol=1e-5)  # fmt: skip
+
+
+def test_sigkilled_run_resumes_from_s3_with_an_empty_local_disk(
+    world, tmp_path: Path, s3_env: str
+) -> None:
+    settings = {"steps": 60, "checkpoint_every": 5, "snapshot_every": 30}
+    straight = _job(world, f"{s3_env}/straight", **settings)
+    proc = _run_command(straight, 1, tmp_path, "straight")
+    assert proc.wait(timeout=240) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+
+    killed = _job(world, f"{s3_env}/killed", **settings)
+    store = Storage(killed.storage_root)
+    state = ("state", killed.fingerprint())
+    proc = _run_command(killed, 1, tmp_path, "killed", env={"TMPDIR": str(_empty(tmp_path, "a"))})
+    deadline = time.monotonic() + 240
+    while not any(store.dir_complete(*state, name) for name in store.listdir(*state)):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+        store.fs.invalidate_cache()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    print("killed after", store.listdir(*state))
+    assert not store.dir_complete("snapshots", FINAL)
+    # Another "machine": nothing local survives; the state comes from S3 alone.
+    proc = _run_command(killed, 1, tmp_path, "resumed", env={"TMPDIR": str(_empty(tmp_path, "b"))})
+    assert proc.wait(timeout=240) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    run = json.loads(store.read_text("state", "last_run.json"))
+    assert 0 < run["resumed_from_step"] < 60
+    straight_store = Storage(straight.storage_root)
+    with (
+        straight_store.local_dir("snapshots", FINAL) as a,
+        store.local_dir("snapshots", FINAL) as b,
+    ):
+        _assert_same_weights(a, b)
+
+
+def _empty(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"tmp-{name}"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "prediction_type"), [("sd1", "epsilon"), ("sd2", "v_prediction")]
+)
+def test_stable_diffusion_shapes_train_on_the_same_path(
+    miniworld_paths, tokenizer_dir: str, tmp_path: Path, shape: str, prediction_type: str
+) -> None:
+    """Tiny random pipelines of SD 1.x / 2.x shape: 4 latent channels, an 8x VAE (four
+    blocks), a 77-token CLIP text encoder, the VAE's scaling factor from its config."""
+    config = TinyT2IConfig(
+        resolution=64, unet_block_out_channels=(16, 32), unet_cross_attention=(True, True),
+        text_hidden_size=32, text_layers=1, text_heads=2, text_intermediate_size=64,
+        vae_block_out_channels=(8, 8, 8, 8), vae_latent_channels=4, vae_norm_num_groups=4,
+        prediction_type=prediction_type, sampler="ddim",
+    )  # fmt: skip
+    pipe = build_pipeline(tokenizer_dir, config, seed=0)
+    pipe.vae.register_to_config(scaling_factor=0.18215)
+    assert pipe.tokenizer.model_max_length == 77
+    model = save_pipeline(pipe, tmp_path / shape)
+    cache = str(tmp_path / "cache")
+    version, shards = _cached_world(str(miniworld_paths.corpus), model, cache)
+    cached = latent_cache.read_latent_shard(Storage(cache), version, shards[0])
+    assert cached.mean.shape[1:] == (4, 8, 8) and cached.meta["resolution"] == "64"
+    world = {"corpus": str(miniworld_paths.corpus), "model": model, "cache": cache,
+             "vae_version": version, "shards": shards}  # fmt: skip
+    result = train(_job(world, str(tmp_path / "out"), steps=2, micro_batch_size=4))
+    assert all(np.isfinite(result.losses))
+    trained = load_pipeline(tmp_path / "out" / "snapshots" / FINAL, device="cpu")
+    assert trained.scheduler.config.prediction_type == prediction_type
+    assert trained.vae.config.scaling_factor == pytest.approx(0.18215)
 
 
 def test_generate_is_deterministic(tokenizer_dir: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pydantic
+import torch
 from pydantic import Field
 
 from recap_dagster import report as report_core
@@ -111,9 +112,7 @@ def t2i_latents(
     )
     return dg.MaterializeResult(
         metadata={
-            "dagster/uri": dg.MetadataValue.path(
-                store.uri(latent_cache.LATENTS_DIR, vae_version)
-            ),
+            "dagster/uri": dg.MetadataValue.path(store.uri(latent_cache.LATENTS_DIR, vae_version)),
             "vae_version": vae_version,
             "resolution": resolution,
             "rows": stats.rows,
@@ -150,7 +149,11 @@ SDFineTuneConfig = _dagster_config(
     "RECAP step 3: the trainer's settings (TrainConfig) plus how the step runs it.",
     processes=(
         int,
-        Field(default=1, description="Training processes (one per GPU; gloo on CPU)."),
+        Field(
+            default=0,
+            description="Training processes: 0 = one per GPU of the machine (pod), 1 on a "
+            "CPU-only one; N > 0 = N (gloo on CPU).",
+        ),
     ),
     dataloader_workers=(
         int,
@@ -221,6 +224,7 @@ def sd_checkpoints(
     vae_version = latent_cache.model_version(Path(base) / "vae")
     shards = _training_shards(context, store, sources.shards_root, vae_version)
     train_config = _train_config(config)
+    processes = config.processes or max(1, torch.cuda.device_count())
     job = TrainJob(
         base_model=base,
         base_version=latent_cache.model_version(base),
@@ -241,17 +245,17 @@ def sd_checkpoints(
         snapshot_meta={"variant": variant},
     )
     context.log.info(
-        f"{variant}: training on {len(shards)} shard(s) with {config.processes} process(es)"
+        f"{variant}: training on {len(shards)} shard(s) with {processes} process(es)"
     )
     with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
         job_file = write_job(job, tmp)
         # torchrun would set one thread per process; keep the user's setting, else share.
         threads = os.environ.get("OMP_NUM_THREADS") or str(
-            max(1, (os.cpu_count() or 1) // config.processes)
+            max(1, (os.cpu_count() or 1) // processes)
         )
         env = {"OMP_NUM_THREADS": threads}
         pipes_subprocess_client.run(
-            context=context, command=launch_command(job_file, config.processes), env=env
+            context=context, command=launch_command(job_file, processes), env=env
         )
     run = json.loads(store.read_text(SD_STATE_DIR, variant, "last_run.json"))
     snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))

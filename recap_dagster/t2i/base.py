@@ -30,6 +30,7 @@ from recap_dagster.t2i.train import FINAL, TrainJob, train, training_stream
 
 log = logging.getLogger(__name__)
 
+
 def _miniworld_hash(miniworld_dir: str) -> str:
     manifest = json.loads((Path(miniworld_dir) / "manifest.json").read_text(encoding="utf-8"))
     return str(manifest["content_sha256"])
@@ -121,9 +122,7 @@ def build_miniworld_base(
     shards = [info.key for info in list_shards(corpus) if info.complete]
     # img2dataset's own parquet holds the alt text (``caption``; delivered rows: success).
     vae_version = weights_fingerprint(init / "vae")
-    cache_latents(
-        pipe.vae, vae_version, store, corpus, shards, resolution=prof.model.resolution
-    )
+    cache_latents(pipe.vae, vae_version, store, corpus, shards, resolution=prof.model.resolution)
     config = replace(prof.base, snapshot_every=0)
     job = TrainJob(
         base_model=str(init),

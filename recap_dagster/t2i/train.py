@@ -239,8 +239,10 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, timesteps, scheduler, config
 
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=config.snr_gamma)
-    weight = clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else (
-        clipped / snr
+    weight = (
+        clipped / (snr + 1)
+        if scheduler.config.prediction_type == "v_prediction"
+        else (clipped / snr)
     )
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
