@@ -225,6 +225,7 @@ class TrainResult:
     processes: int = 1
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # from the call to the end of the first optimizer step
+    first_step_at: float = 0.0  # wall clock (time.time()) at the end of the first step
     samples: int = 0  # samples trained on by this call (all processes)
 
 
@@ -342,7 +343,7 @@ def train(
     def state_meta() -> dict[str, Any]:
         return {"losses": losses, "snapshots": snapshots, "position": position.as_list()}
 
-    first_step_seconds = 0.0
+    first_step_seconds = first_step_at = 0.0
     window_start, window_samples = time.perf_counter(), 0
     samples = 0
     for step in range(start_step + 1, config.steps + 1):
@@ -389,6 +390,7 @@ def train(
         window_samples += config.batch_size
         if step == start_step + 1:
             first_step_seconds = time.perf_counter() - started
+            first_step_at = time.time()
         if on_progress is not None and accelerator.is_main_process:
             elapsed = time.perf_counter() - window_start
             on_progress(step, config.steps, value, window_samples / max(elapsed, 1e-9))
@@ -411,6 +413,7 @@ def train(
         processes=processes,
         seconds=time.perf_counter() - started,
         first_step_seconds=first_step_seconds,
+        first_step_at=first_step_at,
         samples=samples,
     )
 
@@ -488,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
             "train_seconds": round(result.seconds, 1),
             "first_step_seconds": round(result.first_step_seconds, 2),
+            "first_step_at": result.first_step_at,
             "samples_per_second": round(result.samples / max(result.seconds, 1e-9), 2),
             "final_loss": result.losses[-1] if result.losses else float("nan"),
         }
