@@ -226,6 +226,7 @@ class TrainResult:
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # from the call to the end of the first optimizer step
     first_step_at: float = 0.0  # wall clock (time.time()) at the end of the first step
+    steady_samples_per_second: float = 0.0  # after the first step (no start-up)
     samples: int = 0  # samples trained on by this call (all processes)
 
 
@@ -402,6 +403,9 @@ def train(
         cadence = config.checkpoint_every and step % config.checkpoint_every == 0
         if step in snapshot_steps or cadence:
             checkpoints.save(accelerator, step, state_meta())
+    steady = 0.0
+    if samples > config.batch_size and first_step_at:
+        steady = (samples - config.batch_size) / max(time.time() - first_step_at, 1e-9)
     if accelerator.is_main_process:
         store.write_text(json.dumps(snapshots, indent=2), *job.snapshot_parts, SNAPSHOTS_FILE)
     accelerator.wait_for_everyone()
@@ -414,6 +418,7 @@ def train(
         seconds=time.perf_counter() - started,
         first_step_seconds=first_step_seconds,
         first_step_at=first_step_at,
+        steady_samples_per_second=steady,
         samples=samples,
     )
 
@@ -492,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(result.seconds, 1),
             "first_step_seconds": round(result.first_step_seconds, 2),
             "first_step_at": result.first_step_at,
+            "steady_samples_per_second": round(result.steady_samples_per_second, 2),
             "samples_per_second": round(result.samples / max(result.seconds, 1e-9), 2),
             "final_loss": result.losses[-1] if result.losses else float("nan"),
         }
