@@ -180,6 +180,7 @@ def test_project_gpu_assets_are_in_the_gpu_pool() -> None:
     assert {k for k, pool in pools.items() if pool == "gpu"} == {
         "captioner_checkpoint",
         "recaptioned_shards",
+        "t2i_latents",
         "sd_checkpoints",
         "metric_reports",
     }
@@ -393,6 +394,7 @@ RETRIED_ASSETS = {
     "human_captions",
     "captioner_checkpoint",
     "recaptioned_shards",
+    "t2i_latents",
     "sd_checkpoints",
     "metric_reports",
     "recap_report",
@@ -435,6 +437,7 @@ def test_real_asset_fails_bad_input_without_retry(miniworld_paths, tmp_path: Pat
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "none")),
         "compute": ComputeResource(device="cpu"),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     started = time.monotonic()
     with dg.instance_for_test() as instance:

@@ -214,9 +214,9 @@ def test_gpu_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECAP_K8S_GPUS_PER_STEP", "1")
     monkeypatch.setenv("RECAP_K8S_TRAINING_GPUS", "8")
     limits = {
-        a.key.to_user_string(): a.op.tags[K8S_CONFIG_TAG]["container_config"]["resources"][
-            "limits"
-        ]["nvidia.com/gpu"]
+        a.key.to_user_string(): json.loads(a.op.tags[K8S_CONFIG_TAG])["container_config"][
+            "resources"
+        ]["limits"]["nvidia.com/gpu"]
         for a in k8s_assets()
         if isinstance(a, dg.AssetsDefinition) and K8S_CONFIG_TAG in a.op.tags
     }

@@ -37,6 +37,8 @@ ASSET_NAMES = [
     "human_captions",
     "captioner_checkpoint",
     "recaptioned_shards",
+    "base_t2i_model",
+    "t2i_latents",
     "sd_checkpoints",
     "metric_reports",
     "recap_report",

@@ -171,23 +171,27 @@ def _eval_prompts(sources: DataSourcesResource):
     return read_eval_prompts(sources.eval_prompts_path)
 
 
-def _training_shards(
-    context: dg.AssetExecutionContext, store: Storage, shards_root: str, vae_version: str
+def _recaptioned_shards(
+    context: dg.AssetExecutionContext, store: Storage, shards_root: str
 ) -> list[str]:
-    """Every registered shard with recaptions; each must have cached latents."""
+    """Every registered shard with recaptions (one listing of the recaptioned folder)."""
     groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
     recaptioned = set(store.listdir(RECAPTIONED_DIR))
-    cached = set(store.listdir(latent_cache.LATENTS_DIR, vae_version))
     shards = [s for s in shards_of_groups(shards_root, groups) if f"{s}.parquet" in recaptioned]
     if not shards:
         raise ValueError("no recaptioned shards: materialize recaptioned_shards first")
+    return shards
+
+
+def _check_latents(store: Storage, shards: list[str], vae_version: str) -> None:
+    """Every training shard must have cached latents of this VAE."""
+    cached = set(store.listdir(latent_cache.LATENTS_DIR, vae_version))
     missing = [s for s in shards if latent_cache.latent_file(s) not in cached]
     if missing:
         raise ValueError(
             f"{len(missing)} recaptioned shard(s) have no latents for VAE {vae_version} "
             f"(first: {missing[:5]}): materialize t2i_latents for their groups first"
         )
-    return shards
 
 
 @dg.asset(
@@ -220,9 +224,10 @@ def sd_checkpoints(
 ) -> dg.MaterializeResult:
     variant = context.partition_key
     store = storage.get()
+    shards = _recaptioned_shards(context, store, sources.shards_root)
     base = local_model_dir(models.base_t2i)
     vae_version = latent_cache.model_version(Path(base) / "vae")
-    shards = _training_shards(context, store, sources.shards_root, vae_version)
+    _check_latents(store, shards, vae_version)
     train_config = _train_config(config)
     processes = config.processes or max(1, torch.cuda.device_count())
     job = TrainJob(
