@@ -6,7 +6,7 @@ and the miniworld's CLIP-style tokenizer, so that the rest of the project loads 
 checkpoint exactly like a real SD 1.x / 2.x one.
 
 Why a 2x-downsampling VAE (16x16x8 latents at 32 px) by default, measured on the 2-core CPU
-(one thread, shared machine; see ``benchmarks/t2i_profile.py``):
+(one thread, shared machine; sizing runs of the earlier in-memory trainer):
 
 - UNet (32, 64, 64) + 2-layer CLIP, fwd+bwd at batch 64: 5.2 s/step on 32x32 (one-block
   VAE, scale factor 1) vs 1.5 s/step on 16x16 latents. 4x fewer positions is 3.5x more

@@ -3,7 +3,7 @@
 ``MINIWORLD_PROFILE`` was first sized for the budget "VAE + base + ONE fine-tune + evaluation
 in ~12 single-thread CPU minutes" (the base is cached; the job fine-tunes 4 variants); the
 fine-tunes have since grown to 1,200 steps (last point below). Measured with
-``benchmarks/t2i_profile.py``-style runs on the shared 2-core machine (178 eval
+sizing runs of the earlier in-memory trainer on the shared 2-core machine (178 eval
 prompts, 40 per category):
 
 - Previous default UNet (cross-attention at all three levels), base 200 steps on alt text,
@@ -26,7 +26,7 @@ prompts, 40 per category):
   everything is still near the floor and position is 0 for both.
 - The prototype needed ~1,500 steps at batch 64 on ground-truth captions to reach object
   accuracy 0.67 (~100k samples), so the unused CPU-minutes went into fine-tune steps:
-  1,200 instead of 400 (``benchmarks/t2i_profile.py``, cfg 7, one thread, two jobs
+  1,200 instead of 400 (the same runs, cfg 7, one thread, two jobs
   sharing the 2 cores; the base of this benchmark's miniworld: 0.067 / 1.19 / 0.006 /
   0.013):
   plain MSE: alttext 0.107 / 1.16 / 0.017 / 0.025, recap_mix 0.329 / 1.10 / 0.039 /
