@@ -113,6 +113,7 @@ def test_nothing_materialized_reports_every_check_skipped(miniworld_paths, tmp_p
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "unused")),
         "compute": ComputeResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
     with dg.instance_for_test() as instance:
@@ -150,6 +151,7 @@ def test_checks_that_crash_are_reported_as_errors(miniworld_paths, tmp_path) -> 
         "storage": StorageResource(root=str(tmp_path / "empty_storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "unused")),
         "compute": ComputeResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
     with dg.instance_for_test() as instance:

@@ -62,6 +62,7 @@ def _resources(miniworld_paths, base_captioner: str, storage_root: Path) -> dict
         "storage": StorageResource(root=str(storage_root)),
         "models": ModelsResource(base_captioner=base_captioner),
         "compute": ComputeResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
 
 
@@ -329,6 +330,7 @@ def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult
         "storage": StorageResource(root=str(root / "storage")),
         "models": ModelsResource(base_captioner="unused: the checkpoint is in storage"),
         "compute": ComputeResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])

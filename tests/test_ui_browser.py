@@ -81,6 +81,7 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
         "storage": StorageResource(root=str(storage_root)),
         "models": ModelsResource(base_captioner=str(base)),
         "compute": ComputeResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     tune = {"steps": 4, "batch_size": 8, "learning_rate": 1e-3, "seed": 0}
     tune |= {"eval_batch_size": 8, "max_new_tokens": 12, "sample_rows": 2}
