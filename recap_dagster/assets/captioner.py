@@ -12,6 +12,7 @@ from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, f
 from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
 from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.imaging import decode_image
+from recap_dagster.k8s_gpu import gpu_op_tags
 from recap_dagster.plots import line_plot, markdown_image, markdown_table, png_of
 from recap_dagster.pool_watchdog import GPU_POOL
 from recap_dagster.resources import (
@@ -82,6 +83,7 @@ def _quality_table(before: dict, after: dict) -> str:
     retry_policy=TRANSIENT_RETRY_POLICY,
     deps=[human_captions],
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
     group_name="captioner",
     kinds={"pytorch", "transformers"},
     tags={"recap/gpu": "1"},

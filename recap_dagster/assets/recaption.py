@@ -15,6 +15,7 @@ from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.metadata import column_schema, sample_table
 from recap_dagster.captioner import Captioner
 from recap_dagster.human_captions import clip_token_counter
+from recap_dagster.k8s_gpu import gpu_op_tags
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.plots import markdown_table
 from recap_dagster.pool_watchdog import GPU_POOL
@@ -51,6 +52,7 @@ class RecaptionConfig(dg.Config):
     partitions_def=shard_group_partitions,
     deps=[laion_shards, captioner_checkpoint],
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
     # A partition is a group of up to 100 shards: one run, one model load per group.
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name="recaption",

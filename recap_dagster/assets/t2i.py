@@ -17,6 +17,7 @@ from recap_dagster import report as report_core
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
+from recap_dagster.k8s_gpu import gpu_op_tags
 from recap_dagster.metrics import evaluate_generations
 from recap_dagster.miniworld.generate import read_eval_prompts
 from recap_dagster.partitions import caption_variants_partitions, shard_group_partitions
@@ -75,6 +76,7 @@ class LatentCacheConfig(dg.Config):
     deps=[laion_shards, base_t2i_model],
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
     group_name="text_to_image",
     kinds={"pytorch", "safetensors"},
     tags={"recap/gpu": "1"},
@@ -203,6 +205,7 @@ def _check_latents(store: Storage, shards: list[str], vae_version: str) -> None:
         base_t2i_model,
     ],
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(training=True),
     group_name="text_to_image",
     kinds={"pytorch", "diffusers"},
     tags={"recap/gpu": "1"},
@@ -249,9 +252,7 @@ def sd_checkpoints(
         num_workers=config.dataloader_workers,
         snapshot_meta={"variant": variant},
     )
-    context.log.info(
-        f"{variant}: training on {len(shards)} shard(s) with {processes} process(es)"
-    )
+    context.log.info(f"{variant}: training on {len(shards)} shard(s) with {processes} process(es)")
     with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
         job_file = write_job(job, tmp)
         # torchrun would set one thread per process; keep the user's setting, else share.
@@ -342,6 +343,7 @@ def _reference_images(shards_root: str, shards: list[str], limit: int) -> list:
     partitions_def=caption_variants_partitions,
     deps=[sd_checkpoints],
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
     group_name="evaluation",
     kinds={"pytorch", "torchmetrics"},
     tags={"recap/gpu": "1"},
