@@ -38,11 +38,9 @@ class Profile:
         return replace(self, captioner_finetune=captioner, t2i=t2i)
 
     def captioner_run_config(self) -> dict:
-        tune = asdict(self.captioner_finetune)
-        fields = ("steps", "learning_rate", "batch_size", "grad_accum_steps", "dropout")
-        fields += ("long_fraction", "warmup_steps", "lr_scheduler", "train_vision_tower")
-        fields += ("mirror", "seed")
-        config = {k: tune[k] for k in fields}
+        # captioner_checkpoint's config is FineTuneConfig's fields (precision: the resource)
+        config = asdict(self.captioner_finetune)
+        del config["mixed_precision"]
         return {"ops": {"captioner_checkpoint": {"config": config}}}
 
     def t2i_run_config(self) -> dict:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from recap_dagster.storage import Storage
@@ -29,6 +29,12 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "checkpoint-"
 META_FILE = "recap_train.json"  # inside a checkpoint: step, fingerprint, data position, losses
+
+
+def setting(default: Any, description: str) -> Any:
+    """A trainer setting: a dataclass field with the description the Dagster launchpad shows
+    (each asset's config is derived from its trainer's settings dataclass)."""
+    return field(default=default, metadata={"description": description})
 
 
 def check_lr_scheduler(name: str) -> str:

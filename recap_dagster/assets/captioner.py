@@ -8,6 +8,7 @@ from pydantic import Field
 
 from recap_dagster.assets.human_captions import OUTPUT_PARTS as HUMAN_CAPTIONS_PARTS
 from recap_dagster.assets.human_captions import human_captions
+from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
 from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
 from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
@@ -26,38 +27,16 @@ from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 CHECKPOINT_PARTS = ("checkpoints", "captioner")
 
 
-class CaptionerFineTuneConfig(dg.Config):
-    """RECAP step 1. Defaults are the paper's recipe (PaLI, section 4)."""
-
-    steps: int = Field(default=300, description="Optimizer steps.")
-    learning_rate: float = Field(default=4e-5, description="AdamW learning rate.")
-    batch_size: int = Field(default=64, description="Effective batch (images per step).")
-    grad_accum_steps: int = Field(
-        default=1, description="Micro-batches per step; raise it when memory is short."
-    )
-    dropout: float = Field(default=0.1, description="Dropout during fine-tuning.")
-    long_fraction: float = Field(
-        default=0.5, description="Fraction of samples trained on the LONG caption (50/50)."
-    )
-    warmup_steps: int = Field(default=0, description="Linear learning-rate warmup steps.")
-    lr_scheduler: str = Field(
-        default="constant_with_warmup",
-        description="Learning-rate schedule after the warmup: constant_with_warmup, linear "
-        "or cosine (decay to 0 at the last step).",
-    )
-    train_vision_tower: bool = Field(
-        default=True, description="Also update the image encoder (False: keep it frozen)."
-    )
-    mirror: bool = Field(
-        default=False,
-        description="Also train on every image mirrored left-right, with 'left' and 'right' "
-        "swapped in its captions (twice the pairs; not in the paper). Leave off for data "
-        "with text in the images or 'right' meaning 'correct'.",
-    )
-    seed: int = Field(default=0, description="Seed for sampling and initialisation.")
-    eval_batch_size: int = Field(default=64, description="Batch size for held-out captioning.")
-    max_new_tokens: int = Field(default=77, description="Caption length limit when evaluating.")
-    sample_rows: int = Field(default=8, description="Held-out images shown in the sample table.")
+CaptionerFineTuneConfig = config_from_settings(
+    FineTuneConfig,
+    "CaptionerFineTuneConfig",
+    "RECAP step 1: the fine-tune's settings (FineTuneConfig; defaults: the paper's recipe, "
+    "PaLI, section 4) plus the held-out evaluation's.",
+    exclude=("mixed_precision",),  # the compute resource decides
+    eval_batch_size=(int, Field(default=64, description="Batch size for held-out captioning.")),
+    max_new_tokens=(int, Field(default=77, description="Caption length limit when evaluating.")),
+    sample_rows=(int, Field(default=8, description="Held-out images shown in the sample table.")),
+)
 
 
 def _examples(table) -> list[CaptionExample]:
@@ -93,7 +72,7 @@ def _quality_table(before: dict, after: dict) -> str:
 @retry_only_transient
 def captioner_checkpoint(
     context: dg.AssetExecutionContext,
-    config: CaptionerFineTuneConfig,
+    config: CaptionerFineTuneConfig,  # type: ignore[valid-type]
     models: ModelsResource,
     compute: ComputeResource,
     sources: DataSourcesResource,
@@ -117,20 +96,7 @@ def captioner_checkpoint(
     losses = fine_tune(
         captioner,
         examples,
-        FineTuneConfig(
-            steps=config.steps,
-            learning_rate=config.learning_rate,
-            batch_size=config.batch_size,
-            grad_accum_steps=config.grad_accum_steps,
-            dropout=config.dropout,
-            long_fraction=config.long_fraction,
-            warmup_steps=config.warmup_steps,
-            lr_scheduler=config.lr_scheduler,
-            train_vision_tower=config.train_vision_tower,
-            mirror=config.mirror,
-            seed=config.seed,
-            mixed_precision=compute.training_precision(),
-        ),
+        settings_from_config(FineTuneConfig, config, mixed_precision=compute.training_precision()),
         on_step=lambda step, loss: (
             context.log.info(f"step {step}/{config.steps} loss {loss:.4f}")
             if step % max(1, config.steps // 10) == 0

@@ -4,12 +4,9 @@ metric reports per variant, and the side-by-side RECAP report."""
 import json
 import os
 import tempfile
-import typing
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 import dagster as dg
-import pydantic
 import torch
 from pydantic import Field
 
@@ -17,6 +14,7 @@ from recap_dagster import report as report_core
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
+from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.k8s_gpu import gpu_op_tags
 from recap_dagster.metrics import evaluate_generations
 from recap_dagster.miniworld.generate import read_eval_prompts
@@ -128,24 +126,7 @@ def t2i_latents(
     )
 
 
-def _dagster_config(settings: type, name: str, doc: str, **extra: typing.Any) -> type:
-    """A ``dg.Config`` whose fields are the dataclass ``settings``' fields (same names,
-    types, defaults and descriptions) plus ``extra``: one definition per setting."""
-    hints = typing.get_type_hints(settings)
-    definitions: dict[str, typing.Any] = {
-        f.name: (
-            hints[f.name],
-            Field(default=f.default, description=f.metadata["description"]),
-        )
-        for f in fields(settings)
-        if f.default is not MISSING
-    }
-    model = pydantic.create_model(name, __base__=dg.Config, **definitions, **extra)
-    model.__doc__ = doc
-    return model
-
-
-SDFineTuneConfig = _dagster_config(
+SDFineTuneConfig = config_from_settings(
     TrainConfig,
     "SDFineTuneConfig",
     "RECAP step 3: the trainer's settings (TrainConfig) plus how the step runs it.",
@@ -163,10 +144,6 @@ SDFineTuneConfig = _dagster_config(
     ),
     sample_prompts=(int, Field(default=16, description="Prompts in the sample grid.")),
 )
-
-
-def _train_config(config: dg.Config) -> TrainConfig:
-    return TrainConfig.from_dict(config.model_dump())
 
 
 def _eval_prompts(sources: DataSourcesResource):
@@ -231,7 +208,7 @@ def sd_checkpoints(
     base = local_model_dir(models.base_t2i)
     vae_version = latent_cache.model_version(Path(base) / "vae")
     _check_latents(store, shards, vae_version)
-    train_config = _train_config(config)
+    train_config = settings_from_config(TrainConfig, config)
     processes = config.processes or max(1, torch.cuda.device_count())
     job = TrainJob(
         base_model=base,

@@ -20,6 +20,7 @@ from recap_dagster.training import (
     lr_schedule,
     make_accelerator,
     seed_everything,
+    setting,
 )
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -87,20 +88,35 @@ class FineTuneConfig:
     (signs, logos) and without 'right' meaning 'correct'.
     """
 
-    steps: int = 300
-    learning_rate: float = 4e-5
-    batch_size: int = 64
-    grad_accum_steps: int = 1
-    dropout: float = 0.1
-    long_fraction: float = 0.5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    seed: int = 0
-    mixed_precision: MixedPrecision = "no"
-    max_grad_norm: float | None = 1.0
-    train_vision_tower: bool = True
-    lr_scheduler: str = "constant_with_warmup"
-    mirror: bool = False
+    steps: int = setting(300, "Optimizer steps.")
+    learning_rate: float = setting(4e-5, "Peak AdamW learning rate.")
+    batch_size: int = setting(64, "Effective batch (image-caption pairs per step).")
+    grad_accum_steps: int = setting(
+        1, "Micro-batches per step (batch_size / this per forward); raise it when memory is short."
+    )
+    dropout: float = setting(0.1, "Dropout during fine-tuning.")
+    long_fraction: float = setting(
+        0.5, "Fraction of each batch trained on the LONG caption (50/50 in the paper)."
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_steps: int = setting(0, "Linear learning-rate warmup steps.")
+    seed: int = setting(0, "Seed for sampling and initialisation.")
+    mixed_precision: MixedPrecision = setting("no", "accelerate mixed precision: no, fp16, bf16.")
+    max_grad_norm: float | None = setting(1.0, "Gradient norm clipping; None: off.")
+    train_vision_tower: bool = setting(
+        True, "Also update the image encoder (False: keep it frozen)."
+    )
+    lr_scheduler: str = setting(
+        "constant_with_warmup",
+        "LR schedule after the warmup: constant, constant_with_warmup, linear, cosine, "
+        "cosine_with_min_lr (decays to 0 at the last step).",
+    )
+    mirror: bool = setting(
+        False,
+        "Also train on every image mirrored left-right, with 'left' and 'right' swapped in "
+        "its captions (twice the pairs; not in the paper). Leave off for data with text in "
+        "the images or 'right' meaning 'correct'.",
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -48,6 +48,7 @@ from recap_dagster.training import (
     lr_schedule,
     make_accelerator,
     seed_everything,
+    setting,
 )
 
 log = logging.getLogger(__name__)
@@ -56,58 +57,53 @@ SNAPSHOTS_FILE = "snapshots.json"
 FINAL = "final"
 
 
-def _setting(default: Any, description: str) -> Any:
-    """A setting with the description the Dagster launchpad shows for it."""
-    return field(default=default, metadata={"description": description})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Fine-tuning settings: the one definition (``sd_checkpoints``' Dagster config is
     derived from it). Defaults are the paper's recipe where it states them (SD v1.4:
     lr 1e-5, batch 512, prompt dropout 0.14, UNet and text encoder trained)."""
 
-    steps: int = _setting(1000, "Optimizer steps of the whole run.")
-    learning_rate: float = _setting(1e-5, "Peak AdamW learning rate.")
-    batch_size: int = _setting(
+    steps: int = setting(1000, "Optimizer steps of the whole run.")
+    learning_rate: float = setting(1e-5, "Peak AdamW learning rate.")
+    batch_size: int = setting(
         512, "Effective batch: micro_batch_size x processes x gradient accumulation."
     )
-    micro_batch_size: int = _setting(64, "Images per process and forward pass.")
-    prompt_dropout: float = _setting(
+    micro_batch_size: int = setting(64, "Images per process and forward pass.")
+    prompt_dropout: float = setting(
         0.14, "Probability of training on the empty prompt (for classifier-free guidance)."
     )
-    train_unet: bool = _setting(True, "Train the UNet.")
-    train_text_encoder: bool = _setting(True, "Train the CLIP text encoder.")
-    text_encoder_lr_scale: float = _setting(1.0, "Text encoder lr = learning_rate x this.")
-    use_ema: bool = _setting(False, "Keep an EMA of the weights; snapshots hold the EMA.")
-    ema_decay: float = _setting(0.9999, "EMA decay (diffusers' EMAModel).")
-    lr_scheduler: str = _setting(
+    train_unet: bool = setting(True, "Train the UNet.")
+    train_text_encoder: bool = setting(True, "Train the CLIP text encoder.")
+    text_encoder_lr_scale: float = setting(1.0, "Text encoder lr = learning_rate x this.")
+    use_ema: bool = setting(False, "Keep an EMA of the weights; snapshots hold the EMA.")
+    ema_decay: float = setting(0.9999, "EMA decay (diffusers' EMAModel).")
+    lr_scheduler: str = setting(
         "constant_with_warmup",
         "LR schedule over the whole run after the warmup: constant, constant_with_warmup, "
         "linear, cosine, cosine_with_min_lr.",
     )
-    lr_warmup_steps: int = _setting(0, "Linear warmup steps.")
-    adam_weight_decay: float = _setting(1e-2, "AdamW weight decay.")
-    max_grad_norm: float = _setting(1.0, "Gradient norm clipping (0: off).")
-    snr_gamma: float | None = _setting(
+    lr_warmup_steps: int = setting(0, "Linear warmup steps.")
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "Gradient norm clipping (0: off).")
+    snr_gamma: float | None = setting(
         None, "Min-SNR loss weighting gamma (Hang et al. 2023); None: plain MSE, as the paper."
     )
-    noise_offset: float = _setting(0.0, "Offset noise strength (0: off).")
+    noise_offset: float = setting(0.0, "Offset noise strength (0: off).")
     # A briefly trained tiny VAE keeps a posterior std about as large as the latents'
     # spread (its decoder learns to ignore it), so sampling hands the UNet half-noise
     # targets: measured eps-loss 0.55 and pure-noise samples. SD's VAE has a tiny std.
-    sample_latents: bool = _setting(
+    sample_latents: bool = setting(
         False, "Train on a sample of the VAE posterior (SD's trainer) instead of its mean."
     )
-    window_shards: int = _setting(4, "Shards the data stream mixes at a time (memory bound).")
-    checkpoint_every: int = _setting(
+    window_shards: int = setting(4, "Shards the data stream mixes at a time (memory bound).")
+    checkpoint_every: int = setting(
         100, "Optimizer steps between resumable training states (under the storage root)."
     )
-    keep_checkpoints: int = _setting(2, "Resumable states kept.")
-    snapshot_every: int = _setting(
+    keep_checkpoints: int = setting(2, "Resumable states kept.")
+    snapshot_every: int = setting(
         250, "Optimizer steps between diffusers snapshots for the metric curves (0: final)."
     )
-    seed: int = _setting(0, "Seed of the data order, captions, dropout, noise and timesteps.")
+    seed: int = setting(0, "Seed of the data order, captions, dropout, noise and timesteps.")
 
     def __post_init__(self) -> None:
         check_lr_scheduler(self.lr_scheduler)
