@@ -112,6 +112,21 @@ class Storage:
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self._fs_path(*parts))
 
+    def download_file(self, local: str, *parts: str) -> str:
+        """Copy the file ``parts`` to the local path ``local`` atomically (temp + rename)."""
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(local)}.", dir=os.path.dirname(local)
+        )
+        os.close(fd)
+        try:
+            self.fs.get_file(self._fs_path(*parts), tmp)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return local
+
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode("utf-8")
 

@@ -9,6 +9,7 @@ RNG, plus the trainer's own metadata such as its data position).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from recap_dagster.storage import Storage
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "checkpoint-"
+COLLECTIVE_TIMEOUT_S = 3 * 3600
 META_FILE = "recap_train.json"  # inside a checkpoint: step, fingerprint, data position, losses
 
 
@@ -60,6 +63,7 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
 
     check_mixed_precision(mixed_precision)
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -70,6 +74,9 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         # Without a GPU, accelerate joins torchrun's process group only when told it is on
         # CPU (gloo); with GPUs it picks NCCL by itself.
         cpu=not torch.cuda.is_available(),
+        # Process 0 alone publishes checkpoints and snapshots (GBs to S3 for SD) while the
+        # others wait at a barrier: NCCL's default 10 minutes is too short for that.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))],
     )
 
 
@@ -163,15 +170,38 @@ class Checkpoints:
         return self._name(step)
 
     def load(self, accelerator, checkpoint: Checkpoint) -> None:
-        """Restore ``checkpoint`` into the accelerator's registered objects (every process)."""
-        with self.storage.local_dir(*self.parts, f"{CHECKPOINT_PREFIX}{checkpoint.step}") as local:
-            accelerator.load_state(local)
+        """Restore ``checkpoint`` into the accelerator's registered objects (every process).
+
+        Process 0 fetches it (from S3: one download for the machine, not one per process)
+        and the others read its copy.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        name = f"{CHECKPOINT_PREFIX}{checkpoint.step}"
+        with contextlib.ExitStack() as stack:
+            holder = [""]
+            if accelerator.is_main_process:
+                holder[0] = stack.enter_context(self.storage.local_dir(*self.parts, name))
+            if accelerator.num_processes > 1:
+                broadcast_object_list(holder)
+            accelerator.load_state(holder[0])
+            accelerator.wait_for_everyone()
         log.info("resumed from %s", self._name(checkpoint.step))
+
+    def prune_other_runs(self, *parent: str) -> list[str]:
+        """Remove the states of other run configurations kept beside this one under
+        ``parent`` (a run's state dir is ``parent/<fingerprint>``); returns their names."""
+        others = [n for n in self.storage.listdir(*parent) if n != self.fingerprint]
+        for name in others:
+            log.warning("removing the training state of another run configuration: %s", name)
+            self.storage.remove_dir(*parent, name)
+        return others
 
 
 @contextmanager
 def _shared_local_dir(accelerator, name: str) -> Iterator[str]:
-    """A local folder every process of this machine agrees on (the main process makes it)."""
+    """A local folder every process agrees on (process 0 makes it). One machine: the
+    command runs with ``torchrun --standalone``."""
     from accelerate.utils import broadcast_object_list
 
     holder = [tempfile.mkdtemp(prefix=f"recap-{name}-") if accelerator.is_main_process else ""]

@@ -254,6 +254,28 @@ def test_stream_resumes_exactly_from_a_position(world) -> None:
         assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["input_ids"], b["input_ids"])
 
 
+def test_stream_reads_an_s3_latent_cache_through_a_small_local_cache(
+    world, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = Storage(world["cache"])
+    remote = Storage(f"{s3_env}/cache")
+    for shard in world["shards"]:
+        name = f"{shard}.safetensors"
+        blob = local.read_bytes(latent_cache.LATENTS_DIR, world["vae_version"], name)
+        remote.write_bytes(blob, latent_cache.LATENTS_DIR, world["vae_version"], name)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    expected = _batches(world, micro=8, count=8)
+    from_s3 = _batches({**world, "cache": remote.root}, micro=8, count=8)
+    assert [b["keys"] for b in from_s3] == [b["keys"] for b in expected]
+    assert all(torch.equal(a["mean"], b["mean"]) for a, b in zip(from_s3, expected, strict=True))
+    # Only the windows in use stay on the local disk (one shard a window here).
+    cached = list(tmp_path.rglob("*.safetensors"))
+    assert len(cached) <= 1, cached
+
+
 def test_training_reduces_loss(world, tmp_path: Path) -> None:
     job = _job(world, str(tmp_path), steps=40, learning_rate=3e-3, prompt_dropout=0.0)
     result = train(job)
@@ -265,13 +287,14 @@ def test_training_reduces_loss(world, tmp_path: Path) -> None:
 def test_one_schedule_over_the_run_with_three_snapshots(
     world, tmp_path: Path, learning_rates: list[float]
 ) -> None:
-    from recap_dagster.assets.t2i import SDFineTuneConfig, _train_config
+    from recap_dagster.assets.run_config import settings_from_config
+    from recap_dagster.assets.t2i import SDFineTuneConfig
 
     asset_config = SDFineTuneConfig(
         steps=8, learning_rate=1e-3, batch_size=8, micro_batch_size=8, lr_scheduler="cosine",
         snapshot_every=2, checkpoint_every=0, window_shards=1,
     )  # fmt: skip
-    config = _train_config(asset_config)
+    config = settings_from_config(TrainConfig, asset_config)
     job = replace(_job(world, str(tmp_path)), config=config)
     result = train(job)
     assert [s["step"] for s in result.snapshots] == [2, 4, 6, 8]
@@ -319,10 +342,20 @@ def test_half_written_checkpoint_is_ignored(world, tmp_path: Path) -> None:
     assert train(job).resumed_from is None
 
 
-def test_bf16_and_gradient_accumulation_run(world, tmp_path: Path) -> None:
+def test_gradient_accumulation_matches_one_larger_micro_batch(world, tmp_path: Path) -> None:
+    """Effective batch 8: 2 accumulated micro-batches of 4 = 1 micro-batch of 8."""
+    settings = {"steps": 4, "snr_gamma": 5.0, "window_shards": 2}
+    accumulated = train(_job(world, str(tmp_path / "acc"), micro_batch_size=4, **settings))
+    single = train(_job(world, str(tmp_path / "one"), micro_batch_size=8, **settings))
+    assert accumulated.losses == pytest.approx(single.losses, rel=1e-5)
+    _assert_same_weights(
+        tmp_path / "acc" / "snapshots" / FINAL, tmp_path / "one" / "snapshots" / FINAL, atol=1e-5
+    )
+
+
+def test_bf16_run(world, tmp_path: Path) -> None:
     job = replace(_job(world, str(tmp_path), steps=3, micro_batch_size=4), mixed_precision="bf16")
-    result = train(job)
-    assert all(np.isfinite(result.losses))
+    assert all(np.isfinite(train(job).losses))
 
 
 def _run_command(job: TrainJob, processes: int, tmp_path: Path, name: str, **popen):

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.shards import list_shards
 from recap_dagster.storage import Storage
 from recap_dagster.t2i.data import iter_corpus
-from recap_dagster.t2i.latents import cache_latents, encode, pixels
+from recap_dagster.t2i.latents import cache_latents, encode, load_vae, pixels
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, read_saved_meta, save_pipeline
 from recap_dagster.t2i.profiles import T2IProfile, get_profile
 from recap_dagster.t2i.stream import CaptionSource
@@ -100,29 +99,34 @@ def build_miniworld_base(
     root = Path(miniworld_dir)
     corpus = str(root / "laion")
     started = time.perf_counter()
-    pipe = build_pipeline(root / "tokenizer", prof.model, seed=prof.seed)
-    vae_losses = fit_vae(
-        pipe.vae,
-        [r.image for r in iter_corpus(corpus, prof.corpus_limit)],
-        steps=prof.vae_steps,
-        resolution=prof.model.resolution,
-        batch_size=prof.vae_batch_size,
-        learning_rate=prof.vae_learning_rate,
-        seed=prof.seed,
-    )
-    vae_seconds = time.perf_counter() - started
-    # Resumable: the untrained pipeline, latents and training state stay in the work
-    # folder until the base is saved.
+    # Resumable: the pipeline with its fitted VAE, the latents and the training state stay
+    # in the work folder until the base is saved.
     work = Path(str(out_dir) + ".work")
     init = work / "init"
-    if read_saved_meta(init) is None or read_saved_meta(init).get("cache_key") != key:
+    init_meta = read_saved_meta(init)
+    if init_meta is None or init_meta.get("cache_key") != key:
         shutil.rmtree(work, ignore_errors=True)
-        save_pipeline(pipe, init, extra={"cache_key": key})
+        pipe = build_pipeline(root / "tokenizer", prof.model, seed=prof.seed)
+        vae_losses = fit_vae(
+            pipe.vae,
+            [r.image for r in iter_corpus(corpus, prof.corpus_limit)],
+            steps=prof.vae_steps,
+            resolution=prof.model.resolution,
+            batch_size=prof.vae_batch_size,
+            learning_rate=prof.vae_learning_rate,
+            seed=prof.seed,
+        )
+        init_meta = {
+            "cache_key": key,
+            "vae_final_loss": vae_losses[-1] if vae_losses else None,
+            "vae_seconds": round(time.perf_counter() - started, 1),
+        }
+        save_pipeline(pipe, init, extra=init_meta)
+    # The latents come from the saved VAE, the one the trained base will carry.
+    vae, resolution, vae_version = load_vae(str(init), torch.device("cpu"))
     store = Storage(str(work))
     shards = [info.key for info in list_shards(corpus) if info.complete]
-    # img2dataset's own parquet holds the alt text (``caption``; delivered rows: success).
-    vae_version = weights_fingerprint(init / "vae")
-    cache_latents(pipe.vae, vae_version, store, corpus, shards, resolution=prof.model.resolution)
+    cache_latents(vae, vae_version, store, corpus, shards, resolution=resolution)
     config = replace(prof.base, snapshot_every=0)
     job = TrainJob(
         base_model=str(init),
@@ -150,8 +154,8 @@ def build_miniworld_base(
             "cache_key": key,
             "profile": prof.name,
             "trained_on": "alttext",
-            "vae_final_loss": vae_losses[-1] if vae_losses else None,
-            "vae_seconds": round(vae_seconds, 1),
+            "vae_final_loss": init_meta["vae_final_loss"],
+            "vae_seconds": init_meta["vae_seconds"],
             "train_steps": prof.base.steps,
             "train_final_loss": result.losses[-1] if result.losses else None,
             "seconds": round(time.perf_counter() - started, 1),

@@ -121,6 +121,35 @@ def _metadata(blob: bytes) -> dict[str, str]:
     return dict(json.loads(blob[8 : 8 + size]).get("__metadata__", {}))
 
 
+class OpenLatentShard:
+    """A shard's latent file opened for row reads: memory-mapped, so only the rows read
+    are loaded and processes reading the same file share the page cache."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(path, framework="pt")
+        self.keys: list[str] = json.loads(self._file.metadata()["keys"])
+        self._mean = self._file.get_slice("mean")
+        self._std = self._file.get_slice("std")
+
+    def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of one sample."""
+        return self._mean[index : index + 1][0], self._std[index : index + 1][0]
+
+
+def local_latent_path(storage: Storage, vae_version: str, shard: str, cache_dir: str) -> str:
+    """A local path of a shard's latent file: the file itself on local storage, else a copy
+    in ``cache_dir`` (fetched once per machine; atomic, so concurrent readers are safe)."""
+    if storage.local:
+        return storage.uri(LATENTS_DIR, vae_version, latent_file(shard))
+    local = str(Path(cache_dir) / vae_version / latent_file(shard))
+    if not Path(local).exists():
+        storage.download_file(local, LATENTS_DIR, vae_version, latent_file(shard))
+    return local
+
+
 def has_latent_shard(storage: Storage, vae_version: str, shard: str) -> bool:
     return storage.exists(LATENTS_DIR, vae_version, latent_file(shard))
 

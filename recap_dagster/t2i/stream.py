@@ -16,7 +16,10 @@ many processes or DataLoader workers read it:
 
 The data position ``(epoch, window, offset)`` after each micro-batch travels with it, and a
 stream started at a saved position yields exactly what an uninterrupted one would have.
-Only one window of shards is in memory (per worker), whatever the number of shards.
+Only one window of shards is open at a time, whatever the number of shards: its latent
+files are memory-mapped (from an ``s3://`` root, fetched once per machine into a local
+cache that holds the current windows only), so workers read just the rows they use and
+share the page cache; the window's keys and caption tables are the only per-window copies.
 
 Why not a streaming library: webdataset and HF datasets' iterable datasets split by shard
 (or by sample index modulo the world size) and resume only approximately once a shuffle
@@ -28,15 +31,18 @@ at read time. The I/O itself is pyarrow (captions), safetensors (latents) and fs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import random
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from recap_dagster.storage import Storage
-from recap_dagster.t2i.latents import read_latent_shard
+from recap_dagster.t2i.latents import OpenLatentShard, local_latent_path
 
 
 @dataclass(frozen=True)
@@ -123,9 +129,7 @@ def select_caption(captions: tuple[str, ...], rng: random.Random, dropout: float
 class _Window:
     shards: list[str]
     samples: list[tuple[int, int, tuple[str, ...]]] = field(default_factory=list)
-    keys: list[list[str]] = field(default_factory=list)
-    means: list[torch.Tensor] = field(default_factory=list)
-    stds: list[torch.Tensor] = field(default_factory=list)
+    files: list[OpenLatentShard] = field(default_factory=list)
 
 
 class LatentStream(torch.utils.data.IterableDataset):
@@ -163,15 +167,19 @@ class LatentStream(torch.utils.data.IterableDataset):
         size = max(1, self.spec.window_shards)
         return [order[i : i + size] for i in range(0, len(order), size)]
 
+    def _cache_dir(self) -> str:
+        digest = hashlib.blake2b(self.spec.latents_root.encode(), digest_size=8).hexdigest()
+        return os.path.join(tempfile.gettempdir(), "recap-latents", digest)
+
     def _load(self, epoch: int, window: int, shards: list[str]) -> _Window:
+        """The window's latent files, opened memory-mapped (not read), and its samples."""
         store = Storage(self.spec.latents_root)
         loaded = _Window(shards)
         for s, shard in enumerate(shards):
-            latents = read_latent_shard(store, self.spec.vae_version, shard)
+            path = local_latent_path(store, self.spec.vae_version, shard, self._cache_dir())
+            latents = OpenLatentShard(path)
             captions = self.spec.captions.read(shard)
-            loaded.keys.append(latents.keys)
-            loaded.means.append(latents.mean)
-            loaded.stds.append(latents.std)
+            loaded.files.append(latents)
             for row, key in enumerate(latents.keys):
                 if key in captions:
                     loaded.samples.append((s, row, captions[key]))
@@ -190,26 +198,35 @@ class LatentStream(torch.utils.data.IterableDataset):
                     empty_epochs = 0
                     yield loaded, epoch, i, DataPosition(epoch, w, i + 1)
                 offset = 0
+                self._evict(loaded)
             epoch, window = epoch + 1, 0
             empty_epochs += 1
             if empty_epochs > 1:
                 raise ValueError("no usable training samples: no cached latent has a caption")
 
+    def _evict(self, loaded: _Window) -> None:
+        """Drop the window's machine-local copies (S3 roots) once this worker is past it;
+        a reader still inside keeps its open mapping (POSIX unlink semantics)."""
+        for latents in loaded.files:
+            if latents.path.startswith(self._cache_dir()):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(latents.path)
+
     # -- one sample's draws ------------------------------------------------------------
     def _sample(self, loaded: _Window, epoch: int, index: int) -> dict:
         s, row, captions = loaded.samples[index]
-        shard, key = loaded.shards[s], loaded.keys[s][row]
+        shard, key = loaded.shards[s], loaded.files[s].keys[row]
         seed = _seed(self.spec.seed, epoch, shard, key)
         text = select_caption(captions, random.Random(seed), self.spec.prompt_dropout)
         gen = torch.Generator().manual_seed(seed)
-        mean = loaded.means[s][row]
+        mean, std = loaded.files[s].row(row)
         noise = torch.randn(mean.shape, generator=gen)
         if self.spec.noise_offset:
             shape = (mean.shape[0], 1, 1)
             noise = noise + self.spec.noise_offset * torch.randn(shape, generator=gen)
         return {
             "mean": mean,
-            "std": loaded.stds[s][row],
+            "std": std,
             "eps": torch.randn(mean.shape, generator=gen),
             "noise": noise,
             "timesteps": torch.randint(0, self.spec.num_train_timesteps, (), generator=gen),

@@ -176,8 +176,9 @@ class TrainJob:
 
     def fingerprint(self) -> str:
         """The run's identity: a checkpoint of another one is never resumed from."""
+        # Not the base model's path: it differs between machines; its weights' version
+        # identifies it.
         payload = {
-            "base_model": self.base_model,
             "base_version": self.base_version,
             "data": self.data.to_dict(),
             "config": self.config.fingerprint(),
@@ -263,13 +264,19 @@ def train(
     seed_everything(config.seed)
     accelerator = make_accelerator(job.mixed_precision)
     processes, rank = accelerator.num_processes, accelerator.process_index
+    # Known only once the process group is up; accelerate then skips the optimizer step
+    # and the gradient sync on all but the last micro-batch of each step.
     accum = config.accumulation_steps(processes)
+    accelerator.gradient_accumulation_steps = accum
     device = accelerator.device
     store = Storage(job.storage_root)
     fingerprint = job.fingerprint()
     checkpoints = Checkpoints(
         store, *job.state_parts, fingerprint, fingerprint=fingerprint, keep=config.keep_checkpoints
     )
+    if accelerator.is_main_process:
+        checkpoints.prune_other_runs(*job.state_parts)
+    accelerator.wait_for_everyone()
 
     pipe = load_pipeline(job.base_model, device="cpu")
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
@@ -314,6 +321,8 @@ def train(
     latest = checkpoints.latest(up_to=config.steps)
     if latest is not None:
         checkpoints.load(accelerator, latest)
+        for ema, _ in emas:  # accelerate restores custom state on the CPU
+            ema.to(device)
         start_step = resumed_from = latest.step
         losses = list(latest.meta["losses"])
         snapshots = list(latest.meta["snapshots"])
