@@ -133,6 +133,10 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
             assert result.success
             sd_meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
             assert [s["step"] for s in sd_meta["snapshots"].value] == [2, 4]
+            # The trainer (a torchrun subprocess) reported its progress through Pipes.
+            messages = [e.user_message for e in instance.all_logs(result.run_id)]
+            assert any("step 4/4 (100%) loss" in m for m in messages)
+            assert any(m.startswith("snapshot step-000002") for m in messages)
             assert "data:image/png;base64" in sd_meta["samples"].value
             assert storage.dir_complete("checkpoints", "sd", variant, "final")
             assert (
