@@ -8,9 +8,9 @@ from recap_dagster import settings
 from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
+from recap_dagster.assets.inputs import INPUT_ASSETS
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.assets.t2i import (
-    base_t2i_model,
     metric_reports,
     recap_mix_beats_alttext,
     recap_report,
@@ -53,11 +53,11 @@ def default_resources() -> dict:
 
 
 ASSETS = [
+    *INPUT_ASSETS,
     laion_shards,
     human_captions,
     captioner_checkpoint,
     recaptioned_shards,
-    base_t2i_model,
     t2i_latents,
     sd_checkpoints,
     metric_reports,

@@ -8,6 +8,7 @@ training reads one self-contained file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +40,24 @@ CLIP_MAX_TOKENS = 77
 
 class HumanCaptionsError(ValueError):
     """The human-caption file cannot be read as a caption set at all."""
+
+
+def human_captions_version(path: str | Path) -> str:
+    """A content version of the human-caption set: SHA-256 (16 hex digits) of the JSONL
+    file and of every image it names, so a changed caption or image changes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HumanCaptionsError(f"human-caption file not found: {path}")
+    digest = hashlib.sha256(path.read_bytes())
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            image = json.loads(line).get("image") if line.strip() else None
+        except (json.JSONDecodeError, AttributeError):
+            continue  # load_human_captions reports it with its line number
+        image_path = path.parent / str(image) if image else None
+        if image_path is not None and image_path.is_file():
+            digest.update(image_path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_human_captions(path: str | Path) -> pa.Table:

@@ -71,3 +71,22 @@ def test_definitions_contents() -> None:
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"laion_shards", "human_captions"} <= keys
     assert defs.resolve_sensor_def("laion_shard_sensor")
+
+
+def test_inputs_are_observed_upstream_of_what_they_feed() -> None:
+    """A new base model or human-caption set makes what was built on it stale: each input
+    is an observable external asset upstream of the assets that read it."""
+    import dagster as dg
+
+    from recap_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for name, readers in (
+        ("human_caption_file", {"human_captions"}),
+        ("base_captioner_model", {"captioner_checkpoint"}),
+        ("base_t2i_model", {"t2i_latents", "sd_checkpoints"}),
+    ):
+        node = graph.get(dg.AssetKey(name))
+        assert node.is_observable and not node.is_materializable, name
+        children = {k.to_user_string() for k in node.child_keys}
+        assert readers <= children, (name, children)

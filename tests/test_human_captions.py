@@ -104,3 +104,22 @@ def test_missing_image_file_is_reported_not_crashed(tmp_path: Path) -> None:
     table = core.load_human_captions(path)
     result = core.check_images_decode(table, max_pixels=10_000)
     assert not result.passed and result.failing_keys == ["a"]
+
+
+def test_version_changes_with_a_caption_or_an_image(miniworld_paths, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "set"
+    shutil.copytree(Path(miniworld_paths.human_captions).parent, copy)
+    path = copy / "captions.jsonl"
+    first = core.human_captions_version(path)
+    assert core.human_captions_version(path) == first
+    lines = path.read_text(encoding="utf-8").splitlines()
+    item = json.loads(lines[0])
+    image = copy / item["image"]
+    image.write_bytes(image.read_bytes() + b"\0")  # the same captions, another image
+    second = core.human_captions_version(path)
+    assert second != first
+    item["long"] += " Changed."
+    path.write_text("\n".join([json.dumps(item), *lines[1:]]) + "\n", encoding="utf-8")
+    assert core.human_captions_version(path) not in (first, second)

@@ -33,6 +33,8 @@ from recap_dagster.resources import (
 pytestmark = pytest.mark.slow
 
 ASSET_NAMES = [
+    "human_caption_file",
+    "base_captioner_model",
     "laion_shards",
     "human_captions",
     "captioner_checkpoint",

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from recap_dagster.assets.human_captions import OUTPUT_PARTS as HUMAN_CAPTIONS_PARTS
 from recap_dagster.assets.human_captions import human_captions
+from recap_dagster.assets.inputs import base_captioner_model
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
 from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
@@ -60,7 +61,7 @@ def _quality_table(before: dict, after: dict) -> str:
 
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
-    deps=[human_captions],
+    deps=[human_captions, base_captioner_model],
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     group_name="captioner",

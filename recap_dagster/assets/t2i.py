@@ -12,6 +12,7 @@ from pydantic import Field
 
 from recap_dagster import report as report_core
 from recap_dagster.assets.corpus import laion_shards
+from recap_dagster.assets.inputs import base_t2i_model
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
@@ -47,16 +48,6 @@ from recap_dagster.training_data import variant_captions
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"
 SAMPLE_SEED = 1234
-
-
-@dg.observable_source_asset(
-    group_name="text_to_image",
-    description="The base text-to-image pipeline RECAP fine-tunes (Stable Diffusion layout: "
-    "the models resource's base_t2i directory). Observed: its version is a fingerprint of "
-    "its weights, so a new base model makes the latent cache and the fine-tunes stale.",
-)
-def base_t2i_model(models: ModelsResource) -> dg.DataVersion:
-    return dg.DataVersion(latent_cache.model_version(local_model_dir(models.base_t2i)))
 
 
 class LatentCacheConfig(dg.Config):

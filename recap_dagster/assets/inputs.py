@@ -1,0 +1,47 @@
+"""The inputs RECAP starts from, as observed external assets.
+
+Their versions are content fingerprints, so a new base model or a changed human-caption
+set makes everything downstream stale in the UI (Dagster compares each materialization's
+recorded input versions with the latest observation). ``laion_shards`` (corpus.py) is the
+fourth input; its partitions are registered by the sensor.
+"""
+
+import dagster as dg
+
+from recap_dagster.fingerprint import weights_fingerprint
+from recap_dagster.human_captions import human_captions_version
+from recap_dagster.resources import DataSourcesResource, ModelsResource
+from recap_dagster.t2i.model import local_model_dir
+
+INPUTS_GROUP = "inputs"
+
+
+@dg.observable_source_asset(
+    group_name=INPUTS_GROUP,
+    description="The human-caption set (JSONL of key, image, short, long; images beside it) "
+    "at the data sources' human_captions_path. Version: a hash of the file and its images.",
+)
+def human_caption_file(sources: DataSourcesResource) -> dg.DataVersion:
+    return dg.DataVersion(human_captions_version(sources.human_captions_path))
+
+
+@dg.observable_source_asset(
+    group_name=INPUTS_GROUP,
+    description="The pretrained captioner RECAP fine-tunes (BLIP, GIT, PaliGemma, ...: the "
+    "models resource's base_captioner). Version: a fingerprint of its weights.",
+)
+def base_captioner_model(models: ModelsResource) -> dg.DataVersion:
+    return dg.DataVersion(weights_fingerprint(local_model_dir(models.base_captioner)))
+
+
+@dg.observable_source_asset(
+    group_name=INPUTS_GROUP,
+    description="The base text-to-image pipeline RECAP fine-tunes (Stable Diffusion layout: "
+    "the models resource's base_t2i). Version: a fingerprint of its weights, so a new base "
+    "model makes the latent cache and the fine-tunes stale.",
+)
+def base_t2i_model(models: ModelsResource) -> dg.DataVersion:
+    return dg.DataVersion(weights_fingerprint(local_model_dir(models.base_t2i)))
+
+
+INPUT_ASSETS = [human_caption_file, base_captioner_model, base_t2i_model]
