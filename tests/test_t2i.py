@@ -203,6 +203,29 @@ def test_latent_cache_files(world) -> None:
     assert stats.shards_kept == world["shards"] and stats.rows == 0
 
 
+def test_half_precision_cache_trains_on_the_same_path(world, tmp_path: Path) -> None:
+    vae, resolution, version = latent_cache.load_vae(world["model"], torch.device("cpu"))
+    cache = str(tmp_path / "cache16")
+    stats = latent_cache.cache_latents(
+        vae, version, Storage(cache), world["corpus"], world["shards"],
+        resolution=resolution, dtype=latent_cache.storage_dtype("float16"),
+    )  # fmt: skip
+    full = Storage(world["cache"])
+    for shard in world["shards"]:
+        half = latent_cache.read_latent_shard(Storage(cache), version, shard)
+        exact = latent_cache.read_latent_shard(full, version, shard)
+        assert half.mean.dtype == torch.float16 and half.meta["dtype"] == "float16"
+        assert torch.allclose(half.mean.float(), exact.mean, atol=2e-3, rtol=1e-3)
+    assert stats.bytes_written < 0.6 * sum(
+        len(full.read_bytes(latent_cache.LATENTS_DIR, version, f"{s}.safetensors"))
+        for s in world["shards"]
+    )
+    result = train(_job({**world, "cache": cache}, str(tmp_path / "out"), steps=2))
+    assert all(np.isfinite(result.losses))
+    with pytest.raises(ValueError, match="latent dtype"):
+        latent_cache.storage_dtype("int8")
+
+
 def test_resize_center_crop_keeps_the_middle() -> None:
     image = Image.new("RGB", (64, 32), "white")
     image.paste((255, 0, 0), (16, 0, 48, 32))  # a red square in the middle

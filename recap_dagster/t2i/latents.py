@@ -96,6 +96,15 @@ class CacheStats:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"latent dtype must be one of {sorted(STORAGE_DTYPES)}, got {name!r}")
+    return STORAGE_DTYPES[name]
+
+
 def latent_file(shard: str) -> str:
     return f"{shard}.safetensors"
 
@@ -135,8 +144,9 @@ class OpenLatentShard:
         self._std = self._file.get_slice("std")
 
     def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of one sample."""
-        return self._mean[index : index + 1][0], self._std[index : index + 1][0]
+        """(mean, std) of one sample, float32 whatever the cache's dtype."""
+        mean, std = self._mean[index : index + 1][0], self._std[index : index + 1][0]
+        return mean.float(), std.float()
 
 
 def local_latent_path(storage: Storage, vae_version: str, shard: str, cache_dir: str) -> str:
@@ -207,10 +217,12 @@ def cache_latents(
     resolution: int,
     batch_size: int = 64,
     reuse_existing: bool = True,
+    dtype: torch.dtype = torch.float32,
     on_shard=None,
 ) -> CacheStats:
     """Encode every shard of ``shards`` not yet cached for this VAE (all with
-    ``reuse_existing=False``); ``on_shard(shard, i, n)`` reports progress."""
+    ``reuse_existing=False``), stored as ``dtype`` (float16 halves the cache; the stream
+    reads it back as float32); ``on_shard(shard, i, n)`` reports progress."""
     stats = CacheStats()
     start = time.perf_counter()
     vae.eval().requires_grad_(False)
@@ -219,6 +231,8 @@ def cache_latents(
             stats.shards_kept.append(shard)
             continue
         data, skipped = encode_shard(vae, shards_root, shard, resolution, batch_size)
+        data.mean, data.std = data.mean.to(dtype), data.std.to(dtype)
+        data.meta["dtype"] = str(dtype).removeprefix("torch.")
         stats.bytes_written += write_latent_shard(storage, vae_version, shard, data)
         stats.rows += len(data.keys)
         stats.skipped += skipped
