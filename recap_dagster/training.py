@@ -175,16 +175,12 @@ class Checkpoints:
         Process 0 fetches it (from S3: one download for the machine, not one per process)
         and the others read its copy.
         """
-        from accelerate.utils import broadcast_object_list
-
         name = f"{CHECKPOINT_PREFIX}{checkpoint.step}"
         with contextlib.ExitStack() as stack:
-            holder = [""]
+            local = ""
             if accelerator.is_main_process:
-                holder[0] = stack.enter_context(self.storage.local_dir(*self.parts, name))
-            if accelerator.num_processes > 1:
-                broadcast_object_list(holder)
-            accelerator.load_state(holder[0])
+                local = stack.enter_context(self.storage.local_dir(*self.parts, name))
+            accelerator.load_state(from_main_process(accelerator, local))
             accelerator.wait_for_everyone()
         log.info("resumed from %s", self._name(checkpoint.step))
 
@@ -198,18 +194,26 @@ class Checkpoints:
         return others
 
 
+def from_main_process(accelerator, value: Any) -> Any:
+    """``value`` as process 0 has it, in every process (a collective: all must call it)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    holder = [value]
+    broadcast_object_list(holder)
+    return holder[0]
+
+
 @contextmanager
 def _shared_local_dir(accelerator, name: str) -> Iterator[str]:
     """A local folder every process agrees on (process 0 makes it). One machine: the
     command runs with ``torchrun --standalone``."""
-    from accelerate.utils import broadcast_object_list
-
-    holder = [tempfile.mkdtemp(prefix=f"recap-{name}-") if accelerator.is_main_process else ""]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(holder)
+    made = tempfile.mkdtemp(prefix=f"recap-{name}-") if accelerator.is_main_process else ""
+    local = from_main_process(accelerator, made)
     try:
-        yield holder[0]
+        yield local
     finally:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            shutil.rmtree(holder[0], ignore_errors=True)
+            shutil.rmtree(local, ignore_errors=True)

@@ -19,6 +19,7 @@ from recap_dagster.assets.t2i import (
     t2i_latents,
 )
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS
+from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.scenes import Scene
 from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
@@ -32,7 +33,6 @@ from recap_dagster.resources import (
 from recap_dagster.shard_groups import groups_of
 from recap_dagster.shards import iter_shard, list_shards
 from recap_dagster.storage import Storage
-from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.base import build_miniworld_base
 
 SD_CONFIG = {
@@ -113,9 +113,7 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         # The cache remembers which base model it was made from: a new base makes it stale.
         record = instance.get_latest_materialization_event(t2i_latents.key)
         tags = record.asset_materialization.tags
-        assert tags["dagster/input_data_version/base_t2i_model"] == latent_cache.model_version(
-            base_t2i
-        )
+        assert tags["dagster/input_data_version/base_t2i_model"] == weights_fingerprint(base_t2i)
         for variant in CAPTION_VARIANTS:
             result = dg.materialize(
                 [*ASSETS, *ASSET_CHECKS],

@@ -16,6 +16,7 @@ from recap_dagster.assets.inputs import base_t2i_model
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
+from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.k8s_gpu import gpu_op_tags
 from recap_dagster.metrics import evaluate_generations
 from recap_dagster.miniworld.generate import read_eval_prompts
@@ -203,13 +204,13 @@ def sd_checkpoints(
     store = storage.get()
     shards = _recaptioned_shards(context, store, sources.shards_root)
     base = local_model_dir(models.base_t2i)
-    vae_version = latent_cache.model_version(Path(base) / "vae")
+    vae_version = weights_fingerprint(Path(base) / "vae")
     _check_latents(store, shards, vae_version)
     train_config = settings_from_config(TrainConfig, config)
     processes = config.processes or max(1, torch.cuda.device_count())
     job = TrainJob(
         base_model=base,
-        base_version=latent_cache.model_version(base),
+        base_version=weights_fingerprint(base),
         storage_root=store.root,
         state_parts=(SD_STATE_DIR, variant),
         snapshot_parts=(*SD_DIR, variant),

@@ -29,11 +29,6 @@ LATENTS_DIR = "t2i_latents"
 FORMAT_VERSION = "1"
 
 
-def model_version(directory: str | Path) -> str:
-    """A model's version: the fingerprint of its weights (not its config files)."""
-    return weights_fingerprint(directory)
-
-
 def load_vae(base_model: str, device: torch.device):
     """The base pipeline's VAE on ``device``, the UNet's training resolution in pixels (its
     latent size times the VAE's downsampling) and the VAE's version."""
@@ -42,7 +37,7 @@ def load_vae(base_model: str, device: torch.device):
     vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").to(device)
     unet_config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
     resolution = int(unet_config["sample_size"]) * 2 ** (len(vae.config.block_out_channels) - 1)
-    return vae, resolution, model_version(Path(base_model) / "vae")
+    return vae, resolution, weights_fingerprint(Path(base_model) / "vae")
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:

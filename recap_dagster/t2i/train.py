@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from recap_dagster.training import (
     Checkpoints,
     check_lr_scheduler,
     check_mixed_precision,
+    from_main_process,
     lr_schedule,
     make_accelerator,
     seed_everything,
@@ -128,11 +129,6 @@ class TrainConfig:
             data.pop(key)
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 def milestones(steps: int, every: int) -> list[int]:
     """Snapshot steps: every ``every`` steps, always ending at ``steps``."""
@@ -170,7 +166,7 @@ class TrainJob:
                 "state_parts": tuple(data["state_parts"]),
                 "snapshot_parts": tuple(data["snapshot_parts"]),
                 "data": StreamSpec.from_dict(data["data"]),
-                "config": TrainConfig.from_dict(data["config"]),
+                "config": TrainConfig(**data["config"]),
             }
         )
 
@@ -444,22 +440,13 @@ def _save_snapshot(accelerator, pipe, unet, text_encoder, emas, job: TrainJob, s
             pipe.text_encoder = accelerator.unwrap_model(text_encoder)
             store = Storage(job.storage_root)
             with store.atomic_dir(*job.snapshot_parts, name) as staging:
-                target = Path(staging, "pipeline")
-                save_pipeline(pipe, target, extra={**job.snapshot_meta, "step": step})
-                for entry in target.iterdir():
-                    entry.rename(Path(staging, entry.name))
-                target.rmdir()
+                save_pipeline(pipe, staging, extra={**job.snapshot_meta, "step": step})
                 version = weights_fingerprint(staging)
                 Path(staging, VERSION_FILE).write_text(version + "\n")
     finally:
         for ema, model in emas:
             ema.restore(accelerator.unwrap_model(model).parameters())
-    holder = [version]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(holder)
-    return {"step": step, "name": name, "version": holder[0]}
+    return {"step": step, "name": name, "version": from_main_process(accelerator, version)}
 
 
 # ------------------------------------------------------------------------------ command
