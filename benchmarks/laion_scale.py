@@ -144,7 +144,7 @@ def sources(work: Path) -> DataSourcesResource:
 
 def checks_defs(work: Path) -> dg.Definitions:
     """The project's assets and checks with resources that a check run can use here."""
-    from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
+    from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS, default_resources
     from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
     from recap_dagster.resources import StorageResource
 
@@ -170,7 +170,7 @@ def measure(storage: str, size: int, history: int, work: Path, server, ui: bool)
         instance.report_runless_asset_event(
             dg.AssetMaterialization(CAPTIONER_KEY, tags={"dagster/data_version": "v1"})
         )
-        from recap_dagster.definitions import defs
+        from recap_dagster.miniworld.definitions import defs
 
         job = defs.resolve_job_def("recaption_shards_job")
         row.update(sensor_tick(instance, str(source), registered[-1], job))

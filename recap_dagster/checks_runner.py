@@ -10,6 +10,7 @@ materialized are reported as skipped, since there is nothing to check yet.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -192,6 +193,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dagster_home)",
     )
     parser.add_argument(
+        "--definitions",
+        metavar="MODULE",
+        default="recap_dagster.definitions",
+        help="the module whose `defs` hold the checks and their resources (default: the "
+        "production definitions; the miniworld's: recap_dagster.miniworld.definitions)",
+    )
+    parser.add_argument(
         "--select",
         nargs="+",
         metavar="NAME",
@@ -207,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"recap-dagster check: {err}")
         return 2
     # Imported after DAGSTER_HOME is set: loading the definitions reads the environment.
-    from recap_dagster.definitions import defs
+    defs = importlib.import_module(args.definitions).defs
 
     with instance:
         try:

@@ -1,10 +1,16 @@
-"""The one Definitions object the workspace loads."""
+"""The RECAP graph and its production Definitions (inputs observed, locations from env).
+
+``recap_definitions`` assembles the graph from whatever provides its inputs: here the
+observed external inputs of ``assets/inputs.py``; the miniworld's code location
+(``recap_dagster.miniworld.definitions``) passes its own materializable inputs instead.
+"""
+
+from collections.abc import Sequence
 
 import dagster as dg
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from recap_dagster import settings
 from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
@@ -34,27 +40,8 @@ from recap_dagster.resources import (
 transformers_logging.disable_progress_bar()
 diffusers_logging.disable_progress_bar()
 
-
-def default_resources() -> dict:
-    """Resources for the local default: the miniworld under $RECAP_WORKDIR."""
-    return {
-        "sources": DataSourcesResource.for_miniworld(
-            str(settings.miniworld_dir()), shards_root=settings.shards_root()
-        ),
-        "storage": StorageResource(root=settings.storage_root()),
-        "models": ModelsResource(
-            base_captioner=str(settings.models_dir() / "base_captioner"),
-            base_t2i=str(settings.models_dir() / "base_t2i"),
-        ),
-        "compute": ComputeResource(),
-        # Runs the text-to-image trainer (torchrun) and relays its logs to the run.
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
-    }
-
-
-ASSETS = [
-    *INPUT_ASSETS,
-    laion_shards,
+#: The RECAP graph after its inputs (``laion_shards`` is declared, never materialized).
+RECAP_ASSETS = [
     human_captions,
     captioner_checkpoint,
     recaptioned_shards,
@@ -65,11 +52,52 @@ ASSETS = [
 ]
 ASSET_CHECKS = [*human_captions_checks, recaptioned_shards_checks, recap_mix_beats_alttext]
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    asset_checks=ASSET_CHECKS,
-    jobs=[recaption_job],
-    sensors=[laion_shard_sensor, gpu_pool_watchdog],
-    schedules=[recaption_backfill_schedule],
-    resources=default_resources(),
-)
+
+def common_resources() -> dict:
+    """The resources every deployment configures the same way."""
+    return {
+        "compute": ComputeResource(),
+        # Runs the text-to-image trainer (torchrun) and relays its logs to the run.
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    }
+
+
+def production_resources() -> dict:
+    """Locations of real inputs and outputs, read from the environment at run time."""
+    return {
+        **common_resources(),
+        "sources": DataSourcesResource(
+            shards_root=dg.EnvVar("RECAP_SHARDS_ROOT"),
+            human_captions_path=dg.EnvVar("RECAP_HUMAN_CAPTIONS"),
+            eval_prompts_path=dg.EnvVar("RECAP_EVAL_PROMPTS"),
+            tokenizer_path=dg.EnvVar("RECAP_TOKENIZER"),
+        ),
+        "storage": StorageResource(root=dg.EnvVar("RECAP_STORAGE_ROOT")),
+        "models": ModelsResource(
+            base_captioner=dg.EnvVar("RECAP_BASE_CAPTIONER"),
+            base_t2i=dg.EnvVar("RECAP_BASE_T2I"),
+        ),
+    }
+
+
+def recap_definitions(
+    inputs: Sequence[dg.AssetsDefinition | dg.SourceAsset],
+    resources: dict,
+    *,
+    corpus: dg.AssetSpec = laion_shards,
+    executor: dg.ExecutorDefinition | None = None,
+) -> dg.Definitions:
+    """The RECAP graph fed by ``inputs`` (assets or observed sources with the keys of
+    ``assets.inputs.INPUT_KEYS``) and ``corpus`` (the ``laion_shards`` spec)."""
+    return dg.Definitions(
+        assets=[*inputs, corpus, *RECAP_ASSETS],
+        asset_checks=ASSET_CHECKS,
+        jobs=[recaption_job],
+        sensors=[laion_shard_sensor, gpu_pool_watchdog],
+        schedules=[recaption_backfill_schedule],
+        resources=resources,
+        executor=executor,
+    )
+
+
+defs = recap_definitions(INPUT_ASSETS, production_resources())

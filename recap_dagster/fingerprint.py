@@ -27,3 +27,20 @@ def weights_fingerprint(
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def content_fingerprint(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a file, or of every file under a directory (with
+    its relative path)."""
+    root = Path(path)
+    if root.is_file():
+        files, base = [root], root.parent
+    elif root.is_dir():
+        files, base = sorted(p for p in root.rglob("*") if p.is_file()), root
+    else:
+        raise FileNotFoundError(f"not found: {root}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(base)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

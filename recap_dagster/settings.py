@@ -32,6 +32,12 @@ def shards_root() -> str:
     return os.environ.get("RECAP_SHARDS_ROOT", str(miniworld_dir() / "laion"))
 
 
+def run_config_path() -> str:
+    """The deployment's run-config file (Dagster's ``ops:`` shape): the asset config
+    defaults the launchpad shows and every run uses (empty: the paper's recipes)."""
+    return os.environ.get("RECAP_RUN_CONFIG", "")
+
+
 def dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME", workdir() / "dagster_home"))
 

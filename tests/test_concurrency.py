@@ -169,7 +169,7 @@ def test_without_the_pool_the_same_runs_overlap(tmp_path: Path, monkeypatch) -> 
 
 
 def test_project_gpu_assets_are_in_the_gpu_pool() -> None:
-    from recap_dagster.definitions import defs
+    from recap_dagster.miniworld.definitions import defs
 
     graph = defs.resolve_asset_graph()
     pools = {
@@ -404,7 +404,7 @@ RETRIED_ASSETS = {
 def test_project_assets_retry_transient_errors_only() -> None:
     from dagster._core.definitions.policy import calculate_delay
 
-    from recap_dagster.definitions import defs
+    from recap_dagster.miniworld.definitions import defs
     from recap_dagster.retries import TRANSIENT_RETRY_POLICY
 
     graph = defs.resolve_asset_graph()

@@ -65,28 +65,54 @@ def test_instance_yaml_matches_the_issue(tmp_path: Path) -> None:
 
 
 def test_definitions_contents() -> None:
-    from recap_dagster.definitions import defs
+    from recap_dagster.miniworld.definitions import defs
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"laion_shards", "human_captions"} <= keys
+    assert {"laion_shards", "human_captions", "miniworld_corpus", "recap_report"} <= keys
     assert defs.resolve_sensor_def("laion_shard_sensor")
 
 
-def test_inputs_are_observed_upstream_of_what_they_feed() -> None:
+READERS = {
+    "human_caption_file": {"human_captions"},
+    "caption_tokenizer": {"human_captions", "recaptioned_shards"},
+    "eval_prompt_file": {"metric_reports"},
+    "base_captioner_model": {"captioner_checkpoint"},
+    "base_t2i_model": {"t2i_latents", "sd_checkpoints"},
+}
+
+
+def test_production_inputs_are_observed_upstream_of_what_they_feed() -> None:
     """A new base model or human-caption set makes what was built on it stale: each input
     is an observable external asset upstream of the assets that read it."""
-    import dagster as dg
-
+    from recap_dagster.assets.inputs import INPUT_KEYS
     from recap_dagster.definitions import defs
 
+    assert {k.to_user_string() for k in INPUT_KEYS} == set(READERS)
     graph = defs.resolve_asset_graph()
-    for name, readers in (
-        ("human_caption_file", {"human_captions"}),
-        ("base_captioner_model", {"captioner_checkpoint"}),
-        ("base_t2i_model", {"t2i_latents", "sd_checkpoints"}),
-    ):
+    for name, readers in READERS.items():
         node = graph.get(dg.AssetKey(name))
         assert node.is_observable and not node.is_materializable, name
         children = {k.to_user_string() for k in node.child_keys}
         assert readers <= children, (name, children)
+    laion = graph.get(dg.AssetKey("laion_shards"))
+    assert not laion.is_materializable and not laion.parent_keys
+
+
+def test_miniworld_builds_the_same_inputs_in_its_own_group() -> None:
+    """The miniworld's location has the same RECAP graph; its inputs (same keys) are
+    materializable assets of the miniworld group, upstream of the corpus spec too."""
+    from recap_dagster.definitions import defs as production
+    from recap_dagster.miniworld.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for name, readers in READERS.items():
+        node = graph.get(dg.AssetKey(name))
+        assert node.is_materializable and node.group_name == "miniworld", name
+        assert readers <= {k.to_user_string() for k in node.child_keys}, name
+    laion = graph.get(dg.AssetKey("laion_shards"))
+    assert {k.to_user_string() for k in laion.parent_keys} == {"miniworld_corpus"}
+    production_graph = production.resolve_asset_graph()
+    for key in production_graph.get_all_asset_keys():  # the same RECAP graph in both
+        if key.to_user_string() not in READERS and key != laion.key:
+            assert graph.get(key).parent_keys == production_graph.get(key).parent_keys, key

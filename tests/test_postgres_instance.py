@@ -100,7 +100,7 @@ def test_runs_events_partitions_and_schedules_land_in_postgres(
 
     origin = LoadableTargetOrigin(
         executable_path=sys.executable,
-        module_name="recap_dagster.definitions",
+        module_name="recap_dagster.miniworld.definitions",
         working_directory=str(ROOT),
     )
     with in_process_test_workspace(instance, origin) as workspace:

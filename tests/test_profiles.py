@@ -1,37 +1,51 @@
-"""Run profiles: the seed option changes only the fine-tunes' training seed."""
+"""Run config: each trainer setting is defined once; a profile is run-config data; the
+launchpad's defaults are the profile's values, the ones the main job runs with."""
 
 from __future__ import annotations
 
-from recap_dagster.profiles import PROFILES
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from recap_dagster.miniworld.pipeline import PROFILES, PROFILES_DIR, profile_run_config
+
+OPS_WITH_CONFIG = (
+    "miniworld_corpus",
+    "base_captioner_model",
+    "base_t2i_model",
+    "captioner_checkpoint",
+    "recaptioned_shards",
+    "t2i_latents",
+    "sd_checkpoints",
+    "metric_reports",
+)
 
 
-def test_with_seed_changes_only_the_fine_tune_seeds() -> None:
-    profile = PROFILES["default"]
-    seeded = profile.with_seed(7)
-    assert seeded.captioner_finetune.seed == 7 and seeded.t2i.finetune.seed == 7
-    assert seeded.captioner_run_config()["ops"]["captioner_checkpoint"]["config"]["seed"] == 7
-    assert seeded.t2i_run_config()["ops"]["sd_checkpoints"]["config"]["seed"] == 7
-    # The cached bases and the miniworld are the same models whatever the seed.
-    assert seeded.t2i.base_digest() == profile.t2i.base_digest()
-    assert seeded.base_captioner.key() == profile.base_captioner.key()
-    assert seeded.miniworld == profile.miniworld
-    assert profile.with_seed(0) == profile
+def test_seed_changes_only_the_fine_tune_seeds() -> None:
+    base, seeded = profile_run_config("default", 0), profile_run_config("default", 7)
+    for op in ("captioner_checkpoint", "sd_checkpoints"):
+        assert seeded["ops"][op]["config"].pop("seed") == 7
+        assert base["ops"][op]["config"].pop("seed") == 0
+    assert seeded == base  # the miniworld and the base recipes do not depend on the seed
 
 
 def test_trainer_settings_are_defined_once() -> None:
     """Each asset's config is its trainer's settings dataclass: every setting is on the
-    launchpad with the dataclass's default and description, and each profile's run config
-    is data for exactly those settings."""
-    from dataclasses import fields
-
-    import dagster as dg
-
+    launchpad with the dataclass's default (no run-config file here: the paper's recipe)
+    and description."""
     from recap_dagster.assets.captioner import CaptionerFineTuneConfig
     from recap_dagster.assets.t2i import SDFineTuneConfig
     from recap_dagster.captioner import FineTuneConfig
-    from recap_dagster.definitions import defs
     from recap_dagster.t2i.train import TrainConfig
 
+    assert not os.environ.get("RECAP_RUN_CONFIG")
     for settings, config, decided_by_resources in (
         (TrainConfig, SDFineTuneConfig, set()),
         (FineTuneConfig, CaptionerFineTuneConfig, {"mixed_precision"}),
@@ -43,8 +57,66 @@ def test_trainer_settings_are_defined_once() -> None:
                 continue
             assert launchpad[f.name].default == f.default, f.name
             assert launchpad[f.name].description == f.metadata["description"], f.name
-    for profile in PROFILES.values():
-        for run_config in (profile.captioner_run_config(), profile.t2i_run_config()):
-            job = defs.resolve_implicit_global_asset_job_def()
-            ops = {name: op for name, op in run_config["ops"].items()}
-            assert dg.validate_run_config(job, {"ops": ops}) is not None
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_are_valid_run_config(profile: str) -> None:
+    from recap_dagster.miniworld.definitions import defs
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    run_config = profile_run_config(profile, seed=3)
+    assert set(run_config["ops"]) <= set(OPS_WITH_CONFIG)
+    assert dg.validate_run_config(job, run_config) is not None
+
+
+_LAUNCHPAD_DEFAULTS = """
+import json
+from recap_dagster.miniworld.definitions import defs
+job = defs.resolve_implicit_global_asset_job_def()
+ops = job.run_config_schema.config_type.fields["ops"].config_type.fields
+print(json.dumps({
+    name: {key: field.default_value for key, field in ops[name].config_type.fields["config"]
+           .config_type.fields.items() if field.default_provided}
+    for name in %r
+}))
+"""
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_launchpad_defaults_are_the_profile(profile: str, tmp_path: Path) -> None:
+    """What the UI's launchpad pre-fills (the config schema's defaults) is the profile's
+    run config, the same the main job writes to RECAP_RUN_CONFIG and launches with."""
+    run_config = tmp_path / "run_config.yaml"
+    run_config.write_text(yaml.safe_dump(profile_run_config(profile, seed=5)))
+    env = {**os.environ, "RECAP_RUN_CONFIG": str(run_config), "RECAP_WORKDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", _LAUNCHPAD_DEFAULTS % (OPS_WITH_CONFIG,)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    defaults = json.loads(result.stdout.strip().splitlines()[-1])
+    for op, values in profile_run_config(profile, seed=5)["ops"].items():
+        for key, value in values["config"].items():
+            assert defaults[op][key] == value, (op, key)
+
+
+def test_a_typo_in_the_run_config_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ops:\n  sd_checkpoints:\n    config:\n      stepz: 3\n")
+    env = {**os.environ, "RECAP_RUN_CONFIG": str(bad)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import recap_dagster.assets.t2i"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "has no setting ['stepz']" in result.stderr
+
+
+def test_profile_files_are_listed() -> None:
+    assert set(PROFILES) == {"default", "quick"}
+    assert all((PROFILES_DIR / f"{p}.yaml").is_file() for p in PROFILES)

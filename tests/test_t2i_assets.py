@@ -18,7 +18,7 @@ from recap_dagster.assets.t2i import (
     sd_checkpoints,
     t2i_latents,
 )
-from recap_dagster.definitions import ASSET_CHECKS, ASSETS
+from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.scenes import Scene

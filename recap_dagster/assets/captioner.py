@@ -33,6 +33,7 @@ CaptionerFineTuneConfig = config_from_settings(
     "CaptionerFineTuneConfig",
     "RECAP step 1: the fine-tune's settings (FineTuneConfig; defaults: the paper's recipe, "
     "PaLI, section 4) plus the held-out evaluation's.",
+    op="captioner_checkpoint",
     exclude=("mixed_precision",),  # the compute resource decides
     eval_batch_size=(int, Field(default=64, description="Batch size for held-out captioning.")),
     max_new_tokens=(int, Field(default=77, description="Caption length limit when evaluating.")),

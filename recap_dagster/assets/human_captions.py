@@ -3,7 +3,7 @@
 import dagster as dg
 
 from recap_dagster import human_captions as core
-from recap_dagster.assets.inputs import human_caption_file
+from recap_dagster.assets.inputs import caption_tokenizer, human_caption_file
 from recap_dagster.assets.metadata import column_schema, sample_table, table_fingerprint
 from recap_dagster.resources import DataSourcesResource, StorageResource
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
@@ -13,7 +13,7 @@ OUTPUT_PARTS = ("human_captions", "human_captions.parquet")
 
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
-    deps=[human_caption_file],
+    deps=[human_caption_file, caption_tokenizer],
     group_name="captioner",
     kinds={"parquet"},
     description="Human SHORT and LONG captions with their images, validated and stored as parquet.",

@@ -1,14 +1,15 @@
-"""The inputs RECAP starts from, as observed external assets.
+"""The inputs RECAP starts from, as observed external assets (production).
 
 Their versions are content fingerprints, so a new base model or a changed human-caption
 set makes everything downstream stale in the UI (Dagster compares each materialization's
 recorded input versions with the latest observation). ``laion_shards`` (corpus.py) is the
-fourth input; its partitions are registered by the sensor.
+corpus input; its partitions are registered by the sensor. A world that builds its own
+inputs (the miniworld) defines materializable assets with these same keys instead.
 """
 
 import dagster as dg
 
-from recap_dagster.fingerprint import weights_fingerprint
+from recap_dagster.fingerprint import content_fingerprint, weights_fingerprint
 from recap_dagster.human_captions import human_captions_version
 from recap_dagster.resources import DataSourcesResource, ModelsResource
 from recap_dagster.t2i.model import local_model_dir
@@ -23,6 +24,25 @@ INPUTS_GROUP = "inputs"
 )
 def human_caption_file(sources: DataSourcesResource) -> dg.DataVersion:
     return dg.DataVersion(human_captions_version(sources.human_captions_path))
+
+
+@dg.observable_source_asset(
+    group_name=INPUTS_GROUP,
+    description="The evaluation prompts with their ground truth (GenEval's "
+    "evaluation_metadata.jsonl, or the world's own format) at the data sources' "
+    "eval_prompts_path. Version: a hash of the file.",
+)
+def eval_prompt_file(sources: DataSourcesResource) -> dg.DataVersion:
+    return dg.DataVersion(content_fingerprint(sources.eval_prompts_path))
+
+
+@dg.observable_source_asset(
+    group_name=INPUTS_GROUP,
+    description="The CLIP tokenizer that counts caption tokens against the text encoder's "
+    "77-token limit (the data sources' tokenizer_path). Version: a hash of its files.",
+)
+def caption_tokenizer(sources: DataSourcesResource) -> dg.DataVersion:
+    return dg.DataVersion(content_fingerprint(sources.tokenizer_path))
 
 
 @dg.observable_source_asset(
@@ -44,4 +64,12 @@ def base_t2i_model(models: ModelsResource) -> dg.DataVersion:
     return dg.DataVersion(weights_fingerprint(local_model_dir(models.base_t2i)))
 
 
-INPUT_ASSETS = [human_caption_file, base_captioner_model, base_t2i_model]
+INPUT_ASSETS = [
+    human_caption_file,
+    eval_prompt_file,
+    caption_tokenizer,
+    base_captioner_model,
+    base_t2i_model,
+]
+#: What every world must provide, under these keys (observed here, built by the miniworld).
+INPUT_KEYS = [asset.key for asset in INPUT_ASSETS]

@@ -12,7 +12,9 @@ from recap_dagster.assets.captioner import (
     read_checkpoint_version,
 )
 from recap_dagster.assets.corpus import laion_shards
+from recap_dagster.assets.inputs import caption_tokenizer
 from recap_dagster.assets.metadata import column_schema, sample_table
+from recap_dagster.assets.run_config import with_run_defaults
 from recap_dagster.captioner import Captioner
 from recap_dagster.human_captions import clip_token_counter
 from recap_dagster.k8s_gpu import gpu_op_tags
@@ -32,7 +34,7 @@ def output_parts(shard: str) -> tuple[str, str]:
     return (OUTPUT_DIR, f"{shard}.parquet")
 
 
-class RecaptionConfig(dg.Config):
+class _RecaptionConfig(dg.Config):
     batch_size: int = Field(default=64, description="Images per generate() call.")
     max_new_tokens: int = Field(default=77, description="Caption length limit in tokens.")
     num_beams: int = Field(default=1, description="Beam search width (1 = greedy).")
@@ -47,10 +49,13 @@ class RecaptionConfig(dg.Config):
     )
 
 
+RecaptionConfig = with_run_defaults(_RecaptionConfig, "recaptioned_shards")
+
+
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=shard_group_partitions,
-    deps=[laion_shards, captioner_checkpoint],
+    deps=[laion_shards, captioner_checkpoint, caption_tokenizer],
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     # A partition is a group of up to 100 shards: one run, one model load per group.

@@ -12,10 +12,14 @@ from pydantic import Field
 
 from recap_dagster import report as report_core
 from recap_dagster.assets.corpus import laion_shards
-from recap_dagster.assets.inputs import base_t2i_model
+from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
-from recap_dagster.assets.run_config import config_from_settings, settings_from_config
+from recap_dagster.assets.run_config import (
+    config_from_settings,
+    settings_from_config,
+    with_run_defaults,
+)
 from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.k8s_gpu import gpu_op_tags
 from recap_dagster.metrics import evaluate_generations
@@ -51,7 +55,7 @@ SD_STATE_DIR = "sd_training"
 SAMPLE_SEED = 1234
 
 
-class LatentCacheConfig(dg.Config):
+class _LatentCacheConfig(dg.Config):
     batch_size: int = Field(default=64, description="Images per VAE forward pass.")
     dtype: str = Field(
         default="float32",
@@ -63,6 +67,9 @@ class LatentCacheConfig(dg.Config):
         description="Keep a shard's latents already cached for this VAE (a killed run goes "
         "on where it stopped); off: encode every shard of the group again.",
     )
+
+
+LatentCacheConfig = with_run_defaults(_LatentCacheConfig, "t2i_latents")
 
 
 @dg.asset(
@@ -128,6 +135,7 @@ SDFineTuneConfig = config_from_settings(
     TrainConfig,
     "SDFineTuneConfig",
     "RECAP step 3: the trainer's settings (TrainConfig) plus how the step runs it.",
+    op="sd_checkpoints",
     processes=(
         int,
         Field(
@@ -281,7 +289,7 @@ def sd_checkpoints(
     )
 
 
-class MetricReportConfig(dg.Config):
+class _MetricReportConfig(dg.Config):
     guidance_scale: float = Field(default=5.0, description="Classifier-free guidance scale.")
     num_inference_steps: int = Field(default=20, description="Denoising steps per image.")
     seeds_per_prompt: int = Field(default=1, description="Images per prompt (fixed seeds).")
@@ -313,10 +321,13 @@ def _reference_images(shards_root: str, shards: list[str], limit: int) -> list:
     return images
 
 
+MetricReportConfig = with_run_defaults(_MetricReportConfig, "metric_reports")
+
+
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
-    deps=[sd_checkpoints],
+    deps=[sd_checkpoints, eval_prompt_file],
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     group_name="evaluation",

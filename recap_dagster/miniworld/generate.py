@@ -54,6 +54,7 @@ from recap_dagster.miniworld.scenes import (
     render,
     sample_scene,
 )
+from recap_dagster.training import setting
 
 # Bump when the generated content changes for the same config, so caches are invalidated.
 MINIWORLD_VERSION = 2  # 2: broken_fraction (corrupt image bytes in the corpus)
@@ -73,18 +74,18 @@ PRETRAIN_SCHEMA = pa.schema(
 class MiniworldConfig:
     """What to generate. Equal configs give byte-identical images and captions."""
 
-    seed: int = 0
-    shards: int = 4
-    images_per_shard: int = 1000
-    image_size: int = 32
-    human_captions: int = 100
-    human_heldout: int = 50
-    pretrain_images: int = 4000
-    eval_prompts_per_category: int = 40
-    jpeg_quality: int = 95
-    # Corpus samples whose bytes are corrupt although the row says "success" (a real scrape
-    # has these): they exercise the recaptioning stage's per-row status/error path.
-    broken_fraction: float = 0.002
+    seed: int = setting(0, "Seed of every generated scene, caption and image.")
+    shards: int = setting(4, "LAION-style corpus shards (img2dataset webdataset layout).")
+    images_per_shard: int = setting(1000, "Corpus images per shard.")
+    image_size: int = setting(32, "Image side in pixels.")
+    human_captions: int = setting(100, "Human-captioned images (RECAP step 1's training set).")
+    human_heldout: int = setting(50, "Held-out human-captioned images (caption quality).")
+    pretrain_images: int = setting(4000, "Images of the base captioner's pretraining set.")
+    eval_prompts_per_category: int = setting(40, "Evaluation prompts per category.")
+    jpeg_quality: int = setting(95, "JPEG quality of the corpus images.")
+    # A real scrape has samples whose bytes are corrupt although the row says "success":
+    # they exercise the recaptioning stage's per-row status/error path.
+    broken_fraction: float = setting(0.002, "Corpus samples written with corrupt bytes.")
 
     @classmethod
     def from_dict(cls, data: dict) -> MiniworldConfig:

@@ -1,0 +1,317 @@
+"""Launch work through a running Dagster instance, as the UI does, and report its progress.
+
+``dagster_dev`` serves the workspace (webserver + daemon) on loopback; ``DagsterGraphQL``
+sends the UI's own GraphQL mutations (launch an asset backfill) and queries (the
+backfill's per-asset counts); ``follow_backfill`` prints where the work is: the assets
+done out of those targeted, the steps running now with their latest log line (the
+trainers log their step, loss and time left), elapsed time and an estimate of the rest.
+No Dagster import: everything goes through the instance's public GraphQL API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TERMINAL_BACKFILL_STATES = {
+    "COMPLETED",
+    "COMPLETED_SUCCESS",
+    "COMPLETED_FAILED",
+    "FAILED",
+    "CANCELED",
+    "FAILING",
+}
+
+
+class LaunchError(RuntimeError):
+    """The instance refused or failed the work."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def dagster_dev(
+    workspace: Path, env: dict[str, str], log: Path, port: int = 0, timeout: float = 180
+) -> Iterator[str]:
+    """Run ``dagster dev -w workspace`` (webserver + daemon); yield the UI's URL."""
+    port = port or free_port()
+    program = Path(sys.executable).with_name("dagster")
+    command = [str(program) if program.exists() else "dagster", "dev", "-w", str(workspace)]
+    command += ["-h", "127.0.0.1", "-p", str(port)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        # Its own session: stopping it ends the webserver, the daemon and the code server.
+        process = subprocess.Popen(
+            command,
+            cwd=workspace.parent,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(f"{url}/server_info"):
+            if process.poll() is not None:
+                raise LaunchError(f"dagster dev exited with {process.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"dagster dev did not answer within {timeout:.0f} s; see {log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+_LOCATION_QUERY = """
+query { workspaceOrError { ... on Workspace { locationEntries {
+  name loadStatus
+  locationOrLoadError { __typename ... on PythonError { message }
+    ... on RepositoryLocation { repositories { name } } } } } } }
+"""
+
+_LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+
+_BACKFILL_STATUS = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PythonError { message }
+    ... on PartitionBackfill {
+      status
+      error { message }
+      assetBackfillData { assetBackfillStatuses {
+        ... on AssetPartitionsStatusCounts { assetKey { path } numPartitionsTargeted
+          numPartitionsInProgress numPartitionsMaterialized numPartitionsFailed }
+        ... on UnpartitionedAssetStatus { assetKey { path } inProgress materialized failed }
+      } }
+    }
+  }
+}
+"""
+
+_RUNS = """
+query Runs($tags: [ExecutionTag!]) {
+  runsOrError(filter: {tags: $tags, statuses: [STARTED]}) {
+    ... on Runs { results { runId startTime assetSelection { path }
+      tags { key value } } }
+  }
+}
+"""
+
+_LOGS = """
+query Logs($runId: ID!, $after: String) {
+  logsForRun(runId: $runId, afterCursor: $after) {
+    ... on EventConnection { cursor events { __typename
+      ... on MessageEvent { message stepKey } } }
+  }
+}
+"""
+
+
+class DagsterGraphQL:
+    """The UI's GraphQL API of one running webserver."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") + "/graphql"
+
+    def query(self, query: str, variables: dict | None = None) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            payload = json.loads(response.read())
+        if payload.get("errors"):
+            raise LaunchError(f"GraphQL error: {payload['errors']}")
+        return payload["data"]
+
+    def wait_for_location(self, timeout: float = 300) -> None:
+        """Wait until every code location has loaded; raise with its error if one failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.query(_LOCATION_QUERY)["workspaceOrError"]["locationEntries"]
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                for entry in entries:
+                    location = entry["locationOrLoadError"] or {}
+                    if location.get("__typename") == "PythonError":
+                        raise LaunchError(f"{entry['name']} failed to load: {location['message']}")
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(f"code location not loaded within {timeout:.0f} s")
+            time.sleep(1)
+
+    def launch_backfill(self, keys: Sequence[str], title: str) -> str:
+        """Backfill every partition of ``keys`` (the UI's "Materialize all" on them)."""
+        params = {
+            "assetSelection": [{"path": key.split("/")} for key in keys],
+            "allPartitions": True,
+            "title": title,
+        }
+        result = self.query(_LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+        if result["__typename"] != "LaunchBackfillSuccess":
+            raise LaunchError(f"backfill {title!r} not launched: {result}")
+        return result["backfillId"]
+
+    def backfill(self, backfill_id: str) -> BackfillProgress:
+        data = self.query(_BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        if data["__typename"] != "PartitionBackfill":
+            raise LaunchError(f"backfill {backfill_id}: {data}")
+        progress = BackfillProgress(
+            backfill_id, data["status"], (data["error"] or {}).get("message")
+        )
+        for status in (data["assetBackfillData"] or {}).get("assetBackfillStatuses", []):
+            key = "/".join(status["assetKey"]["path"])
+            if "numPartitionsTargeted" in status:
+                progress.assets[key] = AssetProgress(
+                    status["numPartitionsTargeted"],
+                    status["numPartitionsMaterialized"],
+                    status["numPartitionsInProgress"],
+                    status["numPartitionsFailed"],
+                )
+            else:
+                progress.assets[key] = AssetProgress(
+                    1, int(status["materialized"]), int(status["inProgress"]), int(status["failed"])
+                )
+        return progress
+
+    def running_steps(self, backfill_id: str, cursors: dict[str, str]) -> list[str]:
+        """One line per started run of the backfill: its assets and newest log message."""
+        backfill_tag = [{"key": "dagster/backfill", "value": backfill_id}]
+        runs = self.query(_RUNS, {"tags": backfill_tag})["runsOrError"].get("results", [])
+        lines = []
+        for run in runs:
+            run_id = run["runId"]
+            tags = {t["key"]: t["value"] for t in run["tags"]}
+            logs = self.query(_LOGS, {"runId": run_id, "after": cursors.get(run_id)})
+            connection = logs["logsForRun"]
+            cursors[run_id] = connection.get("cursor") or cursors.get(run_id)
+            events = [e for e in connection.get("events", []) if e.get("message")]
+            if events:
+                cursors[run_id + "/step"] = events[-1].get("stepKey") or ""
+                cursors[run_id + "/last"] = events[-1]["message"]
+            step = cursors.get(run_id + "/step") or "run"
+            partition = tags.get("dagster/partition")
+            where = f"{step} [{partition}]" if partition else step
+            last = _one_line(cursors.get(run_id + "/last", ""))
+            lines.append(f"{where} (run {run_id[:8]}): {last}")
+        return lines
+
+
+def _one_line(text: str, width: int = 150) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@dataclass
+class AssetProgress:
+    targeted: int
+    materialized: int
+    in_progress: int
+    failed: int
+
+
+@dataclass
+class BackfillProgress:
+    backfill_id: str
+    status: str
+    error: str | None = None
+    assets: dict[str, AssetProgress] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_BACKFILL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        failed = any(a.failed for a in self.assets.values())
+        return self.status in {"COMPLETED", "COMPLETED_SUCCESS"} and not failed
+
+    def counts(self, weights: dict[str, float]) -> tuple[float, float]:
+        """(work done, work targeted), each asset partition weighted by ``weights``."""
+        done = sum(weights.get(k, 1.0) * a.materialized for k, a in self.assets.items())
+        total = sum(weights.get(k, 1.0) * a.targeted for k, a in self.assets.items())
+        return done, total
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def follow_backfill(
+    client: DagsterGraphQL,
+    backfill_id: str,
+    say: Callable[[str], None],
+    *,
+    weights: dict[str, float] | None = None,
+    every: float = 5.0,
+    report_every: float = 30.0,
+) -> BackfillProgress:
+    """Poll the backfill until it ends; tell ``say`` what runs and how far it is.
+
+    The estimate of the time left assumes the rest goes at the pace so far, each asset
+    partition counted with its ``weights`` entry (its relative cost; default 1).
+    """
+    weights = weights or {}
+    start = time.monotonic()
+    cursors: dict[str, str] = {}
+    last_report, last_lines = 0.0, [""]
+    while True:
+        progress = client.backfill(backfill_id)
+        now = time.monotonic()
+        if progress.done:
+            return progress
+        lines = client.running_steps(backfill_id, cursors)
+        if lines != last_lines or now - last_report >= report_every:
+            done, total = progress.counts(weights)
+            elapsed = now - start
+            eta = f", about {_duration(elapsed * (total - done) / done)} left" if done else ""
+            finished = sum(a.materialized for a in progress.assets.values())
+            targets = sum(a.targeted for a in progress.assets.values())
+            say(
+                f"{finished}/{targets} asset partitions done ({100 * done / max(total, 1):.0f}% "
+                f"of the work), elapsed {_duration(elapsed)}{eta}"
+            )
+            for line in lines:
+                say(f"  running: {line}")
+            last_report, last_lines = now, lines
+        time.sleep(every)

@@ -1,0 +1,47 @@
+"""``recap-miniworld``: the miniworld's command line.
+
+- ``recap-miniworld pipeline [--profile default|quick] [--seed N]``: the main job — the
+  whole RECAP graph on the miniworld, launched through the local Dagster instance.
+- ``recap-miniworld generate --out DIR ...``: only generate a miniworld.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"]:
+        from recap_dagster.miniworld.__main__ import main as generate_main
+
+        return generate_main(argv[1:])
+
+    from recap_dagster.miniworld.pipeline import PROFILES, run_pipeline
+
+    parser = argparse.ArgumentParser(prog="recap-miniworld", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pipeline = sub.add_parser("pipeline", help="run the full pipeline on the miniworld")
+    pipeline.add_argument(
+        "--profile",
+        default="default",
+        choices=PROFILES,
+        help="default: the documented miniworld sizes; quick: tiny sizes for tests",
+    )
+    pipeline.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of the captioner and text-to-image fine-tunes (default 0)",
+    )
+    pipeline.add_argument("--port", type=int, default=0, help="UI port (default: a free one)")
+    sub.add_parser("generate", help="generate a miniworld (see: recap-miniworld generate -h)")
+    args = parser.parse_args(argv)
+    summary = run_pipeline(args.profile, seed=args.seed, port=args.port)
+    print(summary.render())
+    return 0 if summary.succeeded else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

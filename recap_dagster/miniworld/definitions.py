@@ -1,0 +1,43 @@
+"""The miniworld's code location: the RECAP graph fed by the miniworld's own inputs.
+
+``workspace.yaml`` loads this module. Everything lives under ``$RECAP_WORKDIR``
+(``settings.py``); asset config defaults come from the run-config file named by
+``RECAP_RUN_CONFIG`` (``./dev`` points it at ``miniworld/profiles/<profile>.yaml``).
+"""
+
+
+from recap_dagster import settings
+from recap_dagster.assets.corpus import laion_shards
+from recap_dagster.definitions import (
+    ASSET_CHECKS,
+    RECAP_ASSETS,
+    common_resources,
+    recap_definitions,
+)
+from recap_dagster.miniworld.assets import MINIWORLD_ASSETS, MiniworldResource
+from recap_dagster.resources import DataSourcesResource, ModelsResource, StorageResource
+
+#: The corpus spec, downstream of the generator in lineage.
+MINIWORLD_LAION_SHARDS = laion_shards.replace_attributes(deps=["miniworld_corpus"])
+ASSETS = [*MINIWORLD_ASSETS, MINIWORLD_LAION_SHARDS, *RECAP_ASSETS]
+
+
+def default_resources() -> dict:
+    """Resources for the local default: the miniworld under $RECAP_WORKDIR."""
+    return {
+        **common_resources(),
+        "miniworld": MiniworldResource(root=str(settings.miniworld_dir())),
+        "sources": DataSourcesResource.for_miniworld(
+            str(settings.miniworld_dir()), shards_root=settings.shards_root()
+        ),
+        "storage": StorageResource(root=settings.storage_root()),
+        "models": ModelsResource(
+            base_captioner=str(settings.models_dir() / "base_captioner"),
+            base_t2i=str(settings.models_dir() / "base_t2i"),
+        ),
+    }
+
+
+defs = recap_definitions(MINIWORLD_ASSETS, default_resources(), corpus=MINIWORLD_LAION_SHARDS)
+
+__all__ = ["ASSETS", "ASSET_CHECKS", "default_resources", "defs"]

@@ -1,0 +1,166 @@
+"""The main job: the whole RECAP graph on the miniworld, launched through the instance.
+
+It does what a user does in the UI, with the same run config (``RECAP_RUN_CONFIG``, the
+profile's file): serve the workspace with ``dagster dev``, backfill the ``miniworld``
+group (the inputs), let the ``laion_shard_sensor`` register the shard groups, then
+backfill every asset ("Materialize all"). The backfill daemon runs everything in
+dependency order (one recaptioning run per shard group, one training-and-evaluation run
+per caption variant); this process reports where it is and prints the report at the end.
+Everything it did stays visible in ``./dev ui`` afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from recap_dagster import settings
+from recap_dagster.launcher import DagsterGraphQL, LaunchError, dagster_dev, follow_backfill
+from recap_dagster.miniworld.assets import MINIWORLD_GROUP
+from recap_dagster.miniworld.definitions import ASSETS
+from recap_dagster.partitions import shard_group_partitions
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+#: Ops whose config holds the fine-tunes' training seed (``--seed``).
+SEEDED_OPS = ("captioner_checkpoint", "sd_checkpoints")
+#: Relative cost of one partition of each asset in the miniworld's default profile
+#: (measured wall times of a main job), for the estimate of the time left.
+WORK_WEIGHTS = {
+    "miniworld_corpus": 1.0,
+    "base_captioner_model": 9.0,
+    "base_t2i_model": 6.0,
+    "captioner_checkpoint": 3.0,
+    "recaptioned_shards": 2.0,
+    "t2i_latents": 0.3,
+    "sd_checkpoints": 10.0,
+    "metric_reports": 1.5,
+}
+
+
+def profile_run_config(profile: str, seed: int = 0) -> dict:
+    """The profile's run config with ``seed`` as the fine-tunes' training seed."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    ops = data.setdefault("ops", {})
+    for op in SEEDED_OPS:
+        ops.setdefault(op, {}).setdefault("config", {})["seed"] = seed
+    return data
+
+
+def write_run_config(profile: str, seed: int) -> Path:
+    """Write the run config the UI and the main job share: ``$RECAP_WORKDIR/run_config.yaml``."""
+    path = settings.workdir() / "run_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# profile {profile}, seed {seed} (written by recap-miniworld pipeline)\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(header + yaml.safe_dump(profile_run_config(profile, seed), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class PipelineSummary:
+    profile: str
+    lines: list[str] = field(default_factory=list)
+    succeeded: bool = True
+    report: str = ""
+    report_uri: str = ""
+    verdict: str = ""
+
+    def add(self, step: str, seconds: float, detail: str) -> None:
+        self.lines.append(f"{step:<26} {seconds:8.1f} s  {detail}")
+
+    def render(self) -> str:
+        status = "succeeded" if self.succeeded else "FAILED"
+        lines = [f"recap-miniworld pipeline ({self.profile}) {status}", *self.lines]
+        if self.report:
+            lines += ["", f"RECAP report: {self.report_uri}", "", self.report, "", self.verdict]
+        return "\n".join(lines)
+
+
+def _say(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def _keys(group: str | None = None, exclude_group: str | None = None) -> list[str]:
+    keys = []
+    for asset in ASSETS:
+        if not isinstance(asset, dg.AssetsDefinition) or not asset.is_executable:
+            continue
+        for spec in asset.specs:
+            if (group is None or spec.group_name == group) and spec.group_name != exclude_group:
+                keys.append(spec.key.to_user_string())
+    return keys
+
+
+def _wait_for_shard_groups(instance: dg.DagsterInstance, timeout: float = 300) -> list[str]:
+    """The shard groups once the laion_shard_sensor has registered them (one sensor tick)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        groups = instance.get_dynamic_partitions(shard_group_partitions.name)
+        if groups:
+            return groups
+        if time.monotonic() > deadline:
+            raise LaunchError("the laion_shard_sensor registered no shard group; is it running?")
+        time.sleep(2)
+
+
+def _backfill(client: DagsterGraphQL, summary: PipelineSummary, step: str, keys: list[str]) -> bool:
+    start = time.perf_counter()
+    backfill_id = client.launch_backfill(keys, title=f"recap-miniworld: {step}")
+    _say(f"{step}: backfill {backfill_id} of {len(keys)} assets launched")
+    progress = follow_backfill(client, backfill_id, _say, weights=WORK_WEIGHTS)
+    failed = [k for k, a in progress.assets.items() if a.failed]
+    detail = f"backfill {backfill_id}: {progress.status}" + (
+        f"; FAILED: {failed}" if failed else ""
+    )
+    if progress.error:
+        detail += f"; {progress.error}"
+    summary.add(step, time.perf_counter() - start, detail)
+    summary.succeeded &= progress.succeeded
+    return progress.succeeded
+
+
+def _read_report(instance: dg.DagsterInstance, summary: PipelineSummary) -> None:
+    event = instance.get_latest_materialization_event(dg.AssetKey("recap_report"))
+    if event is None or event.asset_materialization is None:
+        summary.succeeded = False
+        return
+    metadata = event.asset_materialization.metadata
+    summary.report = metadata["table"].value
+    summary.report_uri = metadata["dagster/uri"].value
+    verdict = metadata.get("verdict")
+    summary.verdict = verdict.value if verdict is not None else ""
+
+
+def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> PipelineSummary:
+    """Run the main job; ``seed`` is the training seed of the captioner and text-to-image
+    fine-tunes (the miniworld and the cached base models do not depend on it)."""
+    summary = PipelineSummary(f"{profile}, seed {seed}")
+    home = settings.ensure_dagster_home()
+    run_config = write_run_config(profile, seed)
+    env = {"DAGSTER_HOME": str(home), "RECAP_RUN_CONFIG": str(run_config)}
+    log = settings.workdir() / "dagster_dev.log"
+    workspace = settings.PROJECT_ROOT / "workspace.yaml"
+    with dagster_dev(workspace, env, log, port=port) as url:
+        _say(f"Dagster UI at {url} (log {log}); run config {run_config}")
+        client = DagsterGraphQL(url)
+        client.wait_for_location()
+        if not _backfill(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
+            return summary
+        instance = dg.DagsterInstance.get()
+        start = time.perf_counter()
+        _say("waiting for the laion_shard_sensor to register the shard groups ...")
+        groups = _wait_for_shard_groups(instance)
+        summary.add("laion_shard_groups", time.perf_counter() - start, f"{len(groups)} group(s)")
+        if _backfill(
+            client, summary, "RECAP (materialize all)", _keys(exclude_group=MINIWORLD_GROUP)
+        ):
+            _read_report(instance, summary)
+    return summary
