@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from recap_dagster.evaluator import evaluate_images
+from recap_dagster.miniworld.evaluator import evaluate_images
 from recap_dagster.miniworld.scenes import PromptTruth
 
 FID_IMAGE_SIZE = 64  # images are resized to this before feature extraction

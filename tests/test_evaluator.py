@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
-from recap_dagster.evaluator import (
+from recap_dagster.miniworld.evaluator import (
     Detection,
     EvaluationSummary,
     _colour_map,
