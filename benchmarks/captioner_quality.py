@@ -39,6 +39,7 @@ from recap_dagster.miniworld.base_captioner import (
     read_base_manifest,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld
+from recap_dagster.miniworld.world import MiniworldWorld
 
 
 def _overrides(config, pairs: list[str]):
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prefixes = {**Captioner.from_pretrained(out).prefixes, **PRETRAIN_PREFIXES}
     base = Captioner.from_pretrained(out, prefixes=prefixes)
-    before = evaluate_captioner(base, heldout, styles=("short", "long", "caption", "detect"))
+    before = evaluate_captioner(
+        base, heldout, world=MiniworldWorld(), styles=("short", "long", "caption", "detect")
+    )
 
     tuned = Captioner.from_pretrained(out)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         f"fine-tune: {len(losses)} steps in {ft_seconds:.1f}s, loss {losses[0]:.3f} -> "
         f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"
     )
-    after = evaluate_captioner(tuned, heldout)
+    after = evaluate_captioner(tuned, heldout, world=MiniworldWorld())
 
     rows = [QualityRow("base", s, before[s]) for s in ("short", "long", "caption", "detect")]
     rows += [QualityRow("fine-tuned", s, after[s]) for s in ("short", "long")]

@@ -23,6 +23,7 @@ from recap_dagster.automation import (
     recaption_backfill_schedule,
     recaption_job,
 )
+from recap_dagster.miniworld.resources import MiniworldWorldResource
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -47,6 +48,7 @@ def default_resources() -> dict:
             base_t2i=str(settings.models_dir() / "base_t2i"),
         ),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         # Runs the text-to-image trainer (torchrun) and relays its logs to the run.
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }

@@ -23,7 +23,10 @@ from recap_dagster.miniworld.base_captioner import (
     read_base_manifest,
 )
 from recap_dagster.miniworld.captions import grade_caption, parse_caption
-from recap_dagster.miniworld.scenes import sample_scene
+from recap_dagster.miniworld.scenes import Scene, sample_scene
+from recap_dagster.miniworld.world import MiniworldWorld
+
+WORLD = MiniworldWorld()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def test_loads_and_is_terse_under_recap_prefixes(base_dir: str, miniworld_paths)
     assert stored["prefixes"] == STYLE_PREFIXES
 
     heldout = load_captioned(miniworld_paths.human_captions_heldout)
-    results = evaluate_captioner(captioner, heldout, styles=("short", "long"))
+    results = evaluate_captioner(captioner, heldout, world=WORLD, styles=("short", "long"))
     for style in ("short", "long"):
         # Never taught these prefixes: no sentences, no positions (the paper's terse base).
         assert results[style]["words"] <= 6, results[style]["samples"]
@@ -154,7 +157,7 @@ def test_evaluate_captioner_grades(miniworld_paths) -> None:
             "long": {id(h.image): h.long for h in heldout},
         }
     )
-    results = evaluate_captioner(perfect, heldout, batch_size=4)
+    results = evaluate_captioner(perfect, heldout, world=WORLD, batch_size=4)
     for style in ("short", "long"):
         metrics = results[style]
         for key in ("objects", "counts", "positions", "exact", "counts_exact"):
@@ -166,11 +169,13 @@ def test_evaluate_captioner_grades(miniworld_paths) -> None:
     # Terse answers: objects right, no positions; empty answers: nothing right.
     terse = _FakeCaptioner(
         {
-            "short": {id(h.image): detection_text(h.scene).split(";")[0] for h in heldout},
+            "short": {
+                id(h.image): detection_text(Scene.from_dict(h.truth)).split(";")[0] for h in heldout
+            },
             "long": {id(h.image): "" for h in heldout},
         }
     )
-    pairs = [(h.image, h.scene.to_dict()) for h in heldout]  # (image, scene-dict) pairs work
-    results = evaluate_captioner(terse, pairs)
+    pairs = [(h.image, h.truth) for h in heldout]  # (image, truth) pairs work
+    results = evaluate_captioner(terse, pairs, world=WORLD)
     assert 0 < results["short"]["objects"] <= 1 and results["short"]["exact"] < 1
     assert results["long"]["objects"] == 0 and results["long"]["words"] == 0

@@ -21,6 +21,7 @@ from recap_dagster.assets.t2i import (
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.miniworld.captions import long_caption, short_caption
+from recap_dagster.miniworld.resources import MiniworldWorldResource
 from recap_dagster.miniworld.scenes import Scene
 from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.recaption import SCHEMA
@@ -88,6 +89,7 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     storage = resources["storage"].get()

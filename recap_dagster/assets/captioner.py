@@ -22,6 +22,7 @@ from recap_dagster.resources import (
     DataSourcesResource,
     ModelsResource,
     StorageResource,
+    WorldResource,
 )
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 
@@ -55,7 +56,10 @@ def _quality_table(before: dict, after: dict) -> str:
     for style in ("short", "long"):
         for metric in ("objects", "counts", "positions", "exact"):
             b, a = before[style][metric], after[style][metric]
-            rows.append([style, metric, b, a, a - b])
+            if a is None or b is None:
+                rows.append([style, metric, "not graded", "not graded", "-"])
+            else:
+                rows.append([style, metric, b, a, a - b])
     return markdown_table(["style", "metric", "base", "fine-tuned", "delta"], rows)
 
 
@@ -78,6 +82,7 @@ def captioner_checkpoint(
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
+    world: WorldResource,
 ) -> dg.MaterializeResult:
     store = storage.get()
     examples = _examples(store.read_parquet(*HUMAN_CAPTIONS_PARTS))
@@ -88,9 +93,13 @@ def captioner_checkpoint(
         f"from {models.base_captioner} on {len(examples)} human-captioned images, {device}"
     )
     heldout_path = sources.human_captions_heldout_path
-    # Real data has no held-out scenes to grade against: then no quality table.
+    # Real data has no held-out ground truth to grade against: then no quality table.
     heldout = load_captioned(heldout_path) if heldout_path and Path(heldout_path).is_file() else []
-    grade = {"batch_size": config.eval_batch_size, "max_new_tokens": config.max_new_tokens}
+    grade = {
+        "world": world.get(),
+        "batch_size": config.eval_batch_size,
+        "max_new_tokens": config.max_new_tokens,
+    }
     before = evaluate_captioner(captioner, heldout, **grade) if heldout else None
 
     start = time.perf_counter()
@@ -133,7 +142,8 @@ def captioner_checkpoint(
         metadata["heldout_quality"] = dg.MetadataValue.md(_quality_table(before, after))
         for style in ("short", "long"):
             for metric in ("objects", "counts", "positions"):
-                metadata[f"{style}_{metric}_after"] = float(after[style][metric])
+                if after[style][metric] is not None:
+                    metadata[f"{style}_{metric}_after"] = float(after[style][metric])
         samples = heldout[: config.sample_rows]
         shorts = captioner.caption(
             [s.image for s in samples], "short", max_new_tokens=config.max_new_tokens
