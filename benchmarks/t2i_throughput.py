@@ -31,11 +31,11 @@ import pyarrow as pa
 import torch
 
 from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.storage import Storage
 from recap_dagster.t2i.latents import LatentShard, write_latent_shard
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, save_pipeline
-from recap_dagster.t2i.profiles import MINIWORLD_PROFILE
 from recap_dagster.t2i.stream import CaptionSource
 from recap_dagster.t2i.train import TrainConfig, TrainJob, launch_command, training_stream
 

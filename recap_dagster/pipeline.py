@@ -17,12 +17,12 @@ from recap_dagster.assets.inputs import INPUT_ASSETS
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS, default_resources
 from recap_dagster.miniworld.base_captioner import build_base_captioner
 from recap_dagster.miniworld.generate import generate_miniworld
+from recap_dagster.miniworld.t2i_base import build_miniworld_base
 from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.pool_watchdog import WORKER_TAG, this_host, watching_pool
 from recap_dagster.profiles import PROFILES
 from recap_dagster.shard_groups import groups_of
 from recap_dagster.shards import list_shards
-from recap_dagster.t2i.base import build_miniworld_base
 
 
 @dataclass

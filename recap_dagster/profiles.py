@@ -17,7 +17,7 @@ from recap_dagster.miniworld.base_captioner import (
     BaseCaptionerConfig,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig
-from recap_dagster.t2i.profiles import MINIWORLD_PROFILE, QUICK_PROFILE, T2IProfile
+from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE, QUICK_PROFILE, T2IProfile
 
 
 @dataclass(frozen=True)

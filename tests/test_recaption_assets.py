@@ -24,9 +24,10 @@ from recap_dagster.automation import (
     laion_shard_sensor,
     recaption_backfill_schedule,
 )
-from recap_dagster.captioner import build_tiny_captioner
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
+from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
@@ -35,7 +36,7 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
-from recap_dagster.shards import ShardRecord, sample_key, write_shard
+from recap_dagster.shards import sample_key
 
 
 def _jpeg(seed: int) -> bytes:

@@ -19,10 +19,10 @@ import dagster as dg
 import pytest
 from browser import REPO, chromium_page, dagster_webserver, screenshot
 
-from recap_dagster.captioner import build_tiny_captioner
 from recap_dagster.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,

@@ -2,7 +2,7 @@
 
 RECAP fine-tunes a *web-pretrained* captioner (PaLI) whose "outputs are relatively terse and
 lack in detail". The miniworld analog is a tiny model of one supported family (see
-:data:`BaseCaptionerConfig.family`), built with :mod:`recap_dagster.captioner.tiny` and
+:data:`BaseCaptionerConfig.family`), built with :mod:`recap_dagster.miniworld.tiny_captioner` and
 pretrained here on ``captioner_pretrain/pretrain.parquet`` (images disjoint from the corpus
 and from both human-caption sets), then saved with :meth:`Captioner.save_pretrained` so
 the pipeline loads it through the same ``from_pretrained`` path as a real checkpoint.
@@ -672,7 +672,7 @@ def build_base_captioner(
     import torch
 
     from recap_dagster.captioner.model import resolve_device
-    from recap_dagster.captioner.tiny import build_tiny_captioner
+    from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 
     start, cpu_start = time.perf_counter(), time.process_time()
     items = load_pretrain(paths.captioner_pretrain, config.max_images, config.detect_format)
