@@ -21,6 +21,7 @@ from PIL import Image
 from recap_dagster.captioner.finetune import CaptionExample
 from recap_dagster.human_captions import load_human_captions
 from recap_dagster.imaging import decode_image
+from recap_dagster.plots import markdown_image, markdown_table, png_of
 from recap_dagster.world import CAPTION_METRICS, World
 
 GRADE_KEYS = ("objects", "counts", "positions", "counts_exact", "exact", "hallucinated")
@@ -134,3 +135,30 @@ def format_quality_table(rows: Sequence[QualityRow]) -> str:
 
 def _cell(value: float | None, width: int) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+
+def quality_table(before: dict, after: dict) -> str:
+    """Markdown: per style and metric, the base's and the fine-tuned captioner's means."""
+    rows: list[list[Any]] = []
+    for style in ("short", "long"):
+        for metric in ("objects", "counts", "positions", "exact"):
+            b, a = before[style][metric], after[style][metric]
+            if a is None or b is None:
+                rows.append([style, metric, "not graded", "not graded", "-"])
+            else:
+                rows.append([style, metric, b, a, a - b])
+    return markdown_table(["style", "metric", "base", "fine-tuned", "delta"], rows)
+
+
+def sample_table(captioner: Any, examples: Sequence[CaptionedImage], max_new_tokens: int) -> str:
+    """Markdown: each example's image with the captioner's short and long caption."""
+    images = [e.image for e in examples]
+    shorts = captioner.caption(images, "short", max_new_tokens=max_new_tokens)
+    longs = captioner.caption(images, "long", max_new_tokens=max_new_tokens)
+    return markdown_table(
+        ["image", "short", "long"],
+        [
+            [markdown_image(png_of(e.image, 64), e.key), short, long]
+            for e, short, long in zip(examples, shorts, longs, strict=True)
+        ],
+    )

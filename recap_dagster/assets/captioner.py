@@ -11,11 +11,16 @@ from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.assets.inputs import base_captioner_model
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
-from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
+from recap_dagster.captioner_quality import (
+    evaluate_captioner,
+    load_captioned,
+    quality_table,
+    sample_table,
+)
 from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.imaging import decode_image
 from recap_dagster.k8s_gpu import gpu_op_tags
-from recap_dagster.plots import line_plot, markdown_image, markdown_table, png_of
+from recap_dagster.plots import line_plot, markdown_image
 from recap_dagster.pool_watchdog import GPU_POOL
 from recap_dagster.resources import (
     ComputeResource,
@@ -49,18 +54,6 @@ def _examples(table) -> list[CaptionExample]:
             raise ValueError(f"human caption {row['key']}: {decoded.error}")
         examples.append(CaptionExample(row["key"], decoded.image, row["short"], row["long"]))
     return examples
-
-
-def _quality_table(before: dict, after: dict) -> str:
-    rows = []
-    for style in ("short", "long"):
-        for metric in ("objects", "counts", "positions", "exact"):
-            b, a = before[style][metric], after[style][metric]
-            if a is None or b is None:
-                rows.append([style, metric, "not graded", "not graded", "-"])
-            else:
-                rows.append([style, metric, b, a, a - b])
-    return markdown_table(["style", "metric", "base", "fine-tuned", "delta"], rows)
 
 
 @dg.asset(
@@ -139,26 +132,13 @@ def captioner_checkpoint(
         "prefixes": dg.MetadataValue.json(captioner.prefixes),
     }
     if before is not None and after is not None:
-        metadata["heldout_quality"] = dg.MetadataValue.md(_quality_table(before, after))
+        metadata["heldout_quality"] = dg.MetadataValue.md(quality_table(before, after))
         for style in ("short", "long"):
             for metric in ("objects", "counts", "positions"):
                 if after[style][metric] is not None:
                     metadata[f"{style}_{metric}_after"] = float(after[style][metric])
-        samples = heldout[: config.sample_rows]
-        shorts = captioner.caption(
-            [s.image for s in samples], "short", max_new_tokens=config.max_new_tokens
-        )
-        longs = captioner.caption(
-            [s.image for s in samples], "long", max_new_tokens=config.max_new_tokens
-        )
         metadata["samples"] = dg.MetadataValue.md(
-            markdown_table(
-                ["image", "short", "long"],
-                [
-                    [markdown_image(png_of(s.image, 64), s.key), short, long]
-                    for s, short, long in zip(samples, shorts, longs, strict=True)
-                ],
-            )
+            sample_table(captioner, heldout[: config.sample_rows], config.max_new_tokens)
         )
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
