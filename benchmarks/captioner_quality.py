@@ -4,7 +4,8 @@ Run: ``python benchmarks/captioner_quality.py [--miniworld DIR] [--out DIR]``. G
 reuses) the default miniworld, builds (or reuses) the base captioner with the default
 :class:`BaseCaptionerConfig`, grades its captions of the held-out human-captioned images in
 both RECAP styles (and its pretraining tasks), fine-tunes it on the 100 human captions with
-:data:`MINIWORLD_FINETUNE`, grades again, and prints a table plus timings. The target: the
+the default profile's ``captioner_checkpoint`` settings, grades again, and prints a table
+plus timings. The target: the
 fine-tuned LONG captions get >= 0.9 of objects, counts and positions right.
 
 ``--base k=v`` / ``--finetune k=v`` override config fields (repeatable), for experiments.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from recap_dagster.captioner import Captioner, fine_tune
+from recap_dagster.captioner import Captioner, FineTuneConfig, fine_tune
 from recap_dagster.captioner_quality import (
     QualityRow,
     evaluate_captioner,
@@ -32,13 +33,14 @@ from recap_dagster.captioner_quality import (
     load_captioned,
 )
 from recap_dagster.miniworld.base_captioner import (
-    MINIWORLD_FINETUNE,
     PRETRAIN_PREFIXES,
     BaseCaptionerConfig,
     build_base_captioner,
     read_base_manifest,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld
+from recap_dagster.miniworld.run_configs import op_settings
+from recap_dagster.miniworld.world import MiniworldWorld
 
 
 def _overrides(config, pairs: list[str]):
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base_config = _overrides(BaseCaptionerConfig(), args.base)
-    ft_config = _overrides(MINIWORLD_FINETUNE, args.finetune)
+    ft_config = _overrides(
+        op_settings(FineTuneConfig, "default", "captioner_checkpoint"), args.finetune
+    )
 
     paths = generate_miniworld(args.miniworld, MiniworldConfig())
     heldout = load_captioned(paths.human_captions_heldout)
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prefixes = {**Captioner.from_pretrained(out).prefixes, **PRETRAIN_PREFIXES}
     base = Captioner.from_pretrained(out, prefixes=prefixes)
-    before = evaluate_captioner(base, heldout, styles=("short", "long", "caption", "detect"))
+    before = evaluate_captioner(
+        base, heldout, world=MiniworldWorld(), styles=("short", "long", "caption", "detect")
+    )
 
     tuned = Captioner.from_pretrained(out)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         f"fine-tune: {len(losses)} steps in {ft_seconds:.1f}s, loss {losses[0]:.3f} -> "
         f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"
     )
-    after = evaluate_captioner(tuned, heldout)
+    after = evaluate_captioner(tuned, heldout, world=MiniworldWorld())
 
     rows = [QualityRow("base", s, before[s]) for s in ("short", "long", "caption", "detect")]
     rows += [QualityRow("fine-tuned", s, after[s]) for s in ("short", "long")]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from recap_dagster.evaluator import detect, evaluate_images, scene_from_detections
+from recap_dagster.miniworld.evaluator import detect, evaluate_images, scene_from_detections
 from recap_dagster.miniworld.scenes import (
     COLOURS,
     SHAPES,

@@ -31,11 +31,12 @@ import pyarrow as pa
 import torch
 
 from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.miniworld.run_configs import op_settings
+from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.storage import Storage
 from recap_dagster.t2i.latents import LatentShard, write_latent_shard
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, save_pipeline
-from recap_dagster.t2i.profiles import MINIWORLD_PROFILE
 from recap_dagster.t2i.stream import CaptionSource
 from recap_dagster.t2i.train import TrainConfig, TrainJob, launch_command, training_stream
 
@@ -173,7 +174,8 @@ def main() -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="recap-t2i-bench-"))
     model, store, names = make_world(tmp, 4 * args.shards, args.per_shard)
-    base = replace(MINIWORLD_PROFILE.finetune, checkpoint_every=0, snapshot_every=0)
+    finetune = op_settings(TrainConfig, "default", "sd_checkpoints")
+    base = replace(finetune, checkpoint_every=0, snapshot_every=0)
     print(f"model: miniworld size, batch {base.batch_size}, one torch thread; cache: "
           f"{4 * args.shards} shards x {args.per_shard} synthetic latents in {tmp}")  # fmt: skip
 

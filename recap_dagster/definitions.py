@@ -5,6 +5,7 @@ observed external inputs of ``assets/inputs.py``; the miniworld's code location
 (``recap_dagster.miniworld.definitions``) passes its own materializable inputs instead.
 """
 
+import os
 from collections.abc import Sequence
 
 import dagster as dg
@@ -32,6 +33,7 @@ from recap_dagster.automation import (
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
+    GenEvalWorldResource,
     ModelsResource,
     StorageResource,
 )
@@ -73,6 +75,9 @@ def production_resources() -> dict:
             tokenizer_path=dg.EnvVar("RECAP_TOKENIZER"),
         ),
         "storage": StorageResource(root=dg.EnvVar("RECAP_STORAGE_ROOT")),
+        # GenEval-style prompts; objects, counts and positions need a detector (OWL-ViT
+        # directory in RECAP_DETECTOR), else only FID and CLIP score are reported.
+        "world": GenEvalWorldResource(detector=os.environ.get("RECAP_DETECTOR", "")),
         "models": ModelsResource(
             base_captioner=dg.EnvVar("RECAP_BASE_CAPTIONER"),
             base_t2i=dg.EnvVar("RECAP_BASE_T2I"),

@@ -147,6 +147,14 @@ query Logs($runId: ID!, $after: String) {
 """
 
 
+_CHECKS = """
+query Checks($key: AssetKeyInput!) {
+  assetNodes(assetKeys: [$key]) { assetChecksOrError { ... on AssetChecks { checks {
+    name executionForLatestMaterialization { status evaluation { description } } } } } }
+}
+"""
+
+
 class DagsterGraphQL:
     """The UI's GraphQL API of one running webserver."""
 
@@ -212,6 +220,18 @@ class DagsterGraphQL:
                     1, int(status["materialized"]), int(status["inProgress"]), int(status["failed"])
                 )
         return progress
+
+    def check_results(self, key: str) -> list[tuple[str, str, str]]:
+        """(check, status, description) of each check of ``key``'s latest materialization."""
+        nodes = self.query(_CHECKS, {"key": {"path": key.split("/")}})["assetNodes"]
+        results = []
+        for node in nodes:
+            for check in node["assetChecksOrError"].get("checks", []):
+                execution = check["executionForLatestMaterialization"] or {}
+                evaluation = execution.get("evaluation") or {}
+                status = execution.get("status", "NOT_RUN")
+                results.append((check["name"], status, evaluation.get("description") or ""))
+        return results
 
     def running_steps(self, backfill_id: str, cursors: dict[str, str]) -> list[str]:
         """One line per started run of the backfill: its assets and newest log message."""

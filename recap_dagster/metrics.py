@@ -1,4 +1,4 @@
-"""RECAP's evaluation: FID, CLIP score and the miniworld's semantic metrics (no Dagster).
+"""RECAP's evaluation: FID, CLIP score and a world's semantic metrics (no Dagster).
 
 FID uses torchmetrics' ``FrechetInceptionDistance``. The standard Inception-v3 weights
 (torch-fidelity's ``pt_inception-2015-12-05``) cannot be downloaded here, so:
@@ -13,12 +13,15 @@ FID uses torchmetrics' ``FrechetInceptionDistance``. The standard Inception-v3 w
   comparable with published FIDs; compare variants with each other only.
 
 Object accuracy (the analog of SOA), counting error and position accuracy come from the
-deterministic evaluator reading generated images against each prompt's ground truth.
+world (:mod:`recap_dagster.world`) grading generated images against each prompt's ground
+truth; their means, overall and per prompt category, are taken here. A metric no image
+could be graded on (no detector configured) is None: "not graded".
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,10 +30,40 @@ import torch
 from PIL import Image
 from torch import nn
 
-from recap_dagster.evaluator import evaluate_images
-from recap_dagster.miniworld.scenes import PromptTruth
+from recap_dagster.world import IMAGE_METRICS, EvalPrompt, World
 
 FID_IMAGE_SIZE = 64  # images are resized to this before feature extraction
+
+
+def means(rows: Sequence[dict]) -> dict[str, float | None]:
+    """Metric means over graded rows (``n`` = row count); each metric over the rows that
+    have a value, None when none has (position where nothing is placed; no detector)."""
+    out: dict[str, float | None] = {"n": len(rows)}
+    for metric in IMAGE_METRICS:
+        values = [float(r[metric]) for r in rows if r.get(metric) is not None]
+        out[metric] = sum(values) / len(values) if values else None
+    return out
+
+
+def summarize(rows: Sequence[dict]) -> tuple[dict[str, float | None], dict[str, dict]]:
+    """(overall means, means per prompt ``category``) of graded rows."""
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_category[row["category"]].append(row)
+    return means(rows), {c: means(rs) for c, rs in sorted(by_category.items())}
+
+
+def grade_generations(
+    world: World, images: Sequence[Image.Image], prompts: Sequence[EvalPrompt]
+) -> list[dict]:
+    """One row per image: its prompt, category and the world's grade."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    grades = world.grade_images(list(images), list(prompts))
+    return [
+        {"prompt": p.prompt, "category": p.category, **grade}
+        for p, grade in zip(prompts, grades, strict=True)
+    ]
 
 
 class RandomConvFeatures(nn.Module):
@@ -122,18 +155,19 @@ class MetricReport:
 
 def evaluate_generations(
     images: Sequence[Image.Image],
-    truths: Sequence[PromptTruth],
+    prompts: Sequence[EvalPrompt],
     reference: Sequence[Image.Image],
     *,
+    world: World,
     inception_weights: str | None = None,
     clip_model: str | None = None,
 ) -> MetricReport:
-    """The paper's metrics for images generated from ``truths``' prompts."""
-    summary = evaluate_images(list(images), list(truths))
-    overall = dict(summary.overall)
+    """The paper's metrics for images generated from ``prompts``, graded by ``world``."""
+    rows = grade_generations(world, images, prompts)
+    overall, per_category = summarize(rows)
     overall["fid"], overall["fid_features"] = frechet_distance(
         reference, images, inception_weights=inception_weights
     )
     if clip_model:
-        overall["clip_score"] = clip_score(clip_model, images, [t.prompt for t in truths])
-    return MetricReport(overall=overall, per_category=summary.per_category, rows=summary.rows)
+        overall["clip_score"] = clip_score(clip_model, images, [p.prompt for p in prompts])
+    return MetricReport(overall=overall, per_category=per_category, rows=rows)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from recap_dagster.metrics import MetricReport
-from recap_dagster.miniworld.scenes import PromptTruth
 from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
+from recap_dagster.world import EvalPrompt
 
 # (metric, label, higher is better)
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -30,32 +30,58 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
 PAPER_MARGINS = {"object_accuracy": 0.07, "count_error": -0.08, "position_accuracy": 0.08}
 BASELINE = "alttext"
 MIX = "recap_mix"
+IMAGE_COLUMNS = ("object_accuracy", "count_error", "count_accuracy", "position_accuracy",
+                 "all_correct")  # fmt: skip
+#: What a table shows for a metric the world could not grade (no detector configured).
+NOT_GRADED = "not graded"
 
 
 def category_grids(
-    images: Sequence[Image.Image], truths: Sequence[PromptTruth], per_category: int = 16
+    images: Sequence[Image.Image], prompts: Sequence[EvalPrompt], per_category: int = 16
 ) -> dict[str, bytes]:
     """A sample grid (PNG) per prompt category."""
     by_category: dict[str, list[Image.Image]] = defaultdict(list)
-    for image, truth in zip(images, truths, strict=True):
-        if len(by_category[truth.category]) < per_category:
-            by_category[truth.category].append(image)
+    for image, prompt in zip(images, prompts, strict=True):
+        if len(by_category[prompt.category]) < per_category:
+            by_category[prompt.category].append(image)
     return {c: image_grid(imgs, columns=8, cell=64) for c, imgs in sorted(by_category.items())}
 
 
+def graded(overall: dict) -> bool:
+    """Did the world grade any image (False: no image grader, e.g. no detector)?"""
+    return any(overall.get(n) is not None for n in IMAGE_COLUMNS)
+
+
 def category_table(report: MetricReport) -> str:
-    names = ["object_accuracy", "count_error", "count_accuracy", "position_accuracy", "all_correct"]
-    rows = [["overall", *(report.overall.get(n, "-") for n in names)]]
+    names = list(IMAGE_COLUMNS)
+    empty = "-" if graded(report.overall) else NOT_GRADED
+    rows = [["overall", *(_fmt(report.overall.get(n), empty) for n in names)]]
     for category, values in sorted(report.per_category.items()):
-        rows.append([category, *(_fmt(values.get(n)) for n in names)])
+        rows.append([category, *(_fmt(values.get(n), empty) for n in names)])
     extra = f"\n\nFID ({report.overall['fid_features']}): {report.overall['fid']:.3f}"
     if "clip_score" in report.overall:
         extra += f"; CLIP score: {report.overall['clip_score']:.3f}"
+    if not graded(report.overall):
+        extra += "\n\nImages were not graded: the world has no image grader configured."
     return markdown_table(["category", *names], rows) + extra
 
 
-def _fmt(value: object) -> object:
-    return "-" if value is None else value
+def prompt_table(report: MetricReport, limit: int = 60) -> str:
+    """The first ``limit`` graded images: prompt, category, scores and what was detected."""
+    empty = "-" if graded(report.overall) else NOT_GRADED
+    columns = ("object_accuracy", "count_error", "position_accuracy")
+    return markdown_table(
+        ["prompt", "category", "objects", "count err", "position", "detected"],
+        [
+            [r["prompt"], r["category"], *(_fmt(r.get(c), empty) for c in columns),
+             r.get("detected", "")]  # fmt: skip
+            for r in report.rows[:limit]
+        ],
+    )
+
+
+def _fmt(value: object, empty: str = "-") -> object:
+    return empty if value is None else value
 
 
 def relative_delta(value: float | None, base: float | None) -> float | None:
@@ -84,7 +110,7 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
         for metric, _, _ in columns:
             value = values.get(metric)
             delta = relative_delta(value, base.get(metric)) if variant != BASELINE else None
-            text = "-" if value is None else f"{value:.3f}"
+            text = NOT_GRADED if value is None else f"{value:.3f}"
             cells.append(text + (f" ({delta:+.1%})" if delta is not None else ""))
         rows.append([variant, *cells])
     table_markdown = markdown_table(["variant", *(label for _, label, _ in columns)], rows)
@@ -94,11 +120,11 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
         ("fid", "FID", "recap_fid_vs_steps.png"),
         ("object_accuracy", "object accuracy", "recap_object_accuracy_vs_steps.png"),
     ):
-        series = {
-            v: ([p["step"] for p in r["curve"]], [p[metric] for p in r["curve"]])
+        points = {
+            v: [(p["step"], p[metric]) for p in r.get("curve", []) if p.get(metric) is not None]
             for v, r in reports.items()
-            if r.get("curve")
         }
+        series = {v: ([s for s, _ in ps], [y for _, y in ps]) for v, ps in points.items() if ps}
         figures[filename] = line_plot(
             series, title=f"{label} vs training steps", xlabel="step", ylabel=label
         )
@@ -133,7 +159,7 @@ class Verdict:
 def _comparison(result: dict) -> str:
     mix, base = result["mix"], result["alttext"]
     if mix is None or base is None:
-        return "missing"
+        return NOT_GRADED
     if result["delta"] is None:
         change = f"{mix - base:+.3f} absolute; alttext at 0, no relative change"
     else:

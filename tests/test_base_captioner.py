@@ -12,18 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recap_dagster.captioner import STYLE_PREFIXES, Captioner, fine_tune
+from recap_dagster.captioner import STYLE_PREFIXES, Captioner, FineTuneConfig, fine_tune
 from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
 from recap_dagster.miniworld import base_captioner as bc
 from recap_dagster.miniworld.base_captioner import (
     QUICK_BASE_CAPTIONER,
-    QUICK_FINETUNE,
     build_base_captioner,
     detection_text,
     read_base_manifest,
 )
 from recap_dagster.miniworld.captions import grade_caption, parse_caption
-from recap_dagster.miniworld.scenes import sample_scene
+from recap_dagster.miniworld.run_configs import op_settings
+from recap_dagster.miniworld.scenes import Scene, sample_scene
+from recap_dagster.miniworld.world import MiniworldWorld
+
+WORLD = MiniworldWorld()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def test_loads_and_is_terse_under_recap_prefixes(base_dir: str, miniworld_paths)
     assert stored["prefixes"] == STYLE_PREFIXES
 
     heldout = load_captioned(miniworld_paths.human_captions_heldout)
-    results = evaluate_captioner(captioner, heldout, styles=("short", "long"))
+    results = evaluate_captioner(captioner, heldout, world=WORLD, styles=("short", "long"))
     for style in ("short", "long"):
         # Never taught these prefixes: no sentences, no positions (the paper's terse base).
         assert results[style]["words"] <= 6, results[style]["samples"]
@@ -129,8 +132,9 @@ def test_quick_fine_tune_lowers_the_loss(base_dir: str, miniworld_paths) -> None
             return float(captioner.loss(images, longs, ["long"] * len(images)))
 
     before = held_loss()
-    losses = fine_tune(captioner, examples, QUICK_FINETUNE)
-    assert len(losses) == QUICK_FINETUNE.steps
+    quick = op_settings(FineTuneConfig, "quick", "captioner_checkpoint")
+    losses = fine_tune(captioner, examples, quick)
+    assert len(losses) == quick.steps
     assert held_loss() < before
 
 
@@ -154,7 +158,7 @@ def test_evaluate_captioner_grades(miniworld_paths) -> None:
             "long": {id(h.image): h.long for h in heldout},
         }
     )
-    results = evaluate_captioner(perfect, heldout, batch_size=4)
+    results = evaluate_captioner(perfect, heldout, world=WORLD, batch_size=4)
     for style in ("short", "long"):
         metrics = results[style]
         for key in ("objects", "counts", "positions", "exact", "counts_exact"):
@@ -166,11 +170,13 @@ def test_evaluate_captioner_grades(miniworld_paths) -> None:
     # Terse answers: objects right, no positions; empty answers: nothing right.
     terse = _FakeCaptioner(
         {
-            "short": {id(h.image): detection_text(h.scene).split(";")[0] for h in heldout},
+            "short": {
+                id(h.image): detection_text(Scene.from_dict(h.truth)).split(";")[0] for h in heldout
+            },
             "long": {id(h.image): "" for h in heldout},
         }
     )
-    pairs = [(h.image, h.scene.to_dict()) for h in heldout]  # (image, scene-dict) pairs work
-    results = evaluate_captioner(terse, pairs)
+    pairs = [(h.image, h.truth) for h in heldout]  # (image, truth) pairs work
+    results = evaluate_captioner(terse, pairs, world=WORLD)
     assert 0 < results["short"]["objects"] <= 1 and results["short"]["exact"] < 1
     assert results["long"]["objects"] == 0 and results["long"]["words"] == 0

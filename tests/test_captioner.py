@@ -17,7 +17,6 @@ from recap_dagster.captioner import (
     Captioner,
     CaptionExample,
     FineTuneConfig,
-    build_tiny_captioner,
     fine_tune,
     sample_batches,
     swap_left_right,
@@ -25,6 +24,7 @@ from recap_dagster.captioner import (
 )
 from recap_dagster.captioner.families import IGNORE_INDEX
 from recap_dagster.captioner.model import dropout_state
+from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 
 FAMILY_NAMES = sorted(FAMILIES)
 

@@ -20,6 +20,7 @@ from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.checks_runner import SKIPPED, CheckOutcome, ChecksReport, run_checks
 from recap_dagster.cli import main as cli_main
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
+from recap_dagster.miniworld.resources import MiniworldWorldResource
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -113,6 +114,7 @@ def test_nothing_materialized_reports_every_check_skipped(miniworld_paths, tmp_p
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "unused")),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
@@ -151,6 +153,7 @@ def test_checks_that_crash_are_reported_as_errors(miniworld_paths, tmp_path) -> 
         "storage": StorageResource(root=str(tmp_path / "empty_storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "unused")),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)

@@ -425,6 +425,7 @@ def test_real_asset_fails_bad_input_without_retry(miniworld_paths, tmp_path: Pat
     """sd_checkpoints with no recaptioned shard is a data problem: one attempt, no retry
     (retries would wait 30 s, 90 s, 210 s for nothing)."""
     from recap_dagster.assets.t2i import sd_checkpoints
+    from recap_dagster.miniworld.resources import MiniworldWorldResource
     from recap_dagster.resources import (
         ComputeResource,
         DataSourcesResource,
@@ -437,6 +438,7 @@ def test_real_asset_fails_bad_input_without_retry(miniworld_paths, tmp_path: Pat
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "none")),
         "compute": ComputeResource(device="cpu"),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     started = time.monotonic()

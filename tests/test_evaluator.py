@@ -4,6 +4,7 @@ wrong. Rates are measured on thousands of random scenes and printed (``pytest -s
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections import Counter
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
-from recap_dagster.evaluator import (
+from recap_dagster.miniworld.evaluator import (
     Detection,
     EvaluationSummary,
     _colour_map,
@@ -298,3 +299,47 @@ def test_non_square_and_large_images(scenes: list[Scene]) -> None:
 
 def test_deterministic(renders_32: list[Image.Image]) -> None:
     assert [detect(im) for im in renders_32[:50]] == [detect(im) for im in renders_32[:50]]
+
+
+# --- the miniworld behind the core's World interface ---------------------------------
+
+
+def test_miniworld_world_grades_like_the_evaluator(
+    prompt_set: tuple[list[PromptTruth], list[Image.Image]], tmp_path
+) -> None:
+    from recap_dagster.metrics import grade_generations, summarize
+    from recap_dagster.miniworld.world import MiniworldWorld, to_eval_prompt, to_prompt_truth
+    from recap_dagster.world import IMAGE_METRICS, World
+
+    truths, images = prompt_set
+    world = MiniworldWorld()
+    assert isinstance(world, World)
+    path = tmp_path / "eval_prompts.jsonl"
+    path.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in truths[:40]))
+    prompts = world.read_eval_prompts(str(path))
+    assert [p.prompt for p in prompts] == [t.prompt for t in truths[:40]]
+    assert [to_prompt_truth(p) for p in prompts] == truths[:40]
+    assert prompts[0] == to_eval_prompt(truths[0])
+
+    rows = grade_generations(world, images[:40], prompts)
+    summary = evaluate_images(images[:40], truths[:40])
+    assert rows == summary.rows
+    assert summarize(rows) == (summary.overall, summary.per_category)
+    assert set(IMAGE_METRICS) <= set(rows[0])
+    with pytest.raises(ValueError):
+        grade_generations(world, images[:2], prompts[:3])
+
+
+def test_miniworld_world_grades_captions() -> None:
+    from recap_dagster.miniworld.captions import long_caption
+    from recap_dagster.miniworld.world import MiniworldWorld
+    from recap_dagster.world import CAPTION_METRICS
+
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(5)]
+    captions = [long_caption(s, rng) for s in scenes]
+    grades = MiniworldWorld().grade_captions(captions, [s.to_dict() for s in scenes] + [])
+    assert all(set(g) == set(CAPTION_METRICS) for g in grades)
+    assert all(g["exact"] and g["states_positions"] for g in grades)
+    (ungraded,) = MiniworldWorld().grade_captions(["a red circle"], [None])
+    assert all(v is None for v in ungraded.values())

@@ -1,13 +1,18 @@
-"""The README's main job, end to end, at the quick profile's tiny sizes."""
+"""The README's main job, end to end, at the quick profile's tiny sizes: through dagster dev
+and the instance, as the UI would, telling where it is while it runs."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+import yaml
+
+from recap_dagster.miniworld.run_configs import profile_run_config
 
 BIN = Path(sys.executable).parent
 
@@ -17,7 +22,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     env["RECAP_WORKDIR"] = str(tmp_path / "recap")
     env["DAGSTER_HOME"] = str(tmp_path / "recap" / "dagster_home")
     result = subprocess.run(
-        [str(BIN / "recap-dagster"), "pipeline", "--profile", "quick"],
+        [str(BIN / "recap-miniworld"), "pipeline", "--profile", "quick", "--seed", "1"],
         env=env,
         capture_output=True,
         text=True,
@@ -25,8 +30,17 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "recap-dagster pipeline (quick, seed 0) succeeded" in out
+    assert "recap-miniworld pipeline (quick, seed 1) succeeded" in out
+    # It said where it was: progress, elapsed and left, and what each running step logs.
+    assert "Dagster UI at http://127.0.0.1:" in out
+    assert re.search(
+        r"\d+/13 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about", out
+    )
+    assert re.search(r"running: (sd_checkpoints|metric_reports) \[\w+\] \(run \w{8}\): ", out)
     assert "| recap_mix |" in out and "| alttext |" in out
+    # The UI and the job share one run config: the profile with the seed.
+    run_config = yaml.safe_load((tmp_path / "recap" / "run_config.yaml").read_text())
+    assert run_config == profile_run_config("quick", seed=1)
     storage = tmp_path / "recap" / "storage"
     for path in (
         "human_captions/human_captions.parquet",
@@ -44,12 +58,20 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         with dg.DagsterInstance.get() as instance:
-            for key in ("human_captions", "captioner_checkpoint", "recap_report"):
+            for key in (
+                "miniworld_corpus",
+                "human_captions",
+                "captioner_checkpoint",
+                "recap_report",
+            ):
                 assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
             partitions = instance.get_materialized_partitions(dg.AssetKey("recaptioned_shards"))
             assert partitions == {"00000-00099"}  # one group holds both shards
             assert instance.get_materialized_partitions(dg.AssetKey("sd_checkpoints")) == {
                 "alttext", "recap_short", "recap_long", "recap_mix"
             }  # fmt: skip
+            # Launched as backfills through the daemon, as from the UI.
+            runs = instance.get_runs()
+            assert len(runs) >= 7 and all("dagster/backfill" in run.tags for run in runs)
     finally:
         del os.environ["DAGSTER_HOME"]

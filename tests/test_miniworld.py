@@ -302,7 +302,7 @@ def test_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         raise AssertionError("should have been cached")
 
     with monkeypatch.context() as patch:
-        patch.setattr("recap_dagster.shards.write_shard", boom)
+        patch.setattr("recap_dagster.miniworld.shard_writer.write_shard", boom)
         assert generate_miniworld(str(tmp_path), config) == paths
     assert Path(paths.manifest).stat().st_mtime_ns == stamp
 

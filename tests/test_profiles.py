@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from recap_dagster.miniworld.pipeline import PROFILES, PROFILES_DIR, profile_run_config
+from recap_dagster.miniworld.run_configs import PROFILES, PROFILES_DIR, profile_run_config
 
 OPS_WITH_CONFIG = (
     "miniworld_corpus",

@@ -24,8 +24,10 @@ from recap_dagster.automation import (
     laion_shard_sensor,
     recaption_backfill_schedule,
 )
-from recap_dagster.captioner import build_tiny_captioner
 from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
+from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
@@ -34,7 +36,7 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
-from recap_dagster.shards import ShardRecord, sample_key, write_shard
+from recap_dagster.shards import sample_key
 
 
 def _jpeg(seed: int) -> bytes:
@@ -62,6 +64,7 @@ def _resources(miniworld_paths, base_captioner: str, storage_root: Path) -> dict
         "storage": StorageResource(root=str(storage_root)),
         "models": ModelsResource(base_captioner=base_captioner),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
 
@@ -330,6 +333,7 @@ def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult
         "storage": StorageResource(root=str(root / "storage")),
         "models": ModelsResource(base_captioner="unused: the checkpoint is in storage"),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     with dg.instance_for_test() as instance:

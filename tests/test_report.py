@@ -67,3 +67,27 @@ def test_verdict_with_alttext_at_zero() -> None:
     assert "0.025 vs 0.000 (+0.025 absolute; alttext at 0" in verdict.description
     table["recap_mix"]["position_accuracy"] = 0.0
     assert not mix_beats_alttext(table).passed
+
+
+def test_ungraded_images_show_as_not_graded() -> None:
+    """A world without an image grader (no detector): the metrics are None, the tables say
+    "not graded" and nothing crashes."""
+    from recap_dagster.metrics import MetricReport, summarize
+    from recap_dagster.report import category_table, prompt_table
+    from recap_dagster.world import ungraded_image
+
+    rows = [{"prompt": f"p{i}", "category": "counting", **ungraded_image()} for i in range(3)]
+    overall, per_category = summarize(rows)
+    assert overall["n"] == 3 and overall["object_accuracy"] is None
+    report = MetricReport({**overall, "fid": 1.0, "fid_features": "x"}, per_category, rows)
+    assert "not graded" in category_table(report)
+    assert "not graded" in prompt_table(report)
+
+    ungraded = {"fid": 5.0, "fid_features": "x", "object_accuracy": None, "count_error": None,
+                "position_accuracy": None}  # fmt: skip
+    curve = [{"step": 1, "fid": 5.0, "object_accuracy": None}]
+    reports = {v: {"overall": ungraded, "curve": curve} for v in ("alttext", "recap_mix")}
+    built = build_report(reports)
+    assert "not graded" in built.table_markdown and built.mix_deltas == {}
+    verdict = mix_beats_alttext(built.table)
+    assert not verdict.passed and "not graded" in verdict.description

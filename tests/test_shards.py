@@ -17,18 +17,17 @@ from PIL import Image
 
 from recap_dagster import shards
 from recap_dagster.fs import filesystem
+from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.shards import (
     ShardDataset,
     ShardInfo,
     ShardReadError,
-    ShardRecord,
     collate_records,
     count_rows,
     iter_shard,
     list_shards,
     sample_key,
     shard_key,
-    write_shard,
 )
 
 IMG2DATASET_COLUMNS = [

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.miniworld.t2i_profiles import QUICK_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.shards import iter_shard, list_shards
 from recap_dagster.storage import Storage
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import TinyT2IConfig, build_pipeline, load_pipeline, save_pipeline
-from recap_dagster.t2i.profiles import QUICK_PROFILE
 from recap_dagster.t2i.sample import generate
 from recap_dagster.t2i.stream import (
     CaptionSource,
@@ -495,7 +495,7 @@ def test_generate_is_deterministic(tokenizer_dir: str) -> None:
 
 
 def test_build_miniworld_base_is_cached(miniworld_paths, tmp_path: Path) -> None:
-    from recap_dagster.t2i.base import build_miniworld_base
+    from recap_dagster.miniworld.t2i_base import build_miniworld_base
 
     root = miniworld_paths.root
     out = build_miniworld_base(root, str(tmp_path / "base"), QUICK_PROFILE)

@@ -18,10 +18,12 @@ from recap_dagster.assets.t2i import (
     sd_checkpoints,
     t2i_latents,
 )
-from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.miniworld.captions import long_caption, short_caption
+from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
+from recap_dagster.miniworld.resources import MiniworldWorldResource
 from recap_dagster.miniworld.scenes import Scene
+from recap_dagster.miniworld.t2i_base import build_miniworld_base
 from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
@@ -33,7 +35,6 @@ from recap_dagster.resources import (
 from recap_dagster.shard_groups import groups_of
 from recap_dagster.shards import iter_shard, list_shards
 from recap_dagster.storage import Storage
-from recap_dagster.t2i.base import build_miniworld_base
 
 SD_CONFIG = {
     "steps": 4,
@@ -88,6 +89,7 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     storage = resources["storage"].get()

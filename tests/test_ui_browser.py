@@ -19,9 +19,10 @@ import dagster as dg
 import pytest
 from browser import REPO, chromium_page, dagster_webserver, screenshot
 
-from recap_dagster.captioner import build_tiny_captioner
-from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
+from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
@@ -83,6 +84,7 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
         "storage": StorageResource(root=str(storage_root)),
         "models": ModelsResource(base_captioner=str(base)),
         "compute": ComputeResource(),
+        "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     tune = {"steps": 4, "batch_size": 8, "learning_rate": 1e-3, "seed": 0}

@@ -11,17 +11,23 @@ from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.assets.inputs import base_captioner_model
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
-from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
+from recap_dagster.captioner_quality import (
+    evaluate_captioner,
+    load_captioned,
+    quality_table,
+    sample_table,
+)
 from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.imaging import decode_image
 from recap_dagster.k8s_gpu import gpu_op_tags
-from recap_dagster.plots import line_plot, markdown_image, markdown_table, png_of
+from recap_dagster.plots import line_plot, markdown_image
 from recap_dagster.pool_watchdog import GPU_POOL
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
     ModelsResource,
     StorageResource,
+    WorldResource,
 )
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 
@@ -51,15 +57,6 @@ def _examples(table) -> list[CaptionExample]:
     return examples
 
 
-def _quality_table(before: dict, after: dict) -> str:
-    rows = []
-    for style in ("short", "long"):
-        for metric in ("objects", "counts", "positions", "exact"):
-            b, a = before[style][metric], after[style][metric]
-            rows.append([style, metric, b, a, a - b])
-    return markdown_table(["style", "metric", "base", "fine-tuned", "delta"], rows)
-
-
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     deps=[human_captions, base_captioner_model],
@@ -79,6 +76,7 @@ def captioner_checkpoint(
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
+    world: WorldResource,
 ) -> dg.MaterializeResult:
     store = storage.get()
     examples = _examples(store.read_parquet(*HUMAN_CAPTIONS_PARTS))
@@ -89,9 +87,13 @@ def captioner_checkpoint(
         f"from {models.base_captioner} on {len(examples)} human-captioned images, {device}"
     )
     heldout_path = sources.human_captions_heldout_path
-    # Real data has no held-out scenes to grade against: then no quality table.
+    # Real data has no held-out ground truth to grade against: then no quality table.
     heldout = load_captioned(heldout_path) if heldout_path and Path(heldout_path).is_file() else []
-    grade = {"batch_size": config.eval_batch_size, "max_new_tokens": config.max_new_tokens}
+    grade = {
+        "world": world.get(),
+        "batch_size": config.eval_batch_size,
+        "max_new_tokens": config.max_new_tokens,
+    }
     before = evaluate_captioner(captioner, heldout, **grade) if heldout else None
 
     start = time.perf_counter()
@@ -131,25 +133,13 @@ def captioner_checkpoint(
         "prefixes": dg.MetadataValue.json(captioner.prefixes),
     }
     if before is not None and after is not None:
-        metadata["heldout_quality"] = dg.MetadataValue.md(_quality_table(before, after))
+        metadata["heldout_quality"] = dg.MetadataValue.md(quality_table(before, after))
         for style in ("short", "long"):
             for metric in ("objects", "counts", "positions"):
-                metadata[f"{style}_{metric}_after"] = float(after[style][metric])
-        samples = heldout[: config.sample_rows]
-        shorts = captioner.caption(
-            [s.image for s in samples], "short", max_new_tokens=config.max_new_tokens
-        )
-        longs = captioner.caption(
-            [s.image for s in samples], "long", max_new_tokens=config.max_new_tokens
-        )
+                if after[style][metric] is not None:
+                    metadata[f"{style}_{metric}_after"] = float(after[style][metric])
         metadata["samples"] = dg.MetadataValue.md(
-            markdown_table(
-                ["image", "short", "long"],
-                [
-                    [markdown_image(png_of(s.image, 64), s.key), short, long]
-                    for s, short, long in zip(samples, shorts, longs, strict=True)
-                ],
-            )
+            sample_table(captioner, heldout[: config.sample_rows], config.max_new_tokens)
         )
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 

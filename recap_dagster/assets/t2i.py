@@ -10,6 +10,7 @@ import dagster as dg
 import torch
 from pydantic import Field
 
+from recap_dagster import evaluation
 from recap_dagster import report as report_core
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
@@ -22,8 +23,6 @@ from recap_dagster.assets.run_config import (
 )
 from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.k8s_gpu import gpu_op_tags
-from recap_dagster.metrics import evaluate_generations
-from recap_dagster.miniworld.generate import read_eval_prompts
 from recap_dagster.partitions import caption_variants_partitions, shard_group_partitions
 from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.pool_watchdog import GPU_POOL
@@ -32,10 +31,10 @@ from recap_dagster.resources import (
     DataSourcesResource,
     ModelsResource,
     StorageResource,
+    WorldResource,
 )
 from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.shard_groups import group_shards, shards_of_groups
-from recap_dagster.shards import iter_shard
 from recap_dagster.storage import Storage
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import load_pipeline, local_model_dir
@@ -152,10 +151,6 @@ SDFineTuneConfig = config_from_settings(
 )
 
 
-def _eval_prompts(sources: DataSourcesResource):
-    return read_eval_prompts(sources.eval_prompts_path)
-
-
 def _recaptioned_shards(
     context: dg.AssetExecutionContext, store: Storage, shards_root: str
 ) -> list[str]:
@@ -206,6 +201,7 @@ def sd_checkpoints(
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
+    world: WorldResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     variant = context.partition_key
@@ -249,7 +245,7 @@ def sd_checkpoints(
     run = json.loads(store.read_text(SD_STATE_DIR, variant, "last_run.json"))
     snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))
 
-    truths = _eval_prompts(sources)[: config.sample_prompts]
+    truths = world.get().read_eval_prompts(sources.eval_prompts_path)[: config.sample_prompts]
     with store.local_dir(*SD_DIR, variant, "final") as local:
         pipe = load_pipeline(local, device=compute.torch_device())
     samples = generate(pipe, [t.prompt for t in truths], [SAMPLE_SEED] * len(truths))
@@ -289,39 +285,12 @@ def sd_checkpoints(
     )
 
 
-class _MetricReportConfig(dg.Config):
-    guidance_scale: float = Field(default=5.0, description="Classifier-free guidance scale.")
-    num_inference_steps: int = Field(default=20, description="Denoising steps per image.")
-    seeds_per_prompt: int = Field(default=1, description="Images per prompt (fixed seeds).")
-    batch_size: int = Field(default=100, description="Images per pipeline call.")
-    reference_images: int = Field(
-        default=1000, description="Real corpus images FID compares against."
-    )
-    evaluate_snapshots: bool = Field(
-        default=True, description="Also evaluate intermediate snapshots (metric vs steps)."
-    )
-    clip_model: str = Field(
-        default="", description="CLIP model (local dir or hub id) for CLIP score; empty: skip."
-    )
-    inception_weights: str = Field(
-        default="",
-        description="Path to torch-fidelity's Inception weights for standard FID; empty: the "
-        "miniworld's offline random-conv extractor.",
-    )
-
-
-def _reference_images(shards_root: str, shards: list[str], limit: int) -> list:
-    images = []
-    for shard in shards:
-        for record in iter_shard(shards_root, shard):
-            if record.image is not None:
-                images.append(record.image)
-                if len(images) >= limit:
-                    return images
-    return images
-
-
-MetricReportConfig = with_run_defaults(_MetricReportConfig, "metric_reports")
+MetricReportConfig = config_from_settings(
+    evaluation.EvalSettings,
+    "MetricReportConfig",
+    "How a variant is evaluated (EvalSettings).",
+    op="metric_reports",
+)
 
 
 @dg.asset(
@@ -344,80 +313,37 @@ def metric_reports(
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
+    world: WorldResource,
 ) -> dg.MaterializeResult:
     variant = context.partition_key
     store = storage.get()
-    snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))
-    if not config.evaluate_snapshots:
-        snapshots = snapshots[-1:]
-    truths = [t for t in _eval_prompts(sources) for _ in range(config.seeds_per_prompt)]
-    seeds = [i % config.seeds_per_prompt for i in range(len(truths))]
+    the_world = world.get()
     groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
-    shards = shards_of_groups(sources.shards_root, groups)
-    reference = _reference_images(sources.shards_root, shards, config.reference_images)
-    device = compute.torch_device()
-    curve, final_report, final_images = [], None, []
-    for snapshot in snapshots:
-        with store.local_dir(*SD_DIR, variant, snapshot["name"]) as local:
-            pipe = load_pipeline(local, device=device)
-        images = generate(
-            pipe,
-            [t.prompt for t in truths],
-            seeds,
-            guidance_scale=config.guidance_scale,
-            num_inference_steps=config.num_inference_steps,
-            batch_size=config.batch_size,
-        )
-        report = evaluate_generations(
-            images,
-            truths,
-            reference,
-            inception_weights=config.inception_weights or None,
-            clip_model=config.clip_model or None,
-        )
-        curve.append({"step": snapshot["step"], **report.overall})
-        context.log.info(f"{variant} step {snapshot['step']}: {report.overall}")
-        final_report, final_images = report, images
-    assert final_report is not None
-    grids = report_core.category_grids(final_images, truths)
-    for category, png in grids.items():
-        store.write_bytes(png, "reports", "metrics", f"{variant}_{category}.png")
-    payload = {
-        "variant": variant,
-        "overall": final_report.overall,
-        "per_category": final_report.per_category,
-        "curve": curve,
-        "settings": config.model_dump(),
-        "checkpoint_version": snapshots[-1]["version"],
-    }
-    store.write_text(json.dumps(payload, indent=2), "reports", "metrics", f"{variant}.json")
-    overall = final_report.overall
+    result = evaluation.evaluate_variant(
+        store,
+        variant,
+        checkpoint_parts=SD_DIR,
+        world=the_world,
+        prompts=the_world.read_eval_prompts(sources.eval_prompts_path),
+        shards_root=sources.shards_root,
+        shards=shards_of_groups(sources.shards_root, groups),
+        device=compute.torch_device(),
+        settings=settings_from_config(evaluation.EvalSettings, config),
+        log=context.log.info,
+    )
+    overall = result.report.overall
     return dg.MaterializeResult(
         metadata={
-            "dagster/uri": dg.MetadataValue.path(
-                store.uri("reports", "metrics", f"{variant}.json")
-            ),
+            "dagster/uri": dg.MetadataValue.path(store.uri(*result.report_parts)),
+            "world": the_world.name,
             **{k: v for k, v in overall.items() if isinstance(v, float | int)},
             "fid_features": overall["fid_features"],
-            "metrics": dg.MetadataValue.md(report_core.category_table(final_report)),
-            "per_prompt": dg.MetadataValue.md(
-                markdown_table(
-                    ["prompt", "category", "objects", "count err", "position", "detected"],
-                    [
-                        [
-                            r["prompt"],
-                            r["category"],
-                            r["object_accuracy"],
-                            r["count_error"],
-                            r["position_accuracy"] if r["position_accuracy"] is not None else "-",
-                            r["detected"],
-                        ]
-                        for r in final_report.rows[:60]
-                    ],
-                )
-            ),
+            "metrics": dg.MetadataValue.md(report_core.category_table(result.report)),
+            "per_prompt": dg.MetadataValue.md(report_core.prompt_table(result.report)),
             "samples_by_category": dg.MetadataValue.md(
-                "\n\n".join(f"**{c}**\n\n{markdown_image(png, c)}" for c, png in grids.items())
+                "\n\n".join(
+                    f"**{c}**\n\n{markdown_image(png, c)}" for c, png in result.grids.items()
+                )
             ),
         }
     )

@@ -24,9 +24,9 @@ from recap_dagster.miniworld.base_captioner import (
     build_base_captioner,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld, read_manifest
+from recap_dagster.miniworld.t2i_base import build_miniworld_base
+from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE, QUICK_PROFILE
 from recap_dagster.resources import ComputeResource, DataSourcesResource, ModelsResource
-from recap_dagster.t2i.base import build_miniworld_base
-from recap_dagster.t2i.profiles import MINIWORLD_PROFILE, QUICK_PROFILE
 
 MINIWORLD_GROUP = "miniworld"
 BASE_CAPTIONER_RECIPES = {"default": BaseCaptionerConfig(), "quick": QUICK_BASE_CAPTIONER}

@@ -2,7 +2,7 @@
 
 RECAP fine-tunes a *web-pretrained* captioner (PaLI) whose "outputs are relatively terse and
 lack in detail". The miniworld analog is a tiny model of one supported family (see
-:data:`BaseCaptionerConfig.family`), built with :mod:`recap_dagster.captioner.tiny` and
+:data:`BaseCaptionerConfig.family`), built with :mod:`recap_dagster.miniworld.tiny_captioner` and
 pretrained here on ``captioner_pretrain/pretrain.parquet`` (images disjoint from the corpus
 and from both human-caption sets), then saved with :meth:`Captioner.save_pretrained` so
 the pipeline loads it through the same ``from_pretrained`` path as a real checkpoint.
@@ -41,8 +41,9 @@ and :data:`BASE_CAPTIONER_VERSION`; a folder with the same key is returned at on
 model is written to a temporary sibling folder and renamed into place, so a killed build
 never leaves a folder that looks complete.
 
-:data:`MINIWORLD_FINETUNE` is the RECAP step-1 profile for this tiny model (the paper's
-recipe, 300 steps at lr 4e-5, is for a pretrained billion-parameter model; see its comment).
+The ``captioner_checkpoint`` entry of ``profiles/default.yaml`` is the RECAP step-1 profile
+for this tiny model (the paper's recipe, 300 steps at lr 4e-5, is for a pretrained
+billion-parameter model; see the notes after ``QUICK_BASE_CAPTIONER``).
 """
 
 from __future__ import annotations
@@ -57,13 +58,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from recap_dagster.captioner.finetune import FineTuneConfig
 from recap_dagster.captioner.model import STYLE_PREFIXES
 from recap_dagster.fs import replace_dir
 from recap_dagster.miniworld.captions import (
@@ -196,79 +196,64 @@ QUICK_BASE_CAPTIONER = BaseCaptionerConfig(
     vocabulary_scenes=200,
 )
 
-#: RECAP step 1 on the miniworld: the paper's recipe (300 steps, dropout 0.1, batch 64,
-#: 50/50 short/long over copies of the 100 images) except the learning rate and its
-#: schedule, with the image encoder frozen and mirrored copies of the images. The paper's
-#: 4e-5 suits a billion-parameter model; this ~1.8M-parameter one learns too little at it
-#: in 300 steps. The paper states no schedule; a cosine decay to 0 ends on a settled model
-#: instead of the last noisy step of a constant rate. Measured on the 50 held-out images
-#: (fine-tuned LONG captions, objects/counts/positions, seeds 0 and 1; one torch thread):
-#:
-#: - base of 1,500 steps (its ``detect:`` output 0.98/0.90/0.88), whole model trained:
-#:   lr 1e-4 0.84/0.51/0.60, 600 steps at 1e-4 0.83/0.53/0.56; image encoder frozen:
-#:   lr 1e-4 0.87/0.53/0.63, lr 3e-4 0.91/0.64/0.69, lr 1e-3 0.83/0.61/0.64 (overfits
-#:   the 100 captions), 600 steps at 3e-4 0.83/0.58/0.65;
-#: - base of 2,500 steps (the default; ``detect:`` 0.99/0.96/0.96), constant rate: lr 3e-4,
-#:   whole model 0.91/0.71/0.73, image encoder frozen 0.90/0.70/0.77 and 0.85/0.65/0.72;
-#: - the same with a cosine decay (the default): lr 3e-4 0.93/0.75/0.79 and 0.95/0.78/0.78,
-#:   lr 4e-4 0.93/0.75/0.75 and 0.93/0.76/0.75, lr 6e-4 0.92/0.75/0.74 and 0.94/0.72/0.72;
-#:   at lr 3e-4, seed 0: lr 2e-4 0.94/0.74/0.74, 450 steps 0.92/0.70/0.74, dropout 0.25
-#:   0.91/0.58/0.68, no dropout 0.89/0.64/0.58 (the 100 captions memorised, loss 0.13).
-#:
-#: Tried and dropped (seed 0 unless said): self-training in the way of BLIP's CapFilt (the
-#: fine-tuned captioner labels 3,000 pretraining images, captions that agree with the base's
-#: own ``detect:`` listing are kept, fine-tune again on human + kept): 0.93/0.80/0.80 after
-#: one round, no better after three; a "chain of thought" target (the base's listing, then
-#: the caption): 0.81/0.56/0.60, the caption does not follow its own listing; 1,500-step
-#: bases with VQA answers in the human phrasing, without the text task, or with a
-#: listing-to-sentence text task (constant rate): 0.81-0.90 / 0.62-0.64 / 0.57-0.64.
-#: Also dropped (seeds 0-4 of the fine-tune alone give 0.75-0.78 / 0.76-0.79): averaging the
-#: five fine-tunes' weights ("model soup") 0.77/0.76; interpolating toward the base weights
-#: (WiSE-FT, 0.4-0.8) at best 0.81/0.79; replaying ``detect:`` on pretraining images in
-#: every batch 0.70-0.79 / 0.77-0.78; freezing the cross-attention, the feed-forward
-#: layers, the embeddings or the first layer 0.64-0.75 / 0.72-0.77; classifier-free
-#: guidance against a blank image (0.5-2) and beams of 3-12 at best 0.79/0.78; a base whose
-#: ``detect:`` listing orders kinds at random (Pix2Seq-style, all or half of the time)
-#: 0.66-0.74 / 0.70-0.73; a wider base (hidden 192) 0.65-0.69 / 0.67-0.69, a deeper one (4
-#: layers) 0.68-0.71 / 0.78-0.79, both with ``detect:`` as good as this one's and this
-#: recipe (seeds 0 and 1), and 3x / 2x the build time.
-#:
-#: Mirroring (``mirror``: every image also mirrored left-right, 'left' and 'right' swapped
-#: in its captions; miniworld scenes stay in distribution, the triangles being symmetric)
-#: is the one change that helped every seed: long captions, seeds 0-4, counts 0.785 /
-#: 0.768 / 0.758 / 0.780 / 0.772, positions 0.825 / 0.817 / 0.796 / 0.768 / 0.822 (mean
-#: 0.773 / 0.806, against 0.767 / 0.776 without). With it, and also dropped: 450 steps
-#: 0.75/0.76, lr 4e-4 0.75/0.81, dropout 0.15 0.67/0.75, 70% long captions 0.79/0.79,
-#: random crops of 85-100% 0.66/0.74 (the patches are the grid's cells; a shift blurs
-#: them), beams of 4-8 with a length penalty of 1-4 (omitted kinds are the most common
-#: error) 0.73-0.76 / 0.80-0.82, weight decay 0.1 no change, interpolating toward the base
-#: (WiSE-FT 0.7-0.9, seeds 0-4) 0.71-0.83 / 0.76-0.81. More captions of the same generator
-#: standing in for human ones: 400 images (300 steps) 0.79/0.81, 1,000 (900 steps)
-#: 0.85/0.88, 2,000 (1,200 steps) 0.85/0.87: the plateau is this base's, not the 100
-#: captions'.
-#:
-#: Freezing the encoder keeps the grounding pretraining gave it; 100 images are too few
-#: to improve it. The fine-tuned long captions stay below the base's own grounding output,
-#: most of all on four-object scenes (0.76/0.40/0.50 there, 1.0/1.0/1.0 on one object):
-#: 100 captions teach the human wording, and the decoder then mixes in fluent but
-#: ungrounded phrases ("a pair of ..." for one of each of two kinds).
-#: A short warmup keeps the first steps from knocking the pretrained decoder off course.
-MINIWORLD_FINETUNE = FineTuneConfig(
-    steps=300,
-    learning_rate=3e-4,
-    batch_size=64,
-    dropout=0.1,
-    long_fraction=0.5,
-    warmup_steps=20,
-    lr_scheduler="cosine",
-    train_vision_tower=False,
-    mirror=True,
-)
-
-#: Seconds-long fine-tune for the test suite.
-QUICK_FINETUNE = replace(
-    MINIWORLD_FINETUNE, steps=8, batch_size=16, learning_rate=1e-3, warmup_steps=0
-)
+# RECAP step 1 on the miniworld (the captioner_checkpoint entry of profiles/default.yaml):
+# the paper's recipe (300 steps, dropout 0.1, batch 64,
+# 50/50 short/long over copies of the 100 images) except the learning rate and its
+# schedule, with the image encoder frozen and mirrored copies of the images. The paper's
+# 4e-5 suits a billion-parameter model; this ~1.8M-parameter one learns too little at it
+# in 300 steps. The paper states no schedule; a cosine decay to 0 ends on a settled model
+# instead of the last noisy step of a constant rate. Measured on the 50 held-out images
+# (fine-tuned LONG captions, objects/counts/positions, seeds 0 and 1; one torch thread):
+#
+# - base of 1,500 steps (its ``detect:`` output 0.98/0.90/0.88), whole model trained:
+#   lr 1e-4 0.84/0.51/0.60, 600 steps at 1e-4 0.83/0.53/0.56; image encoder frozen:
+#   lr 1e-4 0.87/0.53/0.63, lr 3e-4 0.91/0.64/0.69, lr 1e-3 0.83/0.61/0.64 (overfits
+#   the 100 captions), 600 steps at 3e-4 0.83/0.58/0.65;
+# - base of 2,500 steps (the default; ``detect:`` 0.99/0.96/0.96), constant rate: lr 3e-4,
+#   whole model 0.91/0.71/0.73, image encoder frozen 0.90/0.70/0.77 and 0.85/0.65/0.72;
+# - the same with a cosine decay (the default): lr 3e-4 0.93/0.75/0.79 and 0.95/0.78/0.78,
+#   lr 4e-4 0.93/0.75/0.75 and 0.93/0.76/0.75, lr 6e-4 0.92/0.75/0.74 and 0.94/0.72/0.72;
+#   at lr 3e-4, seed 0: lr 2e-4 0.94/0.74/0.74, 450 steps 0.92/0.70/0.74, dropout 0.25
+#   0.91/0.58/0.68, no dropout 0.89/0.64/0.58 (the 100 captions memorised, loss 0.13).
+#
+# Tried and dropped (seed 0 unless said): self-training in the way of BLIP's CapFilt (the
+# fine-tuned captioner labels 3,000 pretraining images, captions that agree with the base's
+# own ``detect:`` listing are kept, fine-tune again on human + kept): 0.93/0.80/0.80 after
+# one round, no better after three; a "chain of thought" target (the base's listing, then
+# the caption): 0.81/0.56/0.60, the caption does not follow its own listing; 1,500-step
+# bases with VQA answers in the human phrasing, without the text task, or with a
+# listing-to-sentence text task (constant rate): 0.81-0.90 / 0.62-0.64 / 0.57-0.64.
+# Also dropped (seeds 0-4 of the fine-tune alone give 0.75-0.78 / 0.76-0.79): averaging the
+# five fine-tunes' weights ("model soup") 0.77/0.76; interpolating toward the base weights
+# (WiSE-FT, 0.4-0.8) at best 0.81/0.79; replaying ``detect:`` on pretraining images in
+# every batch 0.70-0.79 / 0.77-0.78; freezing the cross-attention, the feed-forward
+# layers, the embeddings or the first layer 0.64-0.75 / 0.72-0.77; classifier-free
+# guidance against a blank image (0.5-2) and beams of 3-12 at best 0.79/0.78; a base whose
+# ``detect:`` listing orders kinds at random (Pix2Seq-style, all or half of the time)
+# 0.66-0.74 / 0.70-0.73; a wider base (hidden 192) 0.65-0.69 / 0.67-0.69, a deeper one (4
+# layers) 0.68-0.71 / 0.78-0.79, both with ``detect:`` as good as this one's and this
+# recipe (seeds 0 and 1), and 3x / 2x the build time.
+#
+# Mirroring (``mirror``: every image also mirrored left-right, 'left' and 'right' swapped
+# in its captions; miniworld scenes stay in distribution, the triangles being symmetric)
+# is the one change that helped every seed: long captions, seeds 0-4, counts 0.785 /
+# 0.768 / 0.758 / 0.780 / 0.772, positions 0.825 / 0.817 / 0.796 / 0.768 / 0.822 (mean
+# 0.773 / 0.806, against 0.767 / 0.776 without). With it, and also dropped: 450 steps
+# 0.75/0.76, lr 4e-4 0.75/0.81, dropout 0.15 0.67/0.75, 70% long captions 0.79/0.79,
+# random crops of 85-100% 0.66/0.74 (the patches are the grid's cells; a shift blurs
+# them), beams of 4-8 with a length penalty of 1-4 (omitted kinds are the most common
+# error) 0.73-0.76 / 0.80-0.82, weight decay 0.1 no change, interpolating toward the base
+# (WiSE-FT 0.7-0.9, seeds 0-4) 0.71-0.83 / 0.76-0.81. More captions of the same generator
+# standing in for human ones: 400 images (300 steps) 0.79/0.81, 1,000 (900 steps)
+# 0.85/0.88, 2,000 (1,200 steps) 0.85/0.87: the plateau is this base's, not the 100
+# captions'.
+#
+# Freezing the encoder keeps the grounding pretraining gave it; 100 images are too few
+# to improve it. The fine-tuned long captions stay below the base's own grounding output,
+# most of all on four-object scenes (0.76/0.40/0.50 there, 1.0/1.0/1.0 on one object):
+# 100 captions teach the human wording, and the decoder then mixes in fluent but
+# ungrounded phrases ("a pair of ..." for one of each of two kinds).
+# A short warmup keeps the first steps from knocking the pretrained decoder off course.
 
 
 # --------------------------------------------------------------------------------------
@@ -672,7 +657,7 @@ def build_base_captioner(
     import torch
 
     from recap_dagster.captioner.model import resolve_device
-    from recap_dagster.captioner.tiny import build_tiny_captioner
+    from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 
     start, cpu_start = time.perf_counter(), time.process_time()
     items = load_pretrain(paths.captioner_pretrain, config.max_images, config.detect_format)

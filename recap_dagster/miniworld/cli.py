@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return generate_main(argv[1:])
 
-    from recap_dagster.miniworld.pipeline import PROFILES, run_pipeline
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    from recap_dagster.miniworld.pipeline import run_pipeline
+    from recap_dagster.miniworld.run_configs import PROFILES
 
     parser = argparse.ArgumentParser(prog="recap-miniworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,8 @@
 """
 
 
+import dagster as dg
+
 from recap_dagster import settings
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.definitions import (
@@ -15,6 +17,7 @@ from recap_dagster.definitions import (
     recap_definitions,
 )
 from recap_dagster.miniworld.assets import MINIWORLD_ASSETS, MiniworldResource
+from recap_dagster.miniworld.resources import MiniworldWorldResource
 from recap_dagster.resources import DataSourcesResource, ModelsResource, StorageResource
 
 #: The corpus spec, downstream of the generator in lineage.
@@ -27,6 +30,7 @@ def default_resources() -> dict:
     return {
         **common_resources(),
         "miniworld": MiniworldResource(root=str(settings.miniworld_dir())),
+        "world": MiniworldWorldResource(),
         "sources": DataSourcesResource.for_miniworld(
             str(settings.miniworld_dir()), shards_root=settings.shards_root()
         ),
@@ -38,6 +42,13 @@ def default_resources() -> dict:
     }
 
 
-defs = recap_definitions(MINIWORLD_ASSETS, default_resources(), corpus=MINIWORLD_LAION_SHARDS)
+# One process per run: on a few CPU cores a subprocess per step (and per check) costs more
+# in imports than its steps take; the gpu pool serializes the heavy steps anyway.
+defs = recap_definitions(
+    MINIWORLD_ASSETS,
+    default_resources(),
+    corpus=MINIWORLD_LAION_SHARDS,
+    executor=dg.in_process_executor,
+)
 
 __all__ = ["ASSETS", "ASSET_CHECKS", "default_resources", "defs"]

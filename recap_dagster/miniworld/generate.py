@@ -216,7 +216,8 @@ def _corrupt(jpeg: bytes, kind: str) -> bytes:
 
 
 def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
-    from recap_dagster.shards import ShardRecord, sample_key
+    from recap_dagster.miniworld.shard_writer import ShardRecord
+    from recap_dagster.shards import sample_key
 
     broken = broken_samples(config, shard)
     for index in range(config.images_per_shard):
@@ -424,8 +425,8 @@ def generate_miniworld(
     if not force and _cached(paths, config):
         return paths
     # Imported here: a cache hit should not pay for torch/transformers imports.
+    from recap_dagster.miniworld.shard_writer import write_shard
     from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
-    from recap_dagster.shards import write_shard
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,9 @@ from recap_dagster import settings
 from recap_dagster.launcher import DagsterGraphQL, LaunchError, dagster_dev, follow_backfill
 from recap_dagster.miniworld.assets import MINIWORLD_GROUP
 from recap_dagster.miniworld.definitions import ASSETS
+from recap_dagster.miniworld.run_configs import profile_run_config
 from recap_dagster.partitions import shard_group_partitions
 
-PROFILES_DIR = Path(__file__).parent / "profiles"
-PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-#: Ops whose config holds the fine-tunes' training seed (``--seed``).
-SEEDED_OPS = ("captioner_checkpoint", "sd_checkpoints")
 #: Relative cost of one partition of each asset in the miniworld's default profile
 #: (measured wall times of a main job), for the estimate of the time left.
 WORK_WEIGHTS = {
@@ -40,17 +37,6 @@ WORK_WEIGHTS = {
     "sd_checkpoints": 10.0,
     "metric_reports": 1.5,
 }
-
-
-def profile_run_config(profile: str, seed: int = 0) -> dict:
-    """The profile's run config with ``seed`` as the fine-tunes' training seed."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
-    ops = data.setdefault("ops", {})
-    for op in SEEDED_OPS:
-        ops.setdefault(op, {}).setdefault("config", {})["seed"] = seed
-    return data
 
 
 def write_run_config(profile: str, seed: int) -> Path:
@@ -127,7 +113,9 @@ def _backfill(client: DagsterGraphQL, summary: PipelineSummary, step: str, keys:
     return progress.succeeded
 
 
-def _read_report(instance: dg.DagsterInstance, summary: PipelineSummary) -> None:
+def _read_report(
+    instance: dg.DagsterInstance, client: DagsterGraphQL, summary: PipelineSummary
+) -> None:
     event = instance.get_latest_materialization_event(dg.AssetKey("recap_report"))
     if event is None or event.asset_materialization is None:
         summary.succeeded = False
@@ -135,8 +123,10 @@ def _read_report(instance: dg.DagsterInstance, summary: PipelineSummary) -> None
     metadata = event.asset_materialization.metadata
     summary.report = metadata["table"].value
     summary.report_uri = metadata["dagster/uri"].value
-    verdict = metadata.get("verdict")
-    summary.verdict = verdict.value if verdict is not None else ""
+    summary.verdict = "\n".join(
+        f"check {name}: {status}. {description}"
+        for name, status, description in client.check_results("recap_report")
+    )
 
 
 def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> PipelineSummary:
@@ -162,5 +152,5 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
         if _backfill(
             client, summary, "RECAP (materialize all)", _keys(exclude_group=MINIWORLD_GROUP)
         ):
-            _read_report(instance, summary)
+            _read_report(instance, client, summary)
     return summary

@@ -29,7 +29,7 @@ angles, so the same code serves 32, 48, 64 px and above.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from recap_dagster.metrics import summarize
 from recap_dagster.miniworld.scenes import (
     COLOURS,
     GRID,
@@ -346,19 +347,7 @@ def score(detections: Sequence[Detection], truth: PromptTruth) -> PromptScore:
     )
 
 
-_METRICS = ("object_accuracy", "count_error", "count_accuracy", "position_accuracy", "all_correct")
-
-
-def _means(rows: list[dict]) -> dict[str, float | None]:
-    """Metric means over rows (``n`` = row count); position only over rows that have one."""
-    out: dict[str, float | None] = {"n": len(rows)}
-    for m in _METRICS:
-        vals = [float(r[m]) for r in rows if r[m] is not None]
-        out[m] = sum(vals) / len(vals) if vals else None
-    return out
-
-
-def _describe(detections: Sequence[Detection]) -> str:
+def describe(detections: Sequence[Detection]) -> str:
     return "; ".join(f"{d.colour} {d.shape} @({d.row},{d.col})" for d in detections)
 
 
@@ -386,14 +375,8 @@ def evaluate_images(
                 "count_accuracy": float(s.count_correct),
                 "position_accuracy": s.position_accuracy,
                 "all_correct": float(s.all_correct),
-                "detected": _describe(dets),
+                "detected": describe(dets),
             }
         )
-    by_cat: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_cat[r["category"]].append(r)
-    return EvaluationSummary(
-        overall=_means(rows),
-        per_category={c: _means(rs) for c, rs in sorted(by_cat.items())},
-        rows=rows,
-    )
+    overall, per_category = summarize(rows)
+    return EvaluationSummary(overall=overall, per_category=per_category, rows=rows)

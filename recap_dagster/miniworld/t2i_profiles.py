@@ -57,15 +57,9 @@ from recap_dagster.t2i.train import TrainConfig
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    guidance_scale: float = 5.0
-    num_inference_steps: int = 20
-    batch_size: int = 64
-
-
-@dataclass(frozen=True)
 class T2IProfile:
-    """Everything needed to pretrain a base and fine-tune caption variants on the miniworld."""
+    """The base text-to-image model's recipe on the miniworld (the fine-tunes' settings are
+    the profiles' run config: profiles/<name>.yaml, sd_checkpoints)."""
 
     name: str
     model: TinyT2IConfig = field(default_factory=TinyT2IConfig)
@@ -73,8 +67,6 @@ class T2IProfile:
     vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
     base: TrainConfig = field(default_factory=TrainConfig)  # on alt text
-    finetune: TrainConfig = field(default_factory=TrainConfig)  # per caption variant
-    sample: SampleConfig = field(default_factory=SampleConfig)
     corpus_limit: int | None = None  # use at most this many corpus images
     seed: int = 0
 
@@ -100,11 +92,6 @@ MINIWORLD_PROFILE = T2IProfile(
         steps=400, learning_rate=2e-3, batch_size=32, micro_batch_size=32,
         lr_warmup_steps=20, checkpoint_every=100,
     ),
-    finetune=TrainConfig(
-        steps=1200, learning_rate=1e-3, batch_size=32, micro_batch_size=32,
-        lr_warmup_steps=10, checkpoint_every=200, snapshot_every=400, snr_gamma=5.0,
-    ),
-    sample=SampleConfig(guidance_scale=7.0, num_inference_steps=20, batch_size=100),
 )  # fmt: skip
 
 QUICK_PROFILE = T2IProfile(
@@ -123,10 +110,6 @@ QUICK_PROFILE = T2IProfile(
     vae_steps=5,
     vae_batch_size=8,
     base=TrainConfig(steps=3, learning_rate=1e-3, batch_size=8, micro_batch_size=8),
-    finetune=TrainConfig(
-        steps=3, learning_rate=1e-3, batch_size=8, micro_batch_size=8, snapshot_every=2
-    ),
-    sample=SampleConfig(guidance_scale=3.0, num_inference_steps=3, batch_size=16),
     corpus_limit=32,
 )
 
@@ -137,5 +120,5 @@ def get_profile(profile: str | T2IProfile) -> T2IProfile:
     return PROFILES[profile] if isinstance(profile, str) else profile
 
 
-__all__ = ["MINIWORLD_PROFILE", "PROFILES", "QUICK_PROFILE", "SampleConfig", "T2IProfile",
+__all__ = ["MINIWORLD_PROFILE", "PROFILES", "QUICK_PROFILE", "T2IProfile",
            "get_profile", "replace"]  # fmt: skip

@@ -12,18 +12,18 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from recap_dagster.shards import list_shards
+from recap_dagster.miniworld.t2i_profiles import T2IProfile, get_profile
+from recap_dagster.shards import iter_shard, list_shards
 from recap_dagster.storage import Storage
-from recap_dagster.t2i.data import iter_corpus
 from recap_dagster.t2i.latents import cache_latents, encode, load_vae, pixels
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, read_saved_meta, save_pipeline
-from recap_dagster.t2i.profiles import T2IProfile, get_profile
 from recap_dagster.t2i.stream import CaptionSource
 from recap_dagster.t2i.train import FINAL, TrainJob, train, training_stream
 
@@ -163,3 +163,17 @@ def build_miniworld_base(
     )
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def iter_corpus(corpus_root: str, limit: int | None = None) -> Iterator:
+    """Decoded, usable records of every shard under ``corpus_root``, in shard order (for
+    fitting the miniworld's VAE)."""
+    seen = 0
+    for info in list_shards(corpus_root):
+        for record in iter_shard(corpus_root, info.key):
+            if record.image is None:
+                continue
+            yield record
+            seen += 1
+            if limit is not None and seen >= limit:
+                return

@@ -1,0 +1,37 @@
+"""The miniworld's profiles: run-config files (``profiles/<name>.yaml``, Dagster's ``ops:``
+shape) that set what its tiny models need instead of the paper's recipes. The main job
+points ``RECAP_RUN_CONFIG`` at one, so the launchpad's defaults are what it runs."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+#: Ops whose config holds the fine-tunes' training seed (``--seed``).
+SEEDED_OPS = ("captioner_checkpoint", "sd_checkpoints")
+
+SettingsT = TypeVar("SettingsT")
+
+
+def profile_run_config(profile: str, seed: int = 0) -> dict[str, Any]:
+    """The profile's run config with ``seed`` as the fine-tunes' training seed."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    ops = data.setdefault("ops", {})
+    for op in SEEDED_OPS:
+        ops.setdefault(op, {}).setdefault("config", {})["seed"] = seed
+    return data
+
+
+def op_settings(settings: type[SettingsT], profile: str, op: str) -> SettingsT:
+    """The settings dataclass an op runs with under ``profile`` (for benchmarks and tests
+    that call the core directly)."""
+    config = profile_run_config(profile)["ops"].get(op, {}).get("config", {})
+    names = {f.name for f in fields(settings)}  # type: ignore[arg-type]
+    return settings(**{k: v for k, v in config.items() if k in names})
