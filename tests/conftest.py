@@ -80,3 +80,12 @@ def learning_rates(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     return rates
+
+
+@pytest.fixture(scope="session")
+def base_t2i(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The quick base text-to-image model pretrained on that miniworld's alt text."""
+    from recap_dagster.miniworld.t2i_base import build_miniworld_base
+
+    out = tmp_path_factory.mktemp("base_t2i")
+    return build_miniworld_base(str(miniworld_paths.root), str(out), "quick")

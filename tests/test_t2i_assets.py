@@ -8,7 +8,6 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
-import pytest
 
 from recap_dagster.assets.recaption import output_parts
 from recap_dagster.assets.t2i import (
@@ -23,7 +22,6 @@ from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.resources import MiniworldWorldResource
 from recap_dagster.miniworld.scenes import Scene
-from recap_dagster.miniworld.t2i_base import build_miniworld_base
 from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
@@ -75,12 +73,6 @@ def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
             )
         storage.write_parquet(pa.Table.from_pylist(rows, schema=SCHEMA), *output_parts(shard))
     return shards
-
-
-@pytest.fixture(scope="module")
-def base_t2i(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("base_t2i")
-    return build_miniworld_base(str(miniworld_paths.root), str(out), "quick")
 
 
 def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: Path) -> None:

@@ -94,10 +94,11 @@ def test_from_an_empty_instance_to_the_report_in_the_ui(tmp_path: Path) -> None:
         launch.click()
         _wait(lambda: _materialized(instance, "recap_report"), "recap_report", 1500, page)
 
-        # The lineage from the inputs to the report, every asset materialized.
-        page.goto(f"{url}/asset-groups")
-        page.get_by_text("recap_report").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+        # The lineage from the inputs to the report (recap_report's upstream graph), every
+        # asset materialized.
+        page.goto(f"{url}/assets/recap_report?view=lineage&lineageScope=upstream&lineageDepth=10")
         page.get_by_text("miniworld_corpus").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+        page.get_by_text("sd_checkpoints").first.wait_for(timeout=LOAD_TIMEOUT_MS)
         time.sleep(3)  # let the graph lay itself out and fetch the latest states
         screenshot(page, "scratch_3_lineage")
 

@@ -1,0 +1,112 @@
+"""The production graph, no miniworld in it: observed inputs, real img2dataset shards, a
+GenEval prompt file and base models from directories; every RECAP asset materializes.
+
+(The inputs here are files the miniworld generator wrote, used as plain data: shards in
+img2dataset's layout, a human-caption JSONL, a CLIP tokenizer directory.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from recap_dagster.assets.corpus import laion_shards
+from recap_dagster.assets.inputs import INPUT_ASSETS, INPUT_KEYS
+from recap_dagster.definitions import ASSET_CHECKS, RECAP_ASSETS, recap_definitions
+from recap_dagster.miniworld.captions import vocabulary_texts
+from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
+from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.resources import (
+    ComputeResource,
+    DataSourcesResource,
+    GenEvalWorldResource,
+    ModelsResource,
+    StorageResource,
+)
+from recap_dagster.shard_groups import groups_of
+from recap_dagster.shards import list_shards
+
+pytestmark = pytest.mark.slow
+
+GENEVAL_PROMPTS = [
+    {"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+     "prompt": "a photo of a circle"},
+    {"tag": "counting", "include": [{"class": "square", "count": 2}],
+     "exclude": [{"class": "square", "count": 3}], "prompt": "a photo of two squares"},
+    {"tag": "position", "include": [{"class": "circle", "count": 1},
+                                    {"class": "triangle", "count": 1, "position": ["left of", 0]}],
+     "prompt": "a photo of a triangle left of a circle"},
+]  # fmt: skip
+VARIANTS = ("alttext", "recap_mix")
+RUN_CONFIG = {
+    "ops": {
+        "captioner_checkpoint": {
+            "config": {"steps": 2, "batch_size": 8, "learning_rate": 1e-3, "max_new_tokens": 12}
+        },
+        "recaptioned_shards": {"config": {"batch_size": 8, "max_new_tokens": 12}},
+        "sd_checkpoints": {
+            "config": {"steps": 2, "batch_size": 8, "micro_batch_size": 8, "sample_prompts": 2}
+        },
+        "metric_reports": {
+            "config": {"num_inference_steps": 2, "reference_images": 16, "batch_size": 8}
+        },
+    }
+}
+
+
+def test_every_recap_asset_runs_on_production_inputs(
+    miniworld_paths, base_t2i: str, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "evaluation_metadata.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in GENEVAL_PROMPTS))
+    captioner = tmp_path / "base_captioner"
+    words = sorted({w for text in vocabulary_texts() for w in text.lower().split()})
+    build_tiny_captioner("git", captioner, words=words, hidden_size=32, max_text_tokens=64)
+    resources = {
+        "sources": DataSourcesResource(
+            shards_root=str(miniworld_paths.corpus),
+            human_captions_path=miniworld_paths.human_captions,
+            eval_prompts_path=str(prompts),
+            tokenizer_path=miniworld_paths.tokenizer,
+        ),
+        "storage": StorageResource(root=str(tmp_path / "storage")),
+        "models": ModelsResource(base_captioner=str(captioner), base_t2i=base_t2i),
+        "compute": ComputeResource(),
+        "world": GenEvalWorldResource(),  # no detector: objects, counts, positions not graded
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    }
+    defs = recap_definitions(INPUT_ASSETS, resources)
+    assert not {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} & {
+        "miniworld_corpus"
+    }
+    assets = [*INPUT_ASSETS, laion_shards, *RECAP_ASSETS, *ASSET_CHECKS]
+    groups = groups_of(info.key for info in list_shards(str(miniworld_paths.corpus)))
+
+    def materialize(selection: list, partition: str | None = None) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            assets, selection=selection, partition_key=partition, instance=instance,
+            resources=resources, run_config=RUN_CONFIG, raise_on_error=True,
+        )  # fmt: skip
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_group_partitions.name, groups)
+        assert materialize(INPUT_KEYS).success  # observes the five inputs
+        assert materialize(["human_captions", "captioner_checkpoint"]).success
+        for group in groups:
+            assert materialize(["recaptioned_shards", "t2i_latents"], group).success
+        for variant in VARIANTS:
+            result = materialize(["sd_checkpoints", "metric_reports"], variant)
+            meta = result.asset_materializations_for_node("metric_reports")[0].metadata
+            assert meta["world"].value == "geneval"
+            assert meta["fid"].value > 0
+        result = materialize(["recap_report"])
+        table = result.asset_materializations_for_node("recap_report")[0].metadata["table"]
+        assert "| recap_mix |" in table.value and "not graded" in table.value
+        # Every input's version is recorded where it was read: a changed one makes it stale.
+        tags = instance.get_latest_materialization_event(
+            dg.AssetKey("metric_reports")
+        ).asset_materialization.tags
+        assert "dagster/input_data_version/eval_prompt_file" in tags
