@@ -139,7 +139,9 @@ def sensor_tick(instance: dg.DagsterInstance, source: str, after: str, job) -> d
 
 def sources(work: Path) -> DataSourcesResource:
     """The source root with the benchmark's shards; the tokenizer the checks count with."""
-    return DataSourcesResource.for_miniworld(str(work), shards_root=str(work / "laion"))
+    from recap_dagster.miniworld.resources import miniworld_sources
+
+    return miniworld_sources(str(work), shards_root=str(work / "laion"))
 
 
 def checks_defs(work: Path) -> dg.Definitions:

@@ -20,7 +20,11 @@ from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.checks_runner import SKIPPED, CheckOutcome, ChecksReport, run_checks
 from recap_dagster.cli import main as cli_main
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
-from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.resources import (
+    MiniworldResource,
+    MiniworldWorldResource,
+    miniworld_sources,
+)
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -62,6 +66,7 @@ def _check_cli(home: Path, storage: Path, miniworld_paths, tmp_path: Path, *args
     }
     env.pop("DAGSTER_HOME", None)  # --instance must be what picks the instance
     command = [sys.executable, "-m", "recap_dagster.cli", "check", "--instance", str(home)]
+    command += ["--definitions", "recap_dagster.miniworld.definitions"]
     return subprocess.run(
         [*command, *args], env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -110,11 +115,12 @@ def test_good_then_broken_human_captions(miniworld_paths, tmp_path: Path) -> Non
 
 def test_nothing_materialized_reports_every_check_skipped(miniworld_paths, tmp_path) -> None:
     resources = {
-        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "unused")),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
+        "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
@@ -149,11 +155,12 @@ def test_missing_instance_is_an_error(tmp_path: Path, capsys) -> None:
 def test_checks_that_crash_are_reported_as_errors(miniworld_paths, tmp_path) -> None:
     """Materialized per the instance, but the stored output is gone: the checks raise."""
     resources = {
-        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(tmp_path / "empty_storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "unused")),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
+        "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)

@@ -425,20 +425,24 @@ def test_real_asset_fails_bad_input_without_retry(miniworld_paths, tmp_path: Pat
     """sd_checkpoints with no recaptioned shard is a data problem: one attempt, no retry
     (retries would wait 30 s, 90 s, 210 s for nothing)."""
     from recap_dagster.assets.t2i import sd_checkpoints
-    from recap_dagster.miniworld.resources import MiniworldWorldResource
+    from recap_dagster.miniworld.resources import (
+        MiniworldResource,
+        MiniworldWorldResource,
+        miniworld_sources,
+    )
     from recap_dagster.resources import (
         ComputeResource,
-        DataSourcesResource,
         ModelsResource,
         StorageResource,
     )
 
     resources = {
-        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner=str(tmp_path / "none")),
         "compute": ComputeResource(device="cpu"),
         "world": MiniworldWorldResource(),
+        "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     started = time.monotonic()

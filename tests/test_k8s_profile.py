@@ -54,6 +54,16 @@ PROFILE_ENV = {
 }
 
 
+@pytest.fixture(autouse=True)
+def production_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where the production definitions' inputs and outputs are (read at run time)."""
+    for name in (
+        "RECAP_SHARDS_ROOT", "RECAP_HUMAN_CAPTIONS", "RECAP_EVAL_PROMPTS", "RECAP_TOKENIZER",
+        "RECAP_STORAGE_ROOT", "RECAP_BASE_CAPTIONER", "RECAP_BASE_T2I",
+    ):  # fmt: skip
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+
+
 @pytest.fixture
 def profile_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in PROFILE_ENV.items():

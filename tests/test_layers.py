@@ -10,7 +10,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "recap_dagster"
 MINIWORLD = "recap_dagster.miniworld"
 
 
-
 def _imports(tree: ast.AST) -> list[str]:
     names = []
     for node in ast.walk(tree):

@@ -17,7 +17,12 @@ from recap_dagster.miniworld.run_configs import profile_run_config
 BIN = Path(sys.executable).parent
 
 
-def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
+def _main_job(tmp_path: Path) -> tuple[Path, str]:
+    """(workdir, stdout) of a quick main job with seed 1: the one .ci/run just ran (it
+    names its workdir and output in RECAP_MAIN_JOB_WORKDIR / _OUTPUT), else a new one."""
+    if os.environ.get("RECAP_MAIN_JOB_WORKDIR"):
+        workdir = Path(os.environ["RECAP_MAIN_JOB_WORKDIR"])
+        return workdir, Path(os.environ["RECAP_MAIN_JOB_OUTPUT"]).read_text()
     env = dict(os.environ)
     env["RECAP_WORKDIR"] = str(tmp_path / "recap")
     env["DAGSTER_HOME"] = str(tmp_path / "recap" / "dagster_home")
@@ -29,7 +34,12 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    return tmp_path / "recap", result.stdout
+
+
+def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
+    workdir, out = _main_job(tmp_path)
+    env = {"DAGSTER_HOME": str(workdir / "dagster_home")}
     assert "recap-miniworld pipeline (quick, seed 1) succeeded" in out
     # It said where it was: progress, elapsed and left, and what each running step logs.
     assert "Dagster UI at http://127.0.0.1:" in out
@@ -39,9 +49,9 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     assert re.search(r"running: (sd_checkpoints|metric_reports) \[\w+\] \(run \w{8}\): ", out)
     assert "| recap_mix |" in out and "| alttext |" in out
     # The UI and the job share one run config: the profile with the seed.
-    run_config = yaml.safe_load((tmp_path / "recap" / "run_config.yaml").read_text())
+    run_config = yaml.safe_load((workdir / "run_config.yaml").read_text())
     assert run_config == profile_run_config("quick", seed=1)
-    storage = tmp_path / "recap" / "storage"
+    storage = workdir / "storage"
     for path in (
         "human_captions/human_captions.parquet",
         "checkpoints/captioner/_SUCCESS",

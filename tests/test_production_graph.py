@@ -86,9 +86,11 @@ def test_every_recap_asset_runs_on_production_inputs(
     groups = groups_of(info.key for info in list_shards(str(miniworld_paths.corpus)))
 
     def materialize(selection: list, partition: str | None = None) -> dg.ExecuteInProcessResult:
+        names = {k if isinstance(k, str) else k.to_user_string() for k in selection}
+        ops = {op: c for op, c in RUN_CONFIG["ops"].items() if op in names}
         return dg.materialize(
             assets, selection=selection, partition_key=partition, instance=instance,
-            resources=resources, run_config=RUN_CONFIG, raise_on_error=True,
+            resources=resources, run_config={"ops": ops}, raise_on_error=True,
         )  # fmt: skip
 
     with dg.instance_for_test() as instance:

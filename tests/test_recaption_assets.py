@@ -25,14 +25,16 @@ from recap_dagster.automation import (
     recaption_backfill_schedule,
 )
 from recap_dagster.miniworld.captions import vocabulary_texts
-from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.resources import (
+    MiniworldWorldResource,
+    miniworld_sources,
+)
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
     ComputeResource,
-    DataSourcesResource,
     ModelsResource,
     StorageResource,
 )
@@ -60,7 +62,7 @@ def base_captioner(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _resources(miniworld_paths, base_captioner: str, storage_root: Path) -> dict:
     return {
-        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(storage_root)),
         "models": ModelsResource(base_captioner=base_captioner),
         "compute": ComputeResource(),
@@ -239,9 +241,7 @@ def test_dead_urls_are_counted_apart_from_decoding_failures(
     shards = tmp_path / "laion"
     _dead_url_shard(shards, 0, undecodable)
     resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage")
-    resources["sources"] = DataSourcesResource.for_miniworld(
-        str(miniworld_paths.root), shards_root=str(shards)
-    )
+    resources["sources"] = miniworld_sources(str(miniworld_paths.root), shards_root=str(shards))
     with resources["storage"].get().atomic_dir(*CHECKPOINT_PARTS) as staging:
         shutil.copytree(base_captioner, staging, dirs_exist_ok=True)  # a captioner checkpoint
     with dg.instance_for_test() as instance:
@@ -272,7 +272,7 @@ def test_dead_urls_are_counted_apart_from_decoding_failures(
 
 
 def test_sensor_requests_recaptioning_of_new_shards(miniworld_paths, tmp_path: Path) -> None:
-    sources = DataSourcesResource.for_miniworld(str(miniworld_paths.root))
+    sources = miniworld_sources(str(miniworld_paths.root))
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, resources={"sources": sources})
         before = laion_shard_sensor(context)
@@ -329,7 +329,7 @@ def _kill_test_setup(root: Path, base_captioner: str) -> None:
 def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult:
     """One run over the group of every shard (the subprocess entry point runs this too)."""
     resources = {
-        "sources": DataSourcesResource.for_miniworld(miniworld_root, str(root / "laion")),
+        "sources": miniworld_sources(miniworld_root, str(root / "laion")),
         "storage": StorageResource(root=str(root / "storage")),
         "models": ModelsResource(base_captioner="unused: the checkpoint is in storage"),
         "compute": ComputeResource(),

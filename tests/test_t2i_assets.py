@@ -20,13 +20,16 @@ from recap_dagster.assets.t2i import (
 from recap_dagster.fingerprint import weights_fingerprint
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
-from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.resources import (
+    MiniworldResource,
+    MiniworldWorldResource,
+    miniworld_sources,
+)
 from recap_dagster.miniworld.scenes import Scene
 from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.recaption import SCHEMA
 from recap_dagster.resources import (
     ComputeResource,
-    DataSourcesResource,
     ModelsResource,
     StorageResource,
 )
@@ -77,11 +80,12 @@ def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
 
 def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: Path) -> None:
     resources = {
-        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(tmp_path / "storage")),
         "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
+        "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     storage = resources["storage"].get()

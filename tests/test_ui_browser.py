@@ -21,12 +21,15 @@ from browser import REPO, chromium_page, dagster_webserver, screenshot
 
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
-from recap_dagster.miniworld.resources import MiniworldWorldResource
+from recap_dagster.miniworld.resources import (
+    MiniworldResource,
+    MiniworldWorldResource,
+    miniworld_sources,
+)
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
-    DataSourcesResource,
     ModelsResource,
     StorageResource,
 )
@@ -80,11 +83,12 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
     words = sorted({w for text in vocabulary_texts() for w in text.lower().split()})
     build_tiny_captioner("git", base, words=words, hidden_size=32, max_text_tokens=64)
     resources = {
-        "sources": DataSourcesResource.for_miniworld(str(miniworld_paths.root)),
+        "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(storage_root)),
         "models": ModelsResource(base_captioner=str(base)),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
+        "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
     tune = {"steps": 4, "batch_size": 8, "learning_rate": 1e-3, "seed": 0}

@@ -5,7 +5,6 @@ same content versions, so the RECAP graph downstream is the same in both worlds;
 here it starts from a generator and two pretraining runs instead of observed files.
 """
 
-
 from collections.abc import Iterator
 
 import dagster as dg
@@ -24,6 +23,7 @@ from recap_dagster.miniworld.base_captioner import (
     build_base_captioner,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld, read_manifest
+from recap_dagster.miniworld.resources import MiniworldResource
 from recap_dagster.miniworld.t2i_base import build_miniworld_base
 from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE, QUICK_PROFILE
 from recap_dagster.resources import ComputeResource, DataSourcesResource, ModelsResource
@@ -31,12 +31,6 @@ from recap_dagster.resources import ComputeResource, DataSourcesResource, Models
 MINIWORLD_GROUP = "miniworld"
 BASE_CAPTIONER_RECIPES = {"default": BaseCaptionerConfig(), "quick": QUICK_BASE_CAPTIONER}
 BASE_T2I_RECIPES = {"default": MINIWORLD_PROFILE, "quick": QUICK_PROFILE}
-
-
-class MiniworldResource(dg.ConfigurableResource):
-    """Where the miniworld is generated."""
-
-    root: str = Field(description="Folder the miniworld generator writes (cached by config).")
 
 
 MiniworldCorpusConfig = config_from_settings(

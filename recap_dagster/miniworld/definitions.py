@@ -5,7 +5,6 @@
 ``RECAP_RUN_CONFIG`` (``./dev`` points it at ``miniworld/profiles/<profile>.yaml``).
 """
 
-
 import dagster as dg
 
 from recap_dagster import settings
@@ -16,9 +15,13 @@ from recap_dagster.definitions import (
     common_resources,
     recap_definitions,
 )
-from recap_dagster.miniworld.assets import MINIWORLD_ASSETS, MiniworldResource
-from recap_dagster.miniworld.resources import MiniworldWorldResource
-from recap_dagster.resources import DataSourcesResource, ModelsResource, StorageResource
+from recap_dagster.miniworld.assets import MINIWORLD_ASSETS
+from recap_dagster.miniworld.resources import (
+    MiniworldResource,
+    MiniworldWorldResource,
+    miniworld_sources,
+)
+from recap_dagster.resources import ModelsResource, StorageResource
 
 #: The corpus spec, downstream of the generator in lineage.
 MINIWORLD_LAION_SHARDS = laion_shards.replace_attributes(deps=["miniworld_corpus"])
@@ -31,9 +34,7 @@ def default_resources() -> dict:
         **common_resources(),
         "miniworld": MiniworldResource(root=str(settings.miniworld_dir())),
         "world": MiniworldWorldResource(),
-        "sources": DataSourcesResource.for_miniworld(
-            str(settings.miniworld_dir()), shards_root=settings.shards_root()
-        ),
+        "sources": miniworld_sources(str(settings.miniworld_dir()), settings.shards_root()),
         "storage": StorageResource(root=settings.storage_root()),
         "models": ModelsResource(
             base_captioner=str(settings.models_dir() / "base_captioner"),

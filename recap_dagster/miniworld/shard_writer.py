@@ -37,8 +37,6 @@ from recap_dagster.shards import (
 PARQUET_ROWS_PER_GROUP = 100  # img2dataset's BufferedParquetWriter flushes every 100 samples
 
 
-
-
 @dataclass
 class ShardRecord:
     """One sample to write. ``metadata`` must be JSON-serialisable (see module docstring)."""

@@ -9,7 +9,7 @@ from recap_dagster.imaging import DEFAULT_MAX_PIXELS
 
 
 class DataSourcesResource(dg.ConfigurableResource):
-    """Where the inputs live. Defaults point at the generated miniworld."""
+    """Where the inputs live (local paths or, for shards, ``s3://`` prefixes)."""
 
     shards_root: str = Field(
         description="Folder or s3:// prefix holding img2dataset shards (NNNNN.tar/.parquet).",
@@ -36,16 +36,3 @@ class DataSourcesResource(dg.ConfigurableResource):
         default=DEFAULT_MAX_PIXELS,
         description="Images with more pixels than this are rejected (decompression bombs).",
     )
-
-    @classmethod
-    def for_miniworld(
-        cls, miniworld_dir: str, shards_root: str | None = None
-    ) -> DataSourcesResource:
-        """Sources laid out as the miniworld generator writes them."""
-        return cls(
-            shards_root=shards_root or f"{miniworld_dir}/laion",
-            human_captions_path=f"{miniworld_dir}/human_captions/captions.jsonl",
-            human_captions_heldout_path=f"{miniworld_dir}/human_captions_heldout/captions.jsonl",
-            tokenizer_path=f"{miniworld_dir}/tokenizer",
-            eval_prompts_path=f"{miniworld_dir}/eval_prompts.jsonl",
-        )
