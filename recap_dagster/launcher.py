@@ -44,20 +44,27 @@ def free_port() -> int:
 
 
 @contextmanager
-def dagster_dev(
-    workspace: Path, env: dict[str, str], log: Path, port: int = 0, timeout: float = 180
+def serve(
+    program: str,
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    log: Path,
+    port: int = 0,
+    timeout: float = 180,
 ) -> Iterator[str]:
-    """Run ``dagster dev -w workspace`` (webserver + daemon); yield the UI's URL."""
+    """Run a Dagster server (``dagster dev``, ``dagster-webserver``) on loopback until it
+    answers; yield its URL; stop it and everything it started on exit."""
     port = port or free_port()
-    program = Path(sys.executable).with_name("dagster")
-    command = [str(program) if program.exists() else "dagster", "dev", "-w", str(workspace)]
+    executable = Path(sys.executable).with_name(program)
+    command = [str(executable) if executable.exists() else program, *args]
     command += ["-h", "127.0.0.1", "-p", str(port)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         # Its own session: stopping it ends the webserver, the daemon and the code server.
         process = subprocess.Popen(
             command,
-            cwd=workspace.parent,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -68,9 +75,9 @@ def dagster_dev(
         deadline = time.monotonic() + timeout
         while not _answers(f"{url}/server_info"):
             if process.poll() is not None:
-                raise LaunchError(f"dagster dev exited with {process.returncode}; see {log}")
+                raise LaunchError(f"{program} exited with {process.returncode}; see {log}")
             if time.monotonic() > deadline:
-                raise LaunchError(f"dagster dev did not answer within {timeout:.0f} s; see {log}")
+                raise LaunchError(f"{program} did not answer within {timeout:.0f} s; see {log}")
             time.sleep(0.5)
         yield url
     finally:
@@ -81,6 +88,16 @@ def dagster_dev(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@contextmanager
+def dagster_dev(
+    workspace: Path, env: dict[str, str], log: Path, port: int = 0, timeout: float = 180
+) -> Iterator[str]:
+    """Run ``dagster dev -w workspace`` (webserver + daemon); yield the UI's URL."""
+    args = ["dev", "-w", str(workspace)]
+    with serve("dagster", args, workspace.parent, env, log, port, timeout) as url:
+        yield url
 
 
 def _answers(url: str) -> bool:

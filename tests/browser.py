@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from recap_dagster.launcher import LaunchError, serve
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "ui"
@@ -38,12 +34,6 @@ INSTALL_HINT = (
     "chromium) and the test extra (pip install -e '.[test]', which brings playwright); "
     ".ci/run does both"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chromium_executable() -> str:
@@ -79,45 +69,12 @@ def dagster_dev(
 def _serving(
     program: str, args: list[str], dagster_home: Path, env: dict[str, str], log: Path
 ) -> Iterator[str]:
-    executable = Path(sys.executable).with_name(program)
-    command = [str(executable) if executable.exists() else program, *args]
-    port = free_port()
-    command += ["-h", "127.0.0.1", "-p", str(port)]
-    full_env = {**os.environ, **env, "DAGSTER_HOME": str(dagster_home)}
-    with log.open("w") as out:
-        # Its own session: teardown ends the webserver and the code server it spawned.
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    full_env = {**env, "DAGSTER_HOME": str(dagster_home)}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"{program} exited with {process.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{program} did not answer within 120 s:\n{_tail(log)}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        with serve(program, args, REPO, full_env, log, timeout=120) as url:
+            yield url
+    except LaunchError as err:
+        pytest.fail(f"{err}:\n{_tail(log)}")
 
 
 @contextmanager
