@@ -1,7 +1,9 @@
 """``recap-dagster``: the project's command line.
 
-- ``recap-dagster check [--instance DAGSTER_HOME] [--select NAME ...]``: run every asset
-  check against an instance; exit 1 when a blocking check fails.
+- ``recap-dagster check [--instance DAGSTER_HOME] [--definitions MODULE] [--select NAME ...]``:
+  run every asset check against an instance; exit 1 when a blocking check fails. The
+  checks and their resources come from MODULE's ``defs`` (default: the production
+  definitions; for the miniworld's instance: ``recap_dagster.miniworld.definitions``).
 
 The miniworld's main job is ``recap-miniworld pipeline`` (``recap_dagster/miniworld``).
 """

@@ -10,6 +10,7 @@ No Dagster import: everything goes through the instance's public GraphQL API.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,7 +30,6 @@ TERMINAL_BACKFILL_STATES = {
     "COMPLETED_FAILED",
     "FAILED",
     "CANCELED",
-    "FAILING",
 }
 
 
@@ -81,13 +81,15 @@ def serve(
             time.sleep(0.5)
         yield url
     finally:
-        if process.poll() is None:
+        # The whole session, also when the server itself died: its daemon and code server.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            process.wait()
 
 
 @contextmanager

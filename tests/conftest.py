@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 API server (moto's server mode) on loopback."""
+"""Shared fixtures: a real S3 API server (moto's server mode) on loopback, a miniworld, a
+base text-to-image model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+
+# A developer's exported locations or run config must not leak into the tests (each test
+# that needs one sets it); RECAP_WORKDIR and CI's RECAP_MAIN_JOB_* are meant to reach them.
+for _name in (
+    "RECAP_RUN_CONFIG", "RECAP_MINIWORLD_DIR", "RECAP_MODELS_DIR", "RECAP_STORAGE_ROOT",
+    "RECAP_SHARDS_ROOT",
+):  # fmt: skip
+    os.environ.pop(_name, None)
 
 
 def _free_port() -> int:

@@ -65,6 +65,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
         assert (storage / path).exists(), path
 
     # Everything went through the real instance: the UI shows these runs and events.
+    previous = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         with dg.DagsterInstance.get() as instance:
@@ -81,7 +82,12 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
                 "alttext", "recap_short", "recap_long", "recap_mix"
             }  # fmt: skip
             # Launched as backfills through the daemon, as from the UI.
-            runs = instance.get_runs()
-            assert len(runs) >= 7 and all("dagster/backfill" in run.tags for run in runs)
+            backfill_runs = [r for r in instance.get_runs() if "dagster/backfill" in r.tags]
+            assert len(backfill_runs) >= 7
+            report = instance.get_latest_materialization_event(dg.AssetKey("recap_report"))
+            assert "dagster/backfill" in instance.get_run_by_id(report.run_id).tags
     finally:
-        del os.environ["DAGSTER_HOME"]
+        if previous is None:
+            del os.environ["DAGSTER_HOME"]
+        else:
+            os.environ["DAGSTER_HOME"] = previous

@@ -62,6 +62,8 @@ def test_from_an_empty_instance_to_the_report_in_the_ui(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(home))
         instance = dg.DagsterInstance.get()
+    # As ./dev does for a new instance: the gpu pool's slots exist before two runs claim one.
+    instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")
     with (
         dagster_dev(home, env, tmp_path / "dagster_dev.log", ["-w", "workspace.yaml"]) as url,
         chromium_page(tmp_path / "chromium") as page,

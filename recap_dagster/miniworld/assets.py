@@ -109,7 +109,9 @@ def miniworld_corpus(
             raise ValueError(
                 f"sources.{name} is {getattr(sources, name)}, the miniworld wrote {path}"
             )
-    manifest = read_manifest(paths.root) or {}
+    manifest = read_manifest(paths.root)
+    if manifest is None:
+        raise RuntimeError(f"the miniworld under {paths.root} has no manifest after generation")
     context.log.info(f"miniworld at {paths.root}: {manifest.get('counts')}")
     yield dg.MaterializeResult(
         asset_key="miniworld_corpus",

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    from recap_dagster.launcher import LaunchError
     from recap_dagster.miniworld.pipeline import run_pipeline
     from recap_dagster.miniworld.run_configs import PROFILES
 
@@ -43,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.add_argument("--port", type=int, default=0, help="UI port (default: a free one)")
     sub.add_parser("generate", help="generate a miniworld (see: recap-miniworld generate -h)")
     args = parser.parse_args(argv)
-    summary = run_pipeline(args.profile, seed=args.seed, port=args.port)
+    # A terminated job stops the dagster dev it started (its `finally`), not only itself.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        summary = run_pipeline(args.profile, seed=args.seed, port=args.port)
+    except LaunchError as err:
+        print(f"recap-miniworld pipeline: {err}", file=sys.stderr)
+        return 1
     print(summary.render())
     return 0 if summary.succeeded else 1
 

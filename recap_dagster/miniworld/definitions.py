@@ -2,7 +2,9 @@
 
 ``workspace.yaml`` loads this module. Everything lives under ``$RECAP_WORKDIR``
 (``settings.py``); asset config defaults come from the run-config file named by
-``RECAP_RUN_CONFIG`` (``./dev`` points it at ``miniworld/profiles/<profile>.yaml``).
+``RECAP_RUN_CONFIG`` (the main job writes its profile's to
+``$RECAP_WORKDIR/run_config.yaml``; ``./dev ui`` serves that file, else
+``miniworld/profiles/default.yaml``).
 """
 
 import dagster as dg

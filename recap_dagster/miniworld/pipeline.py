@@ -24,6 +24,9 @@ from recap_dagster.miniworld.assets import MINIWORLD_GROUP
 from recap_dagster.miniworld.definitions import ASSETS
 from recap_dagster.miniworld.run_configs import profile_run_config
 from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.pool_watchdog import GPU_POOL
+from recap_dagster.shard_groups import groups_of
+from recap_dagster.shards import list_shards
 
 #: Relative cost of one partition of each asset in the miniworld's default profile
 #: (measured wall times of a main job), for the estimate of the time left.
@@ -86,14 +89,19 @@ def _keys(group: str | None = None, exclude_group: str | None = None) -> list[st
 
 
 def _wait_for_shard_groups(instance: dg.DagsterInstance, timeout: float = 300) -> list[str]:
-    """The shard groups once the laion_shard_sensor has registered them (one sensor tick)."""
+    """Every shard group of the corpus, once the laion_shard_sensor has registered them all
+    (a tick during generation may have seen only some shards)."""
+    expected = set(
+        groups_of(info.key for info in list_shards(settings.shards_root()) if info.complete)
+    )
     deadline = time.monotonic() + timeout
     while True:
         groups = instance.get_dynamic_partitions(shard_group_partitions.name)
-        if groups:
-            return groups
+        if expected <= set(groups):
+            return sorted(expected)
         if time.monotonic() > deadline:
-            raise LaunchError("the laion_shard_sensor registered no shard group; is it running?")
+            missing = sorted(expected - set(groups))
+            raise LaunchError(f"the laion_shard_sensor did not register {missing}; is it running?")
         time.sleep(2)
 
 
@@ -135,7 +143,15 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
     summary = PipelineSummary(f"{profile}, seed {seed}")
     home = settings.ensure_dagster_home()
     run_config = write_run_config(profile, seed)
-    env = {"DAGSTER_HOME": str(home), "RECAP_RUN_CONFIG": str(run_config)}
+    env = {
+        "RECAP_WORKDIR": str(settings.workdir()),
+        "DAGSTER_HOME": str(home),
+        "RECAP_RUN_CONFIG": str(run_config),
+    }
+    instance = dg.DagsterInstance.get()
+    # Create the gpu pool's slots now: Dagster creates them at the first claim, and two
+    # runs of a backfill doing that at once can each get a slot.
+    instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
     log = settings.workdir() / "dagster_dev.log"
     workspace = settings.PROJECT_ROOT / "workspace.yaml"
     with dagster_dev(workspace, env, log, port=port) as url:
@@ -144,7 +160,6 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
         client.wait_for_location()
         if not _backfill(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
             return summary
-        instance = dg.DagsterInstance.get()
         start = time.perf_counter()
         _say("waiting for the laion_shard_sensor to register the shard groups ...")
         groups = _wait_for_shard_groups(instance)

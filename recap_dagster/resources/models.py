@@ -9,7 +9,7 @@ class ModelsResource(dg.ConfigurableResource):
 
     base_captioner: str = Field(
         description="Pretrained image-to-text captioner (BLIP, GIT, PaliGemma): local "
-        "directory or hub id. The miniworld default is built by `recap-dagster pipeline`.",
+        "directory or hub id. The miniworld's is built by its base_captioner_model asset.",
     )
     base_t2i: str = Field(
         default="",
