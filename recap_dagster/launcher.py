@@ -33,6 +33,10 @@ TERMINAL_BACKFILL_STATES = {
 }
 
 
+#: Share of the (weighted) work done before the time left is estimated.
+MIN_DONE_FOR_ESTIMATE = 0.05
+
+
 class LaunchError(RuntimeError):
     """The instance refused or failed the work."""
 
@@ -305,8 +309,12 @@ class BackfillProgress:
         return self.status in {"COMPLETED", "COMPLETED_SUCCESS"} and not failed
 
     def counts(self, weights: dict[str, float]) -> tuple[float, float]:
-        """(work done, work targeted), each asset partition weighted by ``weights``."""
-        done = sum(weights.get(k, 1.0) * a.materialized for k, a in self.assets.items())
+        """(work done, work targeted), each asset partition weighted by ``weights``; one in
+        progress counts as half done."""
+        done = sum(
+            weights.get(k, 1.0) * (a.materialized + 0.5 * a.in_progress)
+            for k, a in self.assets.items()
+        )
         total = sum(weights.get(k, 1.0) * a.targeted for k, a in self.assets.items())
         return done, total
 
@@ -343,7 +351,10 @@ def follow_backfill(
         if lines != last_lines or now - last_report >= report_every:
             done, total = progress.counts(weights)
             elapsed = now - start
-            eta = f", about {_duration(elapsed * (total - done) / done)} left" if done else ""
+            # Too little done says nothing yet about the pace of the rest.
+            eta = ", estimating the time left"
+            if done >= MIN_DONE_FOR_ESTIMATE * total:
+                eta = f", about {_duration(elapsed * (total - done) / done)} left"
             finished = sum(a.materialized for a in progress.assets.values())
             targets = sum(a.targeted for a in progress.assets.values())
             say(
