@@ -4,10 +4,11 @@ base text-to-image model."""
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 
 import pytest
+
+from recap_dagster.launcher import free_port
 
 # A developer's exported locations or run config must not leak into the tests (each test
 # that needs one sets it); RECAP_WORKDIR and CI's RECAP_MAIN_JOB_* are meant to reach them.
@@ -18,18 +19,12 @@ for _name in (
     os.environ.pop(_name, None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Start moto's S3 server on 127.0.0.1 and yield its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
