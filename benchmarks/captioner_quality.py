@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from recap_dagster.captioner import Captioner, FineTuneConfig, fine_tune
-from recap_dagster.captioner_quality import (
+from recap_dagster.captioner.quality import (
     QualityRow,
     evaluate_captioner,
     format_quality_table,

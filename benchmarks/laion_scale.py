@@ -39,17 +39,17 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dagster as dg  # noqa: E402
 
-from recap_dagster.automation import (  # noqa: E402
+from recap_dagster.corpus.discovery import DiscoveryCursor  # noqa: E402
+from recap_dagster.corpus.shard_groups import groups_of  # noqa: E402
+from recap_dagster.orchestration.automation import (  # noqa: E402
     CAPTIONER_KEY,
     RECAPTIONED_KEY,
     laion_shard_sensor,
     recaption_backfill_schedule,
 )
-from recap_dagster.checks_runner import run_checks  # noqa: E402
-from recap_dagster.discovery import DiscoveryCursor  # noqa: E402
-from recap_dagster.partitions import shard_group_partitions  # noqa: E402
+from recap_dagster.orchestration.checks_runner import run_checks  # noqa: E402
+from recap_dagster.orchestration.partitions import shard_group_partitions  # noqa: E402
 from recap_dagster.resources import DataSourcesResource  # noqa: E402
-from recap_dagster.shard_groups import groups_of  # noqa: E402
 
 NEW_SHARDS = 1_000
 PROFILES = {"sqlite": ROOT / "dagster.yaml", "postgres": ROOT / "deploy/postgres/dagster.yaml"}

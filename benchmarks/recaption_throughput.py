@@ -19,12 +19,12 @@ import time
 import torch
 
 from recap_dagster.captioner import Captioner
+from recap_dagster.captioner.recaption import GenerationSettings, recaption_shard
+from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
-from recap_dagster.recaption import GenerationSettings, recaption_shard
-from recap_dagster.shards import iter_shard
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 
 
 def bare_generate(captioner: Captioner, images: list, settings: GenerationSettings) -> int:

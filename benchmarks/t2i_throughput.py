@@ -34,7 +34,7 @@ from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.run_configs import op_settings
 from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.latents import LatentShard, write_latent_shard
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, save_pipeline
 from recap_dagster.t2i.stream import CaptionSource

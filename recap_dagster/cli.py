@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recap-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="run the asset checks against an instance (CI)")
-    from recap_dagster.checks_runner import add_arguments
+    from recap_dagster.orchestration.checks_runner import add_arguments
 
     add_arguments(check)
     args = parser.parse_args(argv)
-    from recap_dagster.checks_runner import main as checks_main
+    from recap_dagster.orchestration.checks_runner import main as checks_main
 
     return checks_main(args)
 

@@ -24,7 +24,7 @@ from recap_dagster.assets.t2i import (
     sd_checkpoints,
     t2i_latents,
 )
-from recap_dagster.automation import (
+from recap_dagster.orchestration.automation import (
     gpu_pool_watchdog,
     laion_shard_sensor,
     recaption_backfill_schedule,

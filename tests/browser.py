@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from recap_dagster.launcher import LaunchError, serve
+from recap_dagster.orchestration.launcher import LaunchError, serve
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "ui"

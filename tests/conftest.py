@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from recap_dagster.launcher import free_port
+from recap_dagster.orchestration.launcher import free_port
 
 # A developer's exported locations or run config must not leak into the tests (each test
 # that needs one sets it); RECAP_WORKDIR and CI's RECAP_MAIN_JOB_* are meant to reach them.

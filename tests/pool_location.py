@@ -6,8 +6,8 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from recap_dagster.automation import gpu_pool_watchdog
-from recap_dagster.pool_watchdog import GPU_POOL
+from recap_dagster.orchestration.automation import gpu_pool_watchdog
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.resources import ComputeResource
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from recap_dagster.captioner import STYLE_PREFIXES, Captioner, FineTuneConfig, fine_tune
-from recap_dagster.captioner_quality import evaluate_captioner, load_captioned
+from recap_dagster.captioner.quality import evaluate_captioner, load_captioned
 from recap_dagster.miniworld import base_captioner as bc
 from recap_dagster.miniworld.base_captioner import (
     QUICK_BASE_CAPTIONER,

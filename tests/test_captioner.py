@@ -364,8 +364,8 @@ def test_unknown_family_rejected(tmp_path: Path) -> None:
 def test_fine_tune_resumes_from_its_checkpoint(family: str, tmp_path: Path) -> None:
     """The shared substrate's checkpoints: an interrupted fine-tune, resumed, ends with
     the losses and weights of an uninterrupted one (dropout on: RNG state restored)."""
-    from recap_dagster.storage import Storage
-    from recap_dagster.training import Checkpoints
+    from recap_dagster.storage.root import Storage
+    from recap_dagster.training.substrate import Checkpoints
 
     config = FineTuneConfig(steps=5, learning_rate=1e-3, batch_size=4, lr_scheduler="cosine")
 

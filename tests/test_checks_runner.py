@@ -17,13 +17,18 @@ import pytest
 from test_human_captions import _write_bad_set
 
 from recap_dagster.assets.human_captions import human_captions
-from recap_dagster.checks_runner import SKIPPED, CheckOutcome, ChecksReport, run_checks
 from recap_dagster.cli import main as cli_main
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.resources import (
     MiniworldResource,
     MiniworldWorldResource,
     miniworld_sources,
+)
+from recap_dagster.orchestration.checks_runner import (
+    SKIPPED,
+    CheckOutcome,
+    ChecksReport,
+    run_checks,
 )
 from recap_dagster.resources import (
     ComputeResource,

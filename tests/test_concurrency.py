@@ -6,7 +6,7 @@ profile on a real server). Their GPU steps record when they run: with the pool t
 intervals never overlap, without it (the control) they do.
 
 Retries: real exceptions (a refused S3 connection, S3 throttling as s3fs reports it, a bad
-captions file) through real step executions with ``recap_dagster.retries``.
+captions file) through real step executions with ``recap_dagster.orchestration.retries``.
 """
 
 import errno
@@ -235,8 +235,8 @@ def _s3fs_error(code: str, status: int) -> Exception:
 
 def _data_errors(tmp_path: Path) -> list[Exception]:
     """Real errors of the project's own code on bad input."""
-    from recap_dagster import human_captions as core
-    from recap_dagster.storage import Storage, validate_part
+    from recap_dagster.corpus import human_captions as core
+    from recap_dagster.storage.root import Storage, validate_part
 
     errors: list[Exception] = []
     bad = tmp_path / "captions.jsonl"
@@ -260,7 +260,7 @@ def test_transient_classification(tmp_path: Path) -> None:
     import requests
     import torch
 
-    from recap_dagster.retries import is_transient
+    from recap_dagster.orchestration.retries import is_transient
 
     def caused(outer: Exception, cause: Exception) -> Exception:
         try:
@@ -327,7 +327,7 @@ def _attempts(result: dg.ExecuteInProcessResult, step: str) -> tuple[int, int]:
 
 
 def test_transient_error_is_retried_then_succeeds(tmp_path: Path) -> None:
-    from recap_dagster.retries import retry_only_transient, transient_retry_policy
+    from recap_dagster.orchestration.retries import retry_only_transient, transient_retry_policy
 
     calls = tmp_path / "calls"
 
@@ -346,8 +346,8 @@ def test_transient_error_is_retried_then_succeeds(tmp_path: Path) -> None:
 
 
 def test_bad_data_fails_at_once_without_retry(tmp_path: Path) -> None:
-    from recap_dagster import human_captions as core
-    from recap_dagster.retries import retry_only_transient, transient_retry_policy
+    from recap_dagster.corpus import human_captions as core
+    from recap_dagster.orchestration.retries import retry_only_transient, transient_retry_policy
 
     bad = tmp_path / "captions.jsonl"
     bad.write_text('{"key": "a", "image": "a.png", "short": "s"}\n')  # no long caption
@@ -377,7 +377,7 @@ def test_bad_data_fails_at_once_without_retry(tmp_path: Path) -> None:
 
 def test_without_the_decorator_the_policy_retries_bad_data_too(tmp_path: Path) -> None:
     """Why retry_only_transient exists: a bare RetryPolicy retries any exception."""
-    from recap_dagster.retries import transient_retry_policy
+    from recap_dagster.orchestration.retries import transient_retry_policy
 
     @dg.asset(retry_policy=transient_retry_policy(max_retries=2, delay=0.01, jitter=False))
     def bare() -> None:
@@ -405,7 +405,7 @@ def test_project_assets_retry_transient_errors_only() -> None:
     from dagster._core.definitions.policy import calculate_delay
 
     from recap_dagster.miniworld.definitions import defs
-    from recap_dagster.retries import TRANSIENT_RETRY_POLICY
+    from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY
 
     graph = defs.resolve_asset_graph()
     policies = {
@@ -475,7 +475,7 @@ def local_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _recaption_like_job(asset: dg.AssetsDefinition) -> dg.JobDefinition:
     """A job with the recaption job's tags (its run-retry settings) over ``asset``."""
-    from recap_dagster.automation import recaption_job
+    from recap_dagster.orchestration.automation import recaption_job
 
     job = dg.define_asset_job("recaption_like", tags=recaption_job.tags)
     return dg.Definitions(assets=[asset], jobs=[job]).resolve_job_def("recaption_like")

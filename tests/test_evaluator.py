@@ -307,9 +307,9 @@ def test_deterministic(renders_32: list[Image.Image]) -> None:
 def test_miniworld_world_grades_like_the_evaluator(
     prompt_set: tuple[list[PromptTruth], list[Image.Image]], tmp_path
 ) -> None:
-    from recap_dagster.metrics import grade_generations, summarize
+    from recap_dagster.evaluation.metrics import grade_generations, summarize
+    from recap_dagster.evaluation.world import IMAGE_METRICS, World
     from recap_dagster.miniworld.world import MiniworldWorld, to_eval_prompt, to_prompt_truth
-    from recap_dagster.world import IMAGE_METRICS, World
 
     truths, images = prompt_set
     world = MiniworldWorld()
@@ -331,9 +331,9 @@ def test_miniworld_world_grades_like_the_evaluator(
 
 
 def test_miniworld_world_grades_captions() -> None:
+    from recap_dagster.evaluation.world import CAPTION_METRICS
     from recap_dagster.miniworld.captions import long_caption
     from recap_dagster.miniworld.world import MiniworldWorld
-    from recap_dagster.world import CAPTION_METRICS
 
     rng = random.Random(3)
     scenes = [sample_scene(rng) for _ in range(5)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from recap_dagster.geneval import (
+from recap_dagster.evaluation.geneval import (
     Box,
     GenEvalWorld,
     grade_detections,
@@ -19,8 +19,8 @@ from recap_dagster.geneval import (
     read_geneval_prompts,
     relative_position,
 )
+from recap_dagster.evaluation.world import CAPTION_METRICS, IMAGE_METRICS, World
 from recap_dagster.resources import GenEvalWorldResource
-from recap_dagster.world import CAPTION_METRICS, IMAGE_METRICS, World
 
 ROWS = [
     {"tag": "single_object", "include": [{"class": "dog", "count": 1}],

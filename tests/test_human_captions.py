@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from recap_dagster import human_captions as core
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
+from recap_dagster.corpus import human_captions as core
 from recap_dagster.resources import DataSourcesResource, StorageResource
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from recap_dagster.imaging import (
+from recap_dagster.corpus.decoding import (
     DEFAULT_MAX_PIXELS,
     STATUS_DECODE_ERROR,
     STATUS_MISSING,

@@ -120,7 +120,7 @@ def test_corpus_samples(world: MiniworldPaths) -> None:
 
 
 def test_shard_reader_sees_scene(world: MiniworldPaths) -> None:
-    from recap_dagster.shards import iter_shard
+    from recap_dagster.corpus.reading import iter_shard
 
     records = list(iter_shard(world.corpus, "00001"))
     assert len(records) == SMALL.images_per_shard
@@ -132,7 +132,7 @@ def test_shard_reader_sees_scene(world: MiniworldPaths) -> None:
 def test_broken_samples(world: MiniworldPaths) -> None:
     """Corrupt bytes in "success" rows: at least one per shard of >= 50, a mix of kinds, and
     the shard reader reports each with a non-ok status and an error, keeping the row."""
-    from recap_dagster.shards import iter_shard
+    from recap_dagster.corpus.reading import iter_shard
 
     kinds = Counter()
     for shard in range(SMALL.shards):
@@ -185,7 +185,7 @@ def test_human_captions(world: MiniworldPaths) -> None:
             assert grade_caption(row["long"], scene)["exact"]
             assert grade_caption(row["short"], scene)["counts_exact"]
     # the human-caption module of the project reads the file as it is written here
-    from recap_dagster.human_captions import load_human_captions
+    from recap_dagster.corpus.human_captions import load_human_captions
 
     table = load_human_captions(world.human_captions)
     assert table.num_rows == SMALL.human_captions and None not in table.column("image").to_pylist()

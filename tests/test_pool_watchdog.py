@@ -20,7 +20,7 @@ import dagster as dg
 import pytest
 from pg_server import PostgresServer, postgres_server  # noqa: F401  (fixture)
 
-from recap_dagster.pool_watchdog import GPU_POOL
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.resources import ComputeResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def _pending(instance: dg.DagsterInstance) -> list[str]:
 def test_sigkilled_run_worker_frees_the_pool_for_the_next_run(
     instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
-    from recap_dagster.pool_watchdog import WORKER_TAG, watching_pool
+    from recap_dagster.orchestration.pool_watchdog import WORKER_TAG, watching_pool
 
     out = tmp_path / "out"
     holder, holder_run = _start_holder(out)
@@ -179,7 +179,7 @@ def test_run_that_fails_normally_releases_its_slot_at_once(
 def test_sensor_frees_a_leaked_slot_and_reports_the_pool(instance: dg.DagsterInstance) -> None:
     """A run that ended but still holds a slot (a preempted pod marked failed by run
     monitoring, dagster-io/dagster #32560) gets it back at the sensor's next tick."""
-    from recap_dagster.automation import gpu_pool_watchdog
+    from recap_dagster.orchestration.automation import gpu_pool_watchdog
 
     @dg.asset(pool="gpu")
     def gpu_step() -> None:
@@ -201,7 +201,12 @@ def test_a_dead_looking_run_of_another_machine_keeps_its_slot(
     instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """Its pids mean nothing here (a Kubernetes pod): its launcher's health check decides."""
-    from recap_dagster.pool_watchdog import WORKER_TAG, sweep_pool, this_host, worker_is_dead
+    from recap_dagster.orchestration.pool_watchdog import (
+        WORKER_TAG,
+        sweep_pool,
+        this_host,
+        worker_is_dead,
+    )
 
     out = tmp_path / "out"
     holder, run_id = _start_holder(out)

@@ -20,7 +20,7 @@ import yaml
 from pg_server import PostgresServer, postgres_server  # noqa: F401  (fixture)
 
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
-from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import DataSourcesResource, StorageResource
 
 ROOT = Path(__file__).resolve().parents[1]

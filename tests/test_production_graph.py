@@ -15,10 +15,12 @@ import pytest
 
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import INPUT_ASSETS, INPUT_KEYS
+from recap_dagster.corpus.reading import list_shards
+from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.definitions import ASSET_CHECKS, RECAP_ASSETS, recap_definitions
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
-from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -26,8 +28,6 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
-from recap_dagster.shard_groups import groups_of
-from recap_dagster.shards import list_shards
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,17 @@ import torch
 from PIL import Image
 
 from recap_dagster.captioner import Captioner
-from recap_dagster.imaging import STATUS_OK
+from recap_dagster.captioner.recaption import (
+    SCHEMA,
+    GenerationSettings,
+    PrepareBatch,
+    recaption_shard,
+)
+from recap_dagster.corpus.decoding import STATUS_OK
+from recap_dagster.corpus.reading import iter_shard, sample_key
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
-from recap_dagster.recaption import SCHEMA, GenerationSettings, PrepareBatch, recaption_shard
-from recap_dagster.shards import iter_shard, sample_key
 
 SHARD = "00000"
 

@@ -19,11 +19,8 @@ from recap_dagster.assets.captioner import CHECKPOINT_PARTS, captioner_checkpoin
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
-from recap_dagster.automation import (
-    groups_needing_recaption,
-    laion_shard_sensor,
-    recaption_backfill_schedule,
-)
+from recap_dagster.captioner.recaption import SCHEMA
+from recap_dagster.corpus.reading import sample_key
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.resources import (
     MiniworldWorldResource,
@@ -31,14 +28,17 @@ from recap_dagster.miniworld.resources import (
 )
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
-from recap_dagster.partitions import shard_group_partitions
-from recap_dagster.recaption import SCHEMA
+from recap_dagster.orchestration.automation import (
+    groups_needing_recaption,
+    laion_shard_sensor,
+    recaption_backfill_schedule,
+)
+from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
     ModelsResource,
     StorageResource,
 )
-from recap_dagster.shards import sample_key
 
 
 def _jpeg(seed: int) -> bytes:
@@ -178,8 +178,7 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
 def test_backfill_schedule_skips_groups_in_flight_and_caps_a_tick(monkeypatch) -> None:
     import uuid
 
-    from recap_dagster import automation
-
+    from recap_dagster.orchestration import automation
     groups = [f"{i * 100:05d}-{i * 100 + 99:05d}" for i in range(40)]
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, groups)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recap_dagster.report import build_report, mix_beats_alttext, relative_delta
+from recap_dagster.evaluation.report import build_report, mix_beats_alttext, relative_delta
 
 
 def _report(objects: float, count_error: float, position: float, fid: float) -> dict:
@@ -72,9 +72,9 @@ def test_verdict_with_alttext_at_zero() -> None:
 def test_ungraded_images_show_as_not_graded() -> None:
     """A world without an image grader (no detector): the metrics are None, the tables say
     "not graded" and nothing crashes."""
-    from recap_dagster.metrics import MetricReport, summarize
-    from recap_dagster.report import category_table, prompt_table
-    from recap_dagster.world import ungraded_image
+    from recap_dagster.evaluation.metrics import MetricReport, summarize
+    from recap_dagster.evaluation.report import category_table, prompt_table
+    from recap_dagster.evaluation.world import ungraded_image
 
     rows = [{"prompt": f"p{i}", "category": "counting", **ungraded_image()} for i in range(3)]
     overall, per_category = summarize(rows)

@@ -9,12 +9,12 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from recap_dagster.automation import laion_shard_sensor
-from recap_dagster.discovery import DiscoveryCursor, discover_new_shards
-from recap_dagster.fs import filesystem, join
+from recap_dagster.corpus.discovery import DiscoveryCursor, discover_new_shards
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
-from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.orchestration.automation import laion_shard_sensor
+from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import DataSourcesResource
+from recap_dagster.storage.fs import filesystem, join
 
 
 def _jpeg() -> bytes:

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from recap_dagster.fs import filesystem
-from recap_dagster.shard_groups import (
+from recap_dagster.corpus.shard_groups import (
     BOUNDED_LISTINGS_UP_TO,
     SHARDS_PER_GROUP,
     group_bounds,
@@ -14,6 +13,7 @@ from recap_dagster.shard_groups import (
     groups_of,
     shards_of_groups,
 )
+from recap_dagster.storage.fs import filesystem
 
 
 def test_group_keys_keep_the_shard_width() -> None:

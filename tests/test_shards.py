@@ -15,10 +15,8 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
-from recap_dagster import shards
-from recap_dagster.fs import filesystem
-from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
-from recap_dagster.shards import (
+from recap_dagster.corpus import reading as shards
+from recap_dagster.corpus.reading import (
     ShardDataset,
     ShardInfo,
     ShardReadError,
@@ -29,6 +27,8 @@ from recap_dagster.shards import (
     sample_key,
     shard_key,
 )
+from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
+from recap_dagster.storage.fs import filesystem
 
 IMG2DATASET_COLUMNS = [
     "metadata",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from recap_dagster.storage import SUCCESS_MARKER, Storage, StoragePathError, validate_part
+from recap_dagster.storage.root import SUCCESS_MARKER, Storage, StoragePathError, validate_part
 
 
 @pytest.mark.parametrize("bad", ["", ".", "..", "../x", "/etc/passwd", "a/b", "a\\b", ".hidden"])
@@ -90,7 +90,7 @@ def test_killed_process_leaves_no_partial_file(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal
-        from recap_dagster.storage import Storage
+        from recap_dagster.storage.root import Storage
         storage = Storage({str(tmp_path)!r})
         with storage.atomic_file("out", "00000.parquet") as tmp:
             with open(tmp, "wb") as handle:

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from recap_dagster.corpus.reading import iter_shard, list_shards
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.t2i_profiles import QUICK_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
-from recap_dagster.shards import iter_shard, list_shards
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import TinyT2IConfig, build_pipeline, load_pipeline, save_pipeline
 from recap_dagster.t2i.sample import generate

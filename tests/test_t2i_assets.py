@@ -17,7 +17,9 @@ from recap_dagster.assets.t2i import (
     sd_checkpoints,
     t2i_latents,
 )
-from recap_dagster.fingerprint import weights_fingerprint
+from recap_dagster.captioner.recaption import SCHEMA
+from recap_dagster.corpus.reading import iter_shard, list_shards
+from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.resources import (
@@ -26,16 +28,14 @@ from recap_dagster.miniworld.resources import (
     miniworld_sources,
 )
 from recap_dagster.miniworld.scenes import Scene
-from recap_dagster.partitions import CAPTION_VARIANTS, shard_group_partitions
-from recap_dagster.recaption import SCHEMA
+from recap_dagster.orchestration.partitions import CAPTION_VARIANTS, shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
     ModelsResource,
     StorageResource,
 )
-from recap_dagster.shard_groups import groups_of
-from recap_dagster.shards import iter_shard, list_shards
-from recap_dagster.storage import Storage
+from recap_dagster.storage.fingerprint import weights_fingerprint
+from recap_dagster.storage.root import Storage
 
 SD_CONFIG = {
     "steps": 4,

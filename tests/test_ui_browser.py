@@ -27,7 +27,7 @@ from recap_dagster.miniworld.resources import (
     miniworld_sources,
 )
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
-from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import (
     ComputeResource,
     ModelsResource,

@@ -29,7 +29,7 @@ import pytest
 from browser import REPO, chromium_page, dagster_dev, screenshot
 
 from recap_dagster.miniworld.run_configs import PROFILES_DIR
-from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions
 
 pytestmark = pytest.mark.slow
 

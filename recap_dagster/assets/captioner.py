@@ -11,17 +11,17 @@ from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.assets.inputs import base_captioner_model
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
-from recap_dagster.captioner_quality import (
+from recap_dagster.captioner.quality import (
     evaluate_captioner,
     load_captioned,
     quality_table,
     sample_table,
 )
-from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
-from recap_dagster.imaging import decode_image
-from recap_dagster.k8s_gpu import gpu_op_tags
-from recap_dagster.plots import line_plot, markdown_image
-from recap_dagster.pool_watchdog import GPU_POOL
+from recap_dagster.corpus.decoding import decode_image
+from recap_dagster.evaluation.plots import line_plot, markdown_image
+from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
+from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -29,7 +29,7 @@ from recap_dagster.resources import (
     StorageResource,
     WorldResource,
 )
-from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
+from recap_dagster.storage.fingerprint import VERSION_FILE, weights_fingerprint
 
 CHECKPOINT_PARTS = ("checkpoints", "captioner")
 

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from recap_dagster.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions
 
 laion_shards = dg.AssetSpec(
     key="laion_shards",

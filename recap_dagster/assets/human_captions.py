@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from recap_dagster import human_captions as core
 from recap_dagster.assets.inputs import caption_tokenizer, human_caption_file
 from recap_dagster.assets.metadata import column_schema, sample_table, table_fingerprint
+from recap_dagster.corpus import human_captions as core
+from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import DataSourcesResource, StorageResource
-from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 
 OUTPUT_PARTS = ("human_captions", "human_captions.parquet")
 

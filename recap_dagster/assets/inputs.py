@@ -9,9 +9,9 @@ inputs (the miniworld) defines materializable assets with these same keys instea
 
 import dagster as dg
 
-from recap_dagster.fingerprint import content_fingerprint, weights_fingerprint
-from recap_dagster.human_captions import human_captions_version
+from recap_dagster.corpus.human_captions import human_captions_version
 from recap_dagster.resources import DataSourcesResource, ModelsResource
+from recap_dagster.storage.fingerprint import content_fingerprint, weights_fingerprint
 from recap_dagster.t2i.model import local_model_dir
 
 INPUTS_GROUP = "inputs"

@@ -5,7 +5,6 @@ from collections.abc import Iterator
 import dagster as dg
 from pydantic import Field
 
-from recap_dagster import recaption as core
 from recap_dagster.assets.captioner import (
     CHECKPOINT_PARTS,
     captioner_checkpoint,
@@ -16,16 +15,17 @@ from recap_dagster.assets.inputs import caption_tokenizer
 from recap_dagster.assets.metadata import column_schema, sample_table
 from recap_dagster.assets.run_config import with_run_defaults
 from recap_dagster.captioner import Captioner
-from recap_dagster.human_captions import clip_token_counter
-from recap_dagster.k8s_gpu import gpu_op_tags
-from recap_dagster.partitions import shard_group_partitions
-from recap_dagster.plots import markdown_table
-from recap_dagster.pool_watchdog import GPU_POOL
+from recap_dagster.captioner import recaption as core
+from recap_dagster.corpus.human_captions import clip_token_counter
+from recap_dagster.corpus.reading import count_rows
+from recap_dagster.corpus.shard_groups import group_shards, shards_of_groups
+from recap_dagster.evaluation.plots import markdown_table
+from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
+from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
+from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
-from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
-from recap_dagster.shard_groups import group_shards, shards_of_groups
-from recap_dagster.shards import count_rows
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 
 OUTPUT_DIR = "recaptioned"
 

@@ -10,8 +10,6 @@ import dagster as dg
 import torch
 from pydantic import Field
 
-from recap_dagster import evaluation
-from recap_dagster import report as report_core
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
@@ -21,11 +19,17 @@ from recap_dagster.assets.run_config import (
     settings_from_config,
     with_run_defaults,
 )
-from recap_dagster.fingerprint import weights_fingerprint
-from recap_dagster.k8s_gpu import gpu_op_tags
-from recap_dagster.partitions import caption_variants_partitions, shard_group_partitions
-from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
-from recap_dagster.pool_watchdog import GPU_POOL
+from recap_dagster.corpus.shard_groups import group_shards, shards_of_groups
+from recap_dagster.evaluation import evaluate as evaluation
+from recap_dagster.evaluation import report as report_core
+from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
+from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
+from recap_dagster.orchestration.partitions import (
+    caption_variants_partitions,
+    shard_group_partitions,
+)
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
+from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -33,9 +37,8 @@ from recap_dagster.resources import (
     StorageResource,
     WorldResource,
 )
-from recap_dagster.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
-from recap_dagster.shard_groups import group_shards, shards_of_groups
-from recap_dagster.storage import Storage
+from recap_dagster.storage.fingerprint import weights_fingerprint
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import load_pipeline, local_model_dir
 from recap_dagster.t2i.sample import generate
@@ -47,7 +50,7 @@ from recap_dagster.t2i.train import (
     training_stream,
     write_job,
 )
-from recap_dagster.training_data import variant_captions
+from recap_dagster.t2i.training_data import variant_captions
 
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from recap_dagster.captioner.model import Captioner, dropout_state, restore_dropout
-from recap_dagster.training import (
+from recap_dagster.training.substrate import (
     Checkpoints,
     check_lr_scheduler,
     check_mixed_precision,

@@ -2,8 +2,9 @@
 
 Compares captioners (the base and the fine-tuned one, in each style) on human-captioned
 images whose ground truth is known (the miniworld's held-out set carries scenes); the world
-(:mod:`recap_dagster.world`) grades each caption against it, the means are taken here. Used
-by the ``captioner_checkpoint`` asset, the base captioner's build and the quality benchmark.
+(:mod:`recap_dagster.evaluation.world`) grades each caption against it, the means are taken
+here. Used by the ``captioner_checkpoint`` asset, the base captioner's build and the quality
+benchmark.
 Plain Python, no Dagster.
 """
 
@@ -19,10 +20,10 @@ from typing import Any
 from PIL import Image
 
 from recap_dagster.captioner.finetune import CaptionExample
-from recap_dagster.human_captions import load_human_captions
-from recap_dagster.imaging import decode_image
-from recap_dagster.plots import markdown_image, markdown_table, png_of
-from recap_dagster.world import CAPTION_METRICS, World
+from recap_dagster.corpus.decoding import decode_image
+from recap_dagster.corpus.human_captions import load_human_captions
+from recap_dagster.evaluation.plots import markdown_image, markdown_table, png_of
+from recap_dagster.evaluation.world import CAPTION_METRICS, World
 
 GRADE_KEYS = ("objects", "counts", "positions", "counts_exact", "exact", "hallucinated")
 #: Enough new tokens for the longest long caption (64 CLIP pre-tokens, a little more here).
@@ -48,7 +49,8 @@ def load_captioned(path: str | Path) -> list[CaptionedImage]:
     (its ``scene`` field).
 
     Rows without one (real data) or with a broken image are left out: they cannot be
-    graded. The file's own problems raise :class:`~recap_dagster.human_captions.HumanCaptionsError`.
+    graded. The file's own problems raise
+    :class:`~recap_dagster.corpus.human_captions.HumanCaptionsError`.
     """
     table = load_human_captions(path)
     examples = []
@@ -76,7 +78,7 @@ def evaluate_captioner(
     ``examples`` have ``image`` and ``truth`` (e.g. :class:`CaptionedImage`) or are
     ``(image, truth)`` pairs; ``max_new_tokens`` is one limit or one per style. Returns
     ``{style: metrics}``: the means of the world's caption grades
-    (:data:`~recap_dagster.world.CAPTION_METRICS`: :data:`GRADE_KEYS` and
+    (:data:`~recap_dagster.evaluation.world.CAPTION_METRICS`: :data:`GRADE_KEYS` and
     ``states_positions``, the fraction of captions naming any position; None where the
     world could not grade), plus ``words`` (mean caption length), ``captions_per_s``, ``n``
     and the first ``samples`` captions.

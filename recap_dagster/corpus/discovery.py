@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from recap_dagster.fs import filesystem, join
-from recap_dagster.shards import list_shards
+from recap_dagster.corpus.reading import list_shards
+from recap_dagster.storage.fs import filesystem, join
 
 
 @dataclass

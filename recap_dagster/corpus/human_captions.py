@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from recap_dagster.imaging import decode_image
+from recap_dagster.corpus.decoding import decode_image
 
 SCHEMA = pa.schema(
     [

@@ -43,14 +43,14 @@ import pyarrow.parquet as pq
 import torch.utils.data
 from PIL import Image
 
-from recap_dagster.fs import filesystem, is_local, join
-from recap_dagster.imaging import (
+from recap_dagster.corpus.decoding import (
     DEFAULT_MAX_PIXELS,
     STATUS_MISSING,
     STATUS_OK,
     DecodeResult,
     decode_image,
 )
+from recap_dagster.storage.fs import filesystem, is_local, join
 
 FORMAT_WEBDATASET = "webdataset"
 FORMAT_PARQUET = "parquet"

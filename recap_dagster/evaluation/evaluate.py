@@ -14,15 +14,15 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
-from recap_dagster import report as report_core
-from recap_dagster.metrics import MetricReport, evaluate_generations
-from recap_dagster.shards import iter_shard
-from recap_dagster.storage import Storage
+from recap_dagster.corpus.reading import iter_shard
+from recap_dagster.evaluation import report as report_core
+from recap_dagster.evaluation.metrics import MetricReport, evaluate_generations
+from recap_dagster.evaluation.world import EvalPrompt, World
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.model import load_pipeline
 from recap_dagster.t2i.sample import generate
 from recap_dagster.t2i.train import SNAPSHOTS_FILE
-from recap_dagster.training import setting
-from recap_dagster.world import EvalPrompt, World
+from recap_dagster.training.substrate import setting
 
 REPORT_DIR = ("reports", "metrics")
 

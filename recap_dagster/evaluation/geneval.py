@@ -1,4 +1,5 @@
-"""GenEval-style evaluation on real prompts: the production :class:`~recap_dagster.world.World`.
+"""GenEval-style evaluation on real prompts: the production world
+(:class:`~recap_dagster.evaluation.world.World`).
 
 Prompts come from GenEval's ``evaluation_metadata.jsonl``: one JSON object per line with
 ``prompt``, ``tag`` (single_object, two_object, counting, colors, position, color_attr),
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from recap_dagster.world import EvalPrompt, ungraded_caption, ungraded_image
+from recap_dagster.evaluation.world import EvalPrompt, ungraded_caption, ungraded_image
 
 #: GenEval's margin: centres must be apart by more than this fraction of the boxes' sizes.
 POSITION_THRESHOLD = 0.1

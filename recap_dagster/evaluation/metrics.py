@@ -13,7 +13,7 @@ FID uses torchmetrics' ``FrechetInceptionDistance``. The standard Inception-v3 w
   comparable with published FIDs; compare variants with each other only.
 
 Object accuracy (the analog of SOA), counting error and position accuracy come from the
-world (:mod:`recap_dagster.world`) grading generated images against each prompt's ground
+world (:mod:`recap_dagster.evaluation.world`) grading generated images against each prompt's ground
 truth; their means, overall and per prompt category, are taken here. A metric no image
 could be graded on (no detector configured) is None: "not graded".
 """
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from recap_dagster.world import IMAGE_METRICS, EvalPrompt, World
+from recap_dagster.evaluation.world import IMAGE_METRICS, EvalPrompt, World
 
 FID_IMAGE_SIZE = 64  # images are resized to this before feature extraction
 

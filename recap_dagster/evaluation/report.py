@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from recap_dagster.metrics import MetricReport
-from recap_dagster.plots import image_grid, line_plot, markdown_image, markdown_table
-from recap_dagster.world import EvalPrompt
+from recap_dagster.evaluation.metrics import MetricReport
+from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
+from recap_dagster.evaluation.world import EvalPrompt
 
 # (metric, label, higher is better)
 COLUMNS: tuple[tuple[str, str, bool], ...] = (

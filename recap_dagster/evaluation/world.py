@@ -3,7 +3,7 @@
 A *world* knows what a correct image for an evaluation prompt contains and what a correct
 caption of an image says. The core (metrics, report, captioner quality, the assets) only
 sees this interface; the miniworld (``recap_dagster.miniworld.world``) and GenEval-style
-real prompts (``recap_dagster.geneval``) implement it. Plain Python, no Dagster.
+real prompts (``recap_dagster.evaluation.geneval``) implement it. Plain Python, no Dagster.
 
 Grades are plain dicts, one per image or caption, with the keys below. A value is ``None``
 where the world cannot grade it (no detector, no scene truth, no placement asked for);

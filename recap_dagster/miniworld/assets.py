@@ -15,8 +15,7 @@ from recap_dagster.assets.run_config import (
     settings_from_config,
     with_run_defaults,
 )
-from recap_dagster.fingerprint import content_fingerprint, weights_fingerprint
-from recap_dagster.human_captions import human_captions_version
+from recap_dagster.corpus.human_captions import human_captions_version
 from recap_dagster.miniworld.base_captioner import (
     QUICK_BASE_CAPTIONER,
     BaseCaptionerConfig,
@@ -27,6 +26,7 @@ from recap_dagster.miniworld.resources import MiniworldResource
 from recap_dagster.miniworld.t2i_base import build_miniworld_base
 from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE, QUICK_PROFILE
 from recap_dagster.resources import ComputeResource, DataSourcesResource, ModelsResource
+from recap_dagster.storage.fingerprint import content_fingerprint, weights_fingerprint
 
 MINIWORLD_GROUP = "miniworld"
 BASE_CAPTIONER_RECIPES = {"default": BaseCaptionerConfig(), "quick": QUICK_BASE_CAPTIONER}

@@ -27,7 +27,7 @@ analog pretrains on four tasks, each under its own prompt (:data:`PRETRAIN_PREFI
 None of them is a RECAP style: the prefixes RECAP uses later ("describe briefly:",
 "describe in detail:", :data:`~recap_dagster.captioner.STYLE_PREFIXES`) never appear in
 pretraining. Asked with them, the base falls back to what it knows best, terse text
-(:func:`~recap_dagster.captioner_quality.evaluate_captioner` measures it); the fine-tune
+(:func:`~recap_dagster.captioner.quality.evaluate_captioner` measures it); the fine-tune
 on the human captions is what teaches the two RECAP styles, reusing the grounding learnt
 under ``"detect:"``. Without the grounding task, 100 captions are far too few to learn
 counts and positions from scratch; without the text task the fine-tune must learn the
@@ -65,7 +65,6 @@ from typing import Any
 from PIL import Image
 
 from recap_dagster.captioner.model import STYLE_PREFIXES
-from recap_dagster.fs import replace_dir
 from recap_dagster.miniworld.captions import (
     CANONICAL_POSITIONS,
     PLURALS,
@@ -77,8 +76,14 @@ from recap_dagster.miniworld.captions import (
 )
 from recap_dagster.miniworld.generate import MiniworldPaths, item_seed
 from recap_dagster.miniworld.scenes import COLOURS, GRID, SHAPES, Scene, cell_name, sample_scene
-from recap_dagster.storage import Storage
-from recap_dagster.training import Checkpoints, lr_schedule, make_accelerator, seed_everything
+from recap_dagster.storage.fs import replace_dir
+from recap_dagster.storage.root import Storage
+from recap_dagster.training.substrate import (
+    Checkpoints,
+    lr_schedule,
+    make_accelerator,
+    seed_everything,
+)
 
 # Bump when the same config and data would give a different model (code change).
 BASE_CAPTIONER_VERSION = 2  # 2: the shared training substrate (accelerate, LR schedule)

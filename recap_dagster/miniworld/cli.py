@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    from recap_dagster.launcher import LaunchError
     from recap_dagster.miniworld.pipeline import run_pipeline
     from recap_dagster.miniworld.run_configs import PROFILES
+    from recap_dagster.orchestration.launcher import LaunchError
 
     parser = argparse.ArgumentParser(prog="recap-miniworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from recap_dagster.metrics import summarize
+from recap_dagster.evaluation.metrics import summarize
 from recap_dagster.miniworld.scenes import (
     COLOURS,
     GRID,

@@ -54,7 +54,7 @@ from recap_dagster.miniworld.scenes import (
     render,
     sample_scene,
 )
-from recap_dagster.training import setting
+from recap_dagster.training.substrate import setting
 
 # Bump when the generated content changes for the same config, so caches are invalidated.
 MINIWORLD_VERSION = 2  # 2: broken_fraction (corrupt image bytes in the corpus)
@@ -216,8 +216,8 @@ def _corrupt(jpeg: bytes, kind: str) -> bytes:
 
 
 def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
+    from recap_dagster.corpus.reading import sample_key
     from recap_dagster.miniworld.shard_writer import ShardRecord
-    from recap_dagster.shards import sample_key
 
     broken = broken_samples(config, shard)
     for index in range(config.images_per_shard):

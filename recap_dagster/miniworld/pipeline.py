@@ -19,14 +19,19 @@ import dagster as dg
 import yaml
 
 from recap_dagster import settings
-from recap_dagster.launcher import DagsterGraphQL, LaunchError, dagster_dev, follow_backfill
+from recap_dagster.corpus.reading import list_shards
+from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.miniworld.assets import MINIWORLD_GROUP
 from recap_dagster.miniworld.definitions import ASSETS
 from recap_dagster.miniworld.run_configs import profile_run_config
-from recap_dagster.partitions import shard_group_partitions
-from recap_dagster.pool_watchdog import GPU_POOL
-from recap_dagster.shard_groups import groups_of
-from recap_dagster.shards import list_shards
+from recap_dagster.orchestration.launcher import (
+    DagsterGraphQL,
+    LaunchError,
+    dagster_dev,
+    follow_backfill,
+)
+from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 
 #: Relative cost of one partition of each asset in the miniworld's default profile
 #: (measured wall times of a main job), for the estimate of the time left.

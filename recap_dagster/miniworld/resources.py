@@ -5,10 +5,10 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from recap_dagster.evaluation.world import World
 from recap_dagster.miniworld.generate import MiniworldPaths
 from recap_dagster.resources.data import DataSourcesResource
 from recap_dagster.resources.world import WorldResource
-from recap_dagster.world import World
 
 
 class MiniworldWorldResource(WorldResource):

@@ -1,5 +1,5 @@
 """Write LAION-style shards in img2dataset's on-disk format (the miniworld's corpus, tests'
-fixtures); :mod:`recap_dagster.shards` documents the format and reads it back."""
+fixtures); :mod:`recap_dagster.corpus.reading` documents the format and reads it back."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import ExifTags, Image
 
-from recap_dagster.fs import filesystem, is_local
-from recap_dagster.shards import (
+from recap_dagster.corpus.reading import (
     EXTRA_METADATA_FIELD,
     FORMAT_PARQUET,
     FORMAT_WEBDATASET,
@@ -33,6 +32,7 @@ from recap_dagster.shards import (
     SOURCE_SUCCESS,
     shard_key,
 )
+from recap_dagster.storage.fs import filesystem, is_local
 
 PARQUET_ROWS_PER_GROUP = 100  # img2dataset's BufferedParquetWriter flushes every 100 samples
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from recap_dagster.corpus.reading import iter_shard, list_shards
 from recap_dagster.miniworld.t2i_profiles import T2IProfile, get_profile
-from recap_dagster.shards import iter_shard, list_shards
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.latents import cache_latents, encode, load_vae, pixels
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, read_saved_meta, save_pipeline
 from recap_dagster.t2i.stream import CaptionSource

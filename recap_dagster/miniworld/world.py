@@ -1,5 +1,5 @@
-"""The miniworld as a :class:`~recap_dagster.world.World`: its prompt file, its deterministic
-shape evaluator and its caption grader behind the core's interface."""
+"""The miniworld as a :class:`~recap_dagster.evaluation.world.World`: its prompt file, its
+deterministic shape evaluator and its caption grader behind the core's interface."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 from PIL import Image
 
+from recap_dagster.evaluation.world import EvalPrompt, ungraded_caption
 from recap_dagster.miniworld.captions import grade_caption, parse_caption
 from recap_dagster.miniworld.evaluator import describe, detect, score
 from recap_dagster.miniworld.generate import read_jsonl
 from recap_dagster.miniworld.scenes import PromptTruth, Scene
-from recap_dagster.world import EvalPrompt, ungraded_caption
 
 
 def to_eval_prompt(truth: PromptTruth) -> EvalPrompt:

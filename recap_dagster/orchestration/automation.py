@@ -5,11 +5,11 @@ import json
 import dagster as dg
 
 from recap_dagster.assets.recaption import recaptioned_shards
-from recap_dagster.discovery import discover_new_shards
-from recap_dagster.partitions import shard_group_partitions
-from recap_dagster.pool_watchdog import GPU_POOL, sweep_pool
+from recap_dagster.corpus.discovery import discover_new_shards
+from recap_dagster.corpus.shard_groups import group_of
+from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL, sweep_pool
 from recap_dagster.resources import DataSourcesResource
-from recap_dagster.shard_groups import group_of
 
 CAPTIONER_KEY = dg.AssetKey("captioner_checkpoint")
 RECAPTIONED_KEY = dg.AssetKey("recaptioned_shards")

@@ -3,7 +3,7 @@ caption variant."""
 
 import dagster as dg
 
-# Keys are shard groups ("00100-00199", recap_dagster.shard_groups): LAION-5B's 585,000
+# Keys are shard groups ("00100-00199", recap_dagster.corpus.shard_groups): LAION-5B's 585,000
 # shards make 5,850 partitions, well under the 100,000 Dagster advises per asset.
 shard_group_partitions = dg.DynamicPartitionsDefinition(name="laion_shard_groups")
 

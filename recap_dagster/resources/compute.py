@@ -4,8 +4,8 @@ import dagster as dg
 import torch
 from pydantic import Field
 
-from recap_dagster import devices
-from recap_dagster.pool_watchdog import record_worker
+from recap_dagster.orchestration.pool_watchdog import record_worker
+from recap_dagster.training import devices
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from recap_dagster.imaging import DEFAULT_MAX_PIXELS
+from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS
 
 
 class DataSourcesResource(dg.ConfigurableResource):

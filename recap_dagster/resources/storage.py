@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 
 
 class StorageResource(dg.ConfigurableResource):

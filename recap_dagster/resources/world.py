@@ -1,17 +1,17 @@
 """The world the evaluation grades against: prompts with ground truth, image and caption
-grading (:mod:`recap_dagster.world`)."""
+grading (:mod:`recap_dagster.evaluation.world`)."""
 
 from __future__ import annotations
 
 import dagster as dg
 from pydantic import Field
 
-from recap_dagster.world import World
+from recap_dagster.evaluation.world import World
 
 
 class WorldResource(dg.ConfigurableResource):
     """Base of the world resources (resource key ``world``): ``get()`` returns the
-    :class:`~recap_dagster.world.World` the evaluation assets use."""
+    :class:`~recap_dagster.evaluation.world.World` the evaluation assets use."""
 
     def get(self) -> World:
         raise NotImplementedError(f"{type(self).__name__} does not provide a world")
@@ -33,7 +33,7 @@ class GenEvalWorldResource(WorldResource):
     device: str = Field(default="cpu", description="Device the detector runs on (cpu, cuda).")
 
     def get(self) -> World:
-        from recap_dagster.geneval import GenEvalWorld
+        from recap_dagster.evaluation.geneval import GenEvalWorld
 
         return GenEvalWorld(
             detector=self.detector or None,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recap_dagster.fs import filesystem, is_local, replace_dir
+from recap_dagster.storage.fs import filesystem, is_local, replace_dir
 
 SUCCESS_MARKER = "_SUCCESS"
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,199}$")

@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from recap_dagster.fingerprint import weights_fingerprint
-from recap_dagster.shards import iter_shard
-from recap_dagster.storage import Storage
+from recap_dagster.corpus.reading import iter_shard
+from recap_dagster.storage.fingerprint import weights_fingerprint
+from recap_dagster.storage.root import Storage
 
 LATENTS_DIR = "t2i_latents"
 FORMAT_VERSION = "1"

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from recap_dagster.fs import replace_dir
+from recap_dagster.storage.fs import replace_dir
 
 CONFIG_FILE = "recap_t2i.json"  # our build config, saved next to model_index.json
 

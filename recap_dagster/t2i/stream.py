@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.latents import OpenLatentShard, local_latent_path
 
 

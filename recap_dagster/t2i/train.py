@@ -38,10 +38,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from recap_dagster.fingerprint import VERSION_FILE, weights_fingerprint
-from recap_dagster.storage import Storage
+from recap_dagster.storage.fingerprint import VERSION_FILE, weights_fingerprint
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.stream import CaptionSource, DataPosition, LatentStream, StreamSpec
-from recap_dagster.training import (
+from recap_dagster.training.substrate import (
     Checkpoints,
     check_lr_scheduler,
     check_mixed_precision,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from recap_dagster.storage import Storage
+from recap_dagster.storage.root import Storage
 
 log = logging.getLogger(__name__)
 
