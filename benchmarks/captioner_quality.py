@@ -33,12 +33,12 @@ from recap_dagster.captioner.quality import (
     load_captioned,
 )
 from recap_dagster.miniworld.base_captioner import (
-    PRETRAIN_PREFIXES,
     BaseCaptionerConfig,
     build_base_captioner,
     read_base_manifest,
 )
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld
+from recap_dagster.miniworld.pretrain_tasks import PRETRAIN_PREFIXES
 from recap_dagster.miniworld.run_configs import op_settings
 from recap_dagster.miniworld.world import MiniworldWorld
 

@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from recap_dagster.captioner import STYLE_PREFIXES, Captioner, FineTuneConfig, fine_tune
 from recap_dagster.captioner.quality import evaluate_captioner, load_captioned
 from recap_dagster.miniworld import base_captioner as bc
+from recap_dagster.miniworld import pretrain_tasks
 from recap_dagster.miniworld.base_captioner import (
     QUICK_BASE_CAPTIONER,
     build_base_captioner,
-    detection_text,
     read_base_manifest,
 )
 from recap_dagster.miniworld.captions import grade_caption, parse_caption
+from recap_dagster.miniworld.pretrain_tasks import detection_text
 from recap_dagster.miniworld.run_configs import op_settings
 from recap_dagster.miniworld.scenes import Scene, sample_scene
 from recap_dagster.miniworld.world import MiniworldWorld
@@ -44,19 +45,19 @@ def test_pretraining_targets_are_grounded() -> None:
     rng = random.Random(0)
     for _ in range(200):
         scene = sample_scene(rng)
-        for fmt in bc.DETECT_FORMATS:
+        for fmt in pretrain_tasks.DETECT_FORMATS:
             text = detection_text(scene, fmt)
             assert grade_caption(text, scene)["exact"], text  # every object, count and cell
         assert len(detection_text(scene, "objects").split(";")) == len(scene.objects)
         assert len(detection_text(scene, "words").split(";")) == len(scene.kinds())
-        question, answer = bc.vqa_pair(scene, rng)
+        question, answer = pretrain_tasks.vqa_pair(scene, rng)
         assert question.endswith("?") and answer
         for prefix in STYLE_PREFIXES.values():
             assert prefix not in question
     scene = sample_scene(random.Random(5))
     (colour, shape), count = scene.kinds().most_common(1)[0]
-    answers = {bc.vqa_pair(scene, random.Random(i)) for i in range(200)}
-    assert (f"how many {colour} {shape}s?", bc.NUMBER_WORDS[count]) in answers
+    answers = {pretrain_tasks.vqa_pair(scene, random.Random(i)) for i in range(200)}
+    assert (f"how many {colour} {shape}s?", pretrain_tasks.NUMBER_WORDS[count]) in answers
 
 
 def test_config_keeps_recap_prefixes_out_of_pretraining() -> None:

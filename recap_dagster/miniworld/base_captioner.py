@@ -1,39 +1,16 @@
 """The miniworld's base captioner: RECAP step 1's starting point, pretrained locally.
 
-RECAP fine-tunes a *web-pretrained* captioner (PaLI) whose "outputs are relatively terse and
-lack in detail". The miniworld analog is a tiny model of one supported family (see
-:data:`BaseCaptionerConfig.family`), built with :mod:`recap_dagster.miniworld.tiny_captioner` and
-pretrained here on ``captioner_pretrain/pretrain.parquet`` (images disjoint from the corpus
-and from both human-caption sets), then saved with :meth:`Captioner.save_pretrained` so
-the pipeline loads it through the same ``from_pretrained`` path as a real checkpoint.
-
-Why a task mixture. PaLI is not a captioner only: its pretraining mixes captioning with
-OCR, VQA and object detection/grounding, and its language model has read far more text
-than captions, so it *knows* where things are and how to say it even though its captions
-do not. That knowledge is what lets RECAP's 100 human captions teach detailed captions. The
-analog pretrains on four tasks, each under its own prompt (:data:`PRETRAIN_PREFIXES`,
-:data:`TEXT_PROMPT`):
-
-- ``"caption:"`` -> the terse web-style caption of the pretraining set (kinds only, no
-  counts, no positions: "red circle and blue square");
-- ``"detect:"`` -> every object with its grid cell, grouped by kind (``detect_format``:
-  "two red circles in the top left and at the bottom; a blue square in the center"), the
-  analog of PaLI's detection/grounding output;
-- VQA-style questions ("how many red circles?", "what is in the top left?");
-- ``"text:"`` -> sentences of the miniworld's language about *other* random scenes, with a
-  blank image: text-only language modelling, the analog of the text PaLI's language model
-  was trained on. It teaches the words and sentence shapes, never which image they fit.
-
-None of them is a RECAP style: the prefixes RECAP uses later ("describe briefly:",
-"describe in detail:", :data:`~recap_dagster.captioner.STYLE_PREFIXES`) never appear in
-pretraining. Asked with them, the base falls back to what it knows best, terse text
-(:func:`~recap_dagster.captioner.quality.evaluate_captioner` measures it); the fine-tune
-on the human captions is what teaches the two RECAP styles, reusing the grounding learnt
-under ``"detect:"``. Without the grounding task, 100 captions are far too few to learn
-counts and positions from scratch; without the text task the fine-tune must learn the
-language too, needs a 25x larger learning rate and then overwrites the grounding (measured
-on the 50 held-out images, fine-tuned long captions: objects/counts/positions 0.77/0.53/0.45
-without it, 0.88/0.68/0.65 with it).
+The miniworld analog of a web-pretrained captioner (PaLI) is a tiny model of one supported
+family (see :data:`BaseCaptionerConfig.family`), built with
+:mod:`recap_dagster.miniworld.tiny_captioner` and pretrained here on
+``captioner_pretrain/pretrain.parquet`` (images disjoint from the corpus and from both
+human-caption sets) on a task mixture (:mod:`recap_dagster.miniworld.pretrain_tasks`), then
+saved with :meth:`Captioner.save_pretrained` so the pipeline loads it through the same
+``from_pretrained`` path as a real checkpoint. Asked with the RECAP prefixes, the base falls
+back to what it knows best, terse text
+(:func:`~recap_dagster.captioner.quality.evaluate_captioner` measures it); the fine-tune on
+the human captions is what teaches the two RECAP styles, reusing the grounding learnt under
+``"detect:"``.
 
 Building is deterministic (seeded init, seeded data order, no dropout) and cached: the
 output folder holds :data:`MANIFEST_FILE` with the config, a hash of the pretraining data
@@ -43,13 +20,13 @@ never leaves a folder that looks complete.
 
 The ``captioner_checkpoint`` entry of ``profiles/default.yaml`` is the RECAP step-1 profile
 for this tiny model (the paper's recipe, 300 steps at lr 4e-5, is for a pretrained
-billion-parameter model; see the notes after ``QUICK_BASE_CAPTIONER``).
+billion-parameter model); how the recipes of both were chosen, with the figures, is in the
+README ("The miniworld's base captioner").
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -66,16 +43,23 @@ from PIL import Image
 
 from recap_dagster.captioner.model import STYLE_PREFIXES
 from recap_dagster.miniworld.captions import (
-    CANONICAL_POSITIONS,
-    PLURALS,
-    POSITION_PHRASES,
     long_caption,
     short_caption,
     terse_caption,
     vocabulary_texts,
 )
 from recap_dagster.miniworld.generate import MiniworldPaths, item_seed
-from recap_dagster.miniworld.scenes import COLOURS, GRID, SHAPES, Scene, cell_name, sample_scene
+from recap_dagster.miniworld.pretrain_tasks import (
+    DETECT_FORMATS,
+    PRETRAIN_PREFIXES,
+    TEXT_PROMPT,
+    PretrainItem,
+    detection_text,
+    load_pretrain,
+    text_sample,
+    vqa_pair,
+)
+from recap_dagster.miniworld.scenes import Scene, sample_scene
 from recap_dagster.storage.fs import replace_dir
 from recap_dagster.storage.root import Storage
 from recap_dagster.training.substrate import (
@@ -88,15 +72,6 @@ from recap_dagster.training.substrate import (
 # Bump when the same config and data would give a different model (code change).
 BASE_CAPTIONER_VERSION = 2  # 2: the shared training substrate (accelerate, LR schedule)
 MANIFEST_FILE = "base_captioner.json"
-
-#: The pretraining tasks and their prefixes; disjoint from the RECAP style prefixes.
-PRETRAIN_PREFIXES: dict[str, str] = {"caption": "caption:", "detect": "detect:"}
-#: The prompt of the text-only examples (sentences without their image).
-TEXT_PROMPT = "text:"
-assert not {*PRETRAIN_PREFIXES.values(), TEXT_PROMPT} & set(STYLE_PREFIXES.values())
-
-
-DETECT_FORMATS = ("words", "grouped", "objects", "canonical")
 
 
 def pretrain_prefixes(config: BaseCaptionerConfig) -> dict[str, str]:
@@ -124,19 +99,7 @@ class BaseCaptionerConfig:
     The learning rate warms up linearly for ``warmup_steps`` then decays (cosine) to
     ``min_lr_ratio`` of its peak.
 
-    ``steps=2500``: the ``detect:`` grounding of the 50 held-out images goes from
-    0.98/0.90/0.88 (objects/counts/positions) at 1,500 steps to 0.99/0.96/0.96, and what
-    the fine-tune keeps of it rises with it. The build takes 603 s on the idle 2-core
-    machine with two torch threads (0.24 s/step), 727 s on one thread beside another job.
-    5,000 steps (1,197 s) give no better grounding (0.98/0.96/0.96) and fine-tuned long
-    captions of 0.93/0.66/0.82 and 0.94/0.71/0.83 (seeds 0 and 1, mirrored fine-tune).
-
-    The step is bound by small matmuls (~60% of its time). Measured per step, two threads,
-    and not adopted: length-sorted micro-batches (a batch is ~60% padding) 0.81x; bfloat16
-    autocast 0.68x, but together no faster (a 555 s build), and that base fine-tuned worse
-    (long captions 0.86/0.66/0.67 and 0.88/0.71/0.72 vs 0.93/0.75/0.79 and 0.95/0.78/0.78);
-    ``torch.compile`` no faster after a 143 s compile. A changed base is a new draw of the
-    fine-tune, so none of these is worth a base that is not re-measured end to end.
+    ``steps=2500``: where the ``detect:`` grounding of the held-out images stops improving.
     """
 
     family: str = "blip"
@@ -200,208 +163,6 @@ QUICK_BASE_CAPTIONER = BaseCaptionerConfig(
     max_images=256,
     vocabulary_scenes=200,
 )
-
-# RECAP step 1 on the miniworld (the captioner_checkpoint entry of profiles/default.yaml):
-# the paper's recipe (300 steps, dropout 0.1, batch 64,
-# 50/50 short/long over copies of the 100 images) except the learning rate and its
-# schedule, with the image encoder frozen and mirrored copies of the images. The paper's
-# 4e-5 suits a billion-parameter model; this ~1.8M-parameter one learns too little at it
-# in 300 steps. The paper states no schedule; a cosine decay to 0 ends on a settled model
-# instead of the last noisy step of a constant rate. Measured on the 50 held-out images
-# (fine-tuned LONG captions, objects/counts/positions, seeds 0 and 1; one torch thread):
-#
-# - base of 1,500 steps (its ``detect:`` output 0.98/0.90/0.88), whole model trained:
-#   lr 1e-4 0.84/0.51/0.60, 600 steps at 1e-4 0.83/0.53/0.56; image encoder frozen:
-#   lr 1e-4 0.87/0.53/0.63, lr 3e-4 0.91/0.64/0.69, lr 1e-3 0.83/0.61/0.64 (overfits
-#   the 100 captions), 600 steps at 3e-4 0.83/0.58/0.65;
-# - base of 2,500 steps (the default; ``detect:`` 0.99/0.96/0.96), constant rate: lr 3e-4,
-#   whole model 0.91/0.71/0.73, image encoder frozen 0.90/0.70/0.77 and 0.85/0.65/0.72;
-# - the same with a cosine decay (the default): lr 3e-4 0.93/0.75/0.79 and 0.95/0.78/0.78,
-#   lr 4e-4 0.93/0.75/0.75 and 0.93/0.76/0.75, lr 6e-4 0.92/0.75/0.74 and 0.94/0.72/0.72;
-#   at lr 3e-4, seed 0: lr 2e-4 0.94/0.74/0.74, 450 steps 0.92/0.70/0.74, dropout 0.25
-#   0.91/0.58/0.68, no dropout 0.89/0.64/0.58 (the 100 captions memorised, loss 0.13).
-#
-# Tried and dropped (seed 0 unless said): self-training in the way of BLIP's CapFilt (the
-# fine-tuned captioner labels 3,000 pretraining images, captions that agree with the base's
-# own ``detect:`` listing are kept, fine-tune again on human + kept): 0.93/0.80/0.80 after
-# one round, no better after three; a "chain of thought" target (the base's listing, then
-# the caption): 0.81/0.56/0.60, the caption does not follow its own listing; 1,500-step
-# bases with VQA answers in the human phrasing, without the text task, or with a
-# listing-to-sentence text task (constant rate): 0.81-0.90 / 0.62-0.64 / 0.57-0.64.
-# Also dropped (seeds 0-4 of the fine-tune alone give 0.75-0.78 / 0.76-0.79): averaging the
-# five fine-tunes' weights ("model soup") 0.77/0.76; interpolating toward the base weights
-# (WiSE-FT, 0.4-0.8) at best 0.81/0.79; replaying ``detect:`` on pretraining images in
-# every batch 0.70-0.79 / 0.77-0.78; freezing the cross-attention, the feed-forward
-# layers, the embeddings or the first layer 0.64-0.75 / 0.72-0.77; classifier-free
-# guidance against a blank image (0.5-2) and beams of 3-12 at best 0.79/0.78; a base whose
-# ``detect:`` listing orders kinds at random (Pix2Seq-style, all or half of the time)
-# 0.66-0.74 / 0.70-0.73; a wider base (hidden 192) 0.65-0.69 / 0.67-0.69, a deeper one (4
-# layers) 0.68-0.71 / 0.78-0.79, both with ``detect:`` as good as this one's and this
-# recipe (seeds 0 and 1), and 3x / 2x the build time.
-#
-# Mirroring (``mirror``: every image also mirrored left-right, 'left' and 'right' swapped
-# in its captions; miniworld scenes stay in distribution, the triangles being symmetric)
-# is the one change that helped every seed: long captions, seeds 0-4, counts 0.785 /
-# 0.768 / 0.758 / 0.780 / 0.772, positions 0.825 / 0.817 / 0.796 / 0.768 / 0.822 (mean
-# 0.773 / 0.806, against 0.767 / 0.776 without). With it, and also dropped: 450 steps
-# 0.75/0.76, lr 4e-4 0.75/0.81, dropout 0.15 0.67/0.75, 70% long captions 0.79/0.79,
-# random crops of 85-100% 0.66/0.74 (the patches are the grid's cells; a shift blurs
-# them), beams of 4-8 with a length penalty of 1-4 (omitted kinds are the most common
-# error) 0.73-0.76 / 0.80-0.82, weight decay 0.1 no change, interpolating toward the base
-# (WiSE-FT 0.7-0.9, seeds 0-4) 0.71-0.83 / 0.76-0.81. More captions of the same generator
-# standing in for human ones: 400 images (300 steps) 0.79/0.81, 1,000 (900 steps)
-# 0.85/0.88, 2,000 (1,200 steps) 0.85/0.87: the plateau is this base's, not the 100
-# captions'.
-#
-# Freezing the encoder keeps the grounding pretraining gave it; 100 images are too few
-# to improve it. The fine-tuned long captions stay below the base's own grounding output,
-# most of all on four-object scenes (0.76/0.40/0.50 there, 1.0/1.0/1.0 on one object):
-# 100 captions teach the human wording, and the decoder then mixes in fluent but
-# ungrounded phrases ("a pair of ..." for one of each of two kinds).
-# A short warmup keeps the first steps from knocking the pretrained decoder off course.
-
-
-# --------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------
-
-
-def detection_text(scene: Scene, fmt: str = "words") -> str:
-    """The ``detect:`` target: every object's kind and cell, kinds in the order of their
-    first object in reading order (row, then column).
-
-    - ``"words"``: one entry per kind, count (as a word) first, then its cells:
-      'two red circles: top left, bottom; one blue square: center';
-    - ``"grouped"``: the same with digits and singular nouns: '2 red circle: top left, ...';
-    - ``"objects"``: one entry per object: 'red circle top left; red circle bottom; ...';
-    - ``"canonical"``: plain phrases: 'two red circles in the top left and at the bottom;
-      a blue square in the center'.
-    """
-    groups = _cells_by_kind(scene)
-    if fmt == "objects":
-        return "; ".join(
-            f"{c} {s} {cell_name(*cell)}" for (c, s), cells in groups.items() for cell in cells
-        )
-    entries = []
-    for (colour, shape), cells in groups.items():
-        n = len(cells)
-        if fmt == "grouped":
-            entries.append(f"{n} {colour} {shape}: " + ", ".join(cell_name(*c) for c in cells))
-        elif fmt == "words":
-            head = f"{NUMBER_WORDS[n]} {colour} {_noun(shape, n)}"
-            entries.append(f"{head}: " + ", ".join(cell_name(*c) for c in cells))
-        elif fmt == "canonical":
-            places = " and ".join(CANONICAL_POSITIONS[c] for c in cells)
-            entries.append(f"{_count_phrase(colour, shape, n)} {places}")
-        else:
-            raise ValueError(f"unknown detection format {fmt!r}; known: {DETECT_FORMATS}")
-    return "; ".join(entries)
-
-
-NUMBER_WORDS = {0: "none", 1: "one", 2: "two", 3: "three", 4: "four"}
-VQA_KINDS = ("count", "where", "what")
-
-
-def _noun(shape: str, count: int) -> str:
-    return shape if count == 1 else PLURALS[shape]
-
-
-def _count_phrase(colour: str, shape: str, count: int) -> str:
-    """'a red circle', 'an orange square', 'two red circles'."""
-    if count == 1:
-        return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
-    return f"{NUMBER_WORDS[count]} {colour} {PLURALS[shape]}"
-
-
-def _cells_by_kind(scene: Scene) -> dict[tuple[str, str], list[tuple[int, int]]]:
-    cells: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for obj in sorted(scene.objects, key=lambda o: (o.row, o.col)):
-        cells.setdefault(obj.kind, []).append((obj.row, obj.col))
-    return cells
-
-
-def text_sample(rng: random.Random) -> str:
-    """A sentence of the miniworld's language about a random scene, with no image: the
-    text-only part of the mixture (PaLI's language model learnt from text alone)."""
-    scene = sample_scene(rng)
-    return long_caption(scene, rng) if rng.random() < 0.7 else short_caption(scene, rng)
-
-
-def vqa_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """A (question, answer) pair about ``scene``, VQA-style (PaLI's mixture has VQA).
-
-    Answers are short and in people's words, the grounding the captions will need:
-    'how many red circles?' -> 'two' (or 'none'); 'where are the red circles?' ->
-    'in the top left corner and at the bottom'; 'what is in the center?' -> 'a blue
-    square' (or 'nothing'). Never a whole description.
-    """
-    kinds = scene.kinds()
-    question = rng.choice(VQA_KINDS)
-    if question == "count":
-        if rng.random() < 0.25:
-            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        else:
-            colour, shape = rng.choice(sorted(kinds))
-        return f"how many {colour} {PLURALS[shape]}?", NUMBER_WORDS[kinds[(colour, shape)]]
-    if question == "where":
-        colour, shape = rng.choice(sorted(kinds))
-        cells = [(o.row, o.col) for o in sorted(scene.objects) if o.kind == (colour, shape)]
-        subject = f"is the {colour} {shape}" if len(cells) == 1 else f"are the {colour} "
-        subject += "" if len(cells) == 1 else PLURALS[shape]
-        phrases = [rng.choice(POSITION_PHRASES[cell]) for cell in cells]
-        return f"where {subject}?", " and ".join(phrases)
-    row, col = rng.randrange(GRID), rng.randrange(GRID)
-    found = [o for o in scene.objects if (o.row, o.col) == (row, col)]
-    where = rng.choice(POSITION_PHRASES[(row, col)])
-    if not found:
-        return f"what is {where}?", "nothing"
-    colour, shape = found[0].kind
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"what is {where}?", f"{article} {colour} {shape}"
-
-
-@dataclass
-class PretrainItem:
-    """One pretraining image with its two task targets."""
-
-    key: str
-    image: Image.Image
-    caption: str
-    detection: str
-    scene: Scene
-
-    def target(self, style: str) -> str:
-        return self.detection if style == "detect" else self.caption
-
-
-def _open_rgb(data: bytes | str | os.PathLike[str]) -> Image.Image:
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
-    with Image.open(source) as image:
-        return image.convert("RGB")
-
-
-def load_pretrain(
-    path: str | os.PathLike[str], limit: int | None = None, detect_format: str = "grouped"
-) -> list[PretrainItem]:
-    """The pretraining parquet as items (first ``limit`` rows)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    if limit is not None:
-        table = table.slice(0, limit)
-    items = []
-    for row in table.to_pylist():
-        scene = Scene.from_dict(json.loads(row["scene"]))
-        items.append(
-            PretrainItem(
-                key=row["key"],
-                image=_open_rgb(row["image"]),
-                caption=row["caption"],
-                detection=detection_text(scene, detect_format),
-                scene=scene,
-            )
-        )
-    return items
 
 
 def captioner_words(config: BaseCaptionerConfig, extra: Sequence[str] = ()) -> list[str]:
