@@ -23,7 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recap_dagster.corpus.reading import iter_shard, sample_key  # noqa: E402
+from recap_dagster.corpus.listing import sample_key  # noqa: E402
+from recap_dagster.corpus.reading import iter_shard  # noqa: E402
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard  # noqa: E402
 
 

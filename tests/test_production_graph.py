@@ -15,7 +15,7 @@ import pytest
 
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import INPUT_ASSETS, INPUT_KEYS
-from recap_dagster.corpus.reading import list_shards
+from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.definitions import ASSET_CHECKS, RECAP_ASSETS, recap_definitions
 from recap_dagster.miniworld.captions import vocabulary_texts

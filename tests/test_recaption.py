@@ -17,7 +17,8 @@ from recap_dagster.captioner.recaption import (
     recaption_shard,
 )
 from recap_dagster.corpus.decoding import STATUS_OK
-from recap_dagster.corpus.reading import iter_shard, sample_key
+from recap_dagster.corpus.listing import sample_key
+from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner

@@ -20,7 +20,7 @@ from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.captioner.recaption import SCHEMA
-from recap_dagster.corpus.reading import sample_key
+from recap_dagster.corpus.listing import sample_key
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.resources import (
     MiniworldWorldResource,

@@ -15,18 +15,10 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
-from recap_dagster.corpus import reading as shards
-from recap_dagster.corpus.reading import (
-    ShardDataset,
-    ShardInfo,
-    ShardReadError,
-    collate_records,
-    count_rows,
-    iter_shard,
-    list_shards,
-    sample_key,
-    shard_key,
-)
+from recap_dagster.corpus import listing, reading
+from recap_dagster.corpus.dataset import ShardDataset, collate_records
+from recap_dagster.corpus.listing import ShardInfo, list_shards, sample_key, shard_key
+from recap_dagster.corpus.reading import ShardReadError, count_rows, iter_shard
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.storage.fs import filesystem
 
@@ -68,7 +60,7 @@ def records_for(shard: int, n: int) -> list[ShardRecord]:
     return [good_record(shard, i) for i in range(n)]
 
 
-def read_all(root: str, key: str, **kwargs) -> list[shards.LaionRecord]:
+def read_all(root: str, key: str, **kwargs) -> list[reading.LaionRecord]:
     return list(iter_shard(root, key, **kwargs))
 
 
@@ -448,9 +440,9 @@ def test_first_record_reads_a_small_part_of_a_big_shard(tmp_path, monkeypatch, o
     assert size > 2_000_000
 
     counter = [0]
-    real_open = shards._open
+    real_open = reading._open
     monkeypatch.setattr(
-        shards, "_open", lambda fs, path: CountingFile(real_open(fs, path), counter)
+        reading, "_open", lambda fs, path: CountingFile(real_open(fs, path), counter)
     )
     stream = iter_shard(root, "00000")
     first = next(stream)
@@ -487,7 +479,7 @@ def test_s3_round_trip_and_listing(s3_env, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(type(fs), "call_s3", spy)
-        patch.setattr(shards, "_S3_PAGE_SIZE", 2)  # exercise pagination
+        patch.setattr(listing, "_S3_PAGE_SIZE", 2)  # exercise pagination
         assert list_shards(root) == [
             ShardInfo("00000", "webdataset", True),
             ShardInfo("00001", "parquet", True),

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recap_dagster.corpus.reading import iter_shard, list_shards
+from recap_dagster.corpus.listing import list_shards
+from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.t2i_profiles import QUICK_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer

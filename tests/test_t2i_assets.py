@@ -18,7 +18,8 @@ from recap_dagster.assets.t2i import (
     t2i_latents,
 )
 from recap_dagster.captioner.recaption import SCHEMA
-from recap_dagster.corpus.reading import iter_shard, list_shards
+from recap_dagster.corpus.listing import list_shards
+from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.miniworld.captions import long_caption, short_caption
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from recap_dagster.captioner import Captioner
 from recap_dagster.captioner.model import CaptionInputs
+from recap_dagster.corpus.dataset import ShardDataset, collate_records
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
-from recap_dagster.corpus.reading import LaionRecord, ShardDataset, collate_records
+from recap_dagster.corpus.reading import LaionRecord
 
 SCHEMA = pa.schema(
     [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from recap_dagster.corpus.reading import list_shards
+from recap_dagster.corpus.listing import list_shards
 from recap_dagster.storage.fs import filesystem, join
 
 

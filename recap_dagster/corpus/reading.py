@@ -25,22 +25,18 @@ a JSON-object ``metadata`` field decoded and merged in. So a record written with
 (``similarity``, ``punsafe``, ...) show up there as well.
 """
 
+
 from __future__ import annotations
 
-import dataclasses
 import json
-import operator
-import os
-import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch.utils.data
 from PIL import Image
 
 from recap_dagster.corpus.decoding import (
@@ -50,13 +46,10 @@ from recap_dagster.corpus.decoding import (
     DecodeResult,
     decode_image,
 )
+from recap_dagster.corpus.listing import SAMPLE_DIGITS
 from recap_dagster.storage.fs import filesystem, is_local, join
 
-FORMAT_WEBDATASET = "webdataset"
-FORMAT_PARQUET = "parquet"
-FORMATS = (FORMAT_WEBDATASET, FORMAT_PARQUET)
-
-# LaionRecord.status beyond imaging's vocabulary (ok, decode_error, too_large, missing).
+# LaionRecord.status beyond decoding's vocabulary (ok, decode_error, too_large, missing).
 STATUS_BAD_METADATA = "bad_metadata"
 
 # img2dataset's statuses in the parquet/json "status" field.
@@ -64,8 +57,6 @@ SOURCE_SUCCESS = "success"
 SOURCE_FAILED_TO_DOWNLOAD = "failed_to_download"
 SOURCE_FAILED_TO_RESIZE = "failed_to_resize"
 
-SHARD_DIGITS = 5  # img2dataset's default oom_shard_count
-SAMPLE_DIGITS = 4  # ceil(log10(number_sample_per_shard=10_000)), img2dataset's default
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices
 EXTRA_METADATA_FIELD = "metadata"
 # Fields img2dataset writes itself; everything else in a row is "extra" metadata.
@@ -93,11 +84,6 @@ READ_BATCH_SIZE = 64
 # enough that a reader's memory does not grow with shard size (s3fs's default is 50 MiB).
 REMOTE_BLOCK_SIZE = 4 * 2**20
 
-_S3_PAGE_SIZE = 1000  # ListObjectsV2's maximum page
-
-_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
-
-
 class ShardReadError(RuntimeError):
     """A shard could not be read to the end; raised after every readable record was yielded.
 
@@ -110,11 +96,9 @@ class ShardReadError(RuntimeError):
         self.shard = shard
         self.records_read = records_read
 
-
 def _read_error(shard: str, detail: str, records_read: int) -> ShardReadError:
     message = f"{shard}: {detail} ({records_read} records read before the error)"
     return ShardReadError(message, shard=shard, records_read=records_read)
-
 
 class _TarBroken(Exception):
     """Internal: the tar stream failed after ``complete`` whole samples."""
@@ -122,135 +106,6 @@ class _TarBroken(Exception):
     def __init__(self, complete: int, cause: BaseException) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.complete = complete
-
-
-# --------------------------------------------------------------------------------- naming
-
-
-def shard_key(index: int) -> str:
-    """img2dataset's shard name: the index zero-padded to 5 digits (``3 -> "00003"``)."""
-    return f"{index:0{SHARD_DIGITS}d}"
-
-
-def sample_key(shard_index: int, index: int, samples_per_shard: int = 10_000) -> str:
-    """img2dataset's sample key: shard index then in-shard index, zero-padded (``"000030042"``)."""
-    digits = max(1, len(str(samples_per_shard - 1)))
-    return f"{shard_index * 10**digits + index:0{SHARD_DIGITS + digits}d}"
-
-
-# --------------------------------------------------------------------------------- listing
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """A shard found under a root; ``complete`` iff its ``_stats.json`` exists."""
-
-    key: str
-    format: str
-    complete: bool
-
-
-def _after(key: str, after: str) -> bool:
-    if key.isdigit() and after.isdigit():
-        return int(key) > int(after)
-    return key > after
-
-
-def _surely_outside(name: str, after: str | None, until: str | None) -> bool:
-    """Whether ``name`` is a file of a shard outside (after, until], by a string comparison
-    of same-width keys; a name it cannot judge is kept for the exact check."""
-    for bound, outside in ((after, operator.le), (until, operator.gt)):
-        if bound is None:
-            continue
-        width = len(bound)
-        key = name[:width]
-        if len(name) > width and name[width] in "._" and key.isdigit() and outside(key, bound):
-            return True
-    return False
-
-
-def _list_s3_names(
-    fs: fsspec.AbstractFileSystem, root: str, after: str | None, until: str | None = None
-) -> list[str]:
-    """Object names directly under ``root``, starting after shard ``after`` (server-side)
-    and, with ``until``, stopping at the first page past shard ``until``."""
-    bucket, _, prefix = root.partition("/")
-    prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    kwargs: dict[str, Any] = {
-        "Bucket": bucket,
-        "Prefix": prefix,
-        "Delimiter": "/",  # shards sit directly under the root; don't walk sub-folders
-        "MaxKeys": _S3_PAGE_SIZE,
-    }
-    if after is not None:
-        # "~" sorts after ".", "_" and every digit, so the listing starts right after all of
-        # shard `after`'s objects (keys are fixed-width, as img2dataset writes them).
-        kwargs["StartAfter"] = f"{prefix}{after}~"
-    names: list[str] = []
-    while True:
-        response = fs.call_s3("list_objects_v2", **kwargs)
-        names.extend(obj["Key"][len(prefix) :] for obj in response.get("Contents", []))
-        if not response.get("IsTruncated") or (until is not None and names[-1] > f"{until}~"):
-            return names
-        kwargs["ContinuationToken"] = response["NextContinuationToken"]
-
-
-def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
-    try:
-        import s3fs
-    except ImportError:  # pragma: no cover - s3fs is a dependency
-        return False
-    return isinstance(fs, s3fs.S3FileSystem)
-
-
-def _list_names(
-    fs: fsspec.AbstractFileSystem, root: str, after: str | None, until: str | None = None
-) -> list[str]:
-    if is_local(fs):
-        try:
-            with os.scandir(root) as entries:
-                return [entry.name for entry in entries if entry.is_file()]
-        except FileNotFoundError:
-            return []
-    if _is_s3(fs):
-        return _list_s3_names(fs, root, after, until)
-    try:
-        return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
-    except FileNotFoundError:
-        return []
-
-
-def list_shards(
-    root_url: str, after: str | None = None, until: str | None = None
-) -> list[ShardInfo]:
-    """Shards under ``root_url`` sorted by key; only keys after ``after`` and up to ``until``
-    (inclusive) when given.
-
-    A key with a ``.tar`` is webdataset, with only a ``.parquet`` it is the parquet format.
-    On S3 the listing starts server-side after ``after`` (ListObjectsV2 ``StartAfter``).
-    """
-    fs, root = filesystem(root_url)
-    found: dict[str, set[str]] = {}
-    for name in _list_names(fs, root.rstrip("/"), after, until):
-        if _surely_outside(name, after, until):
-            continue  # cheap: a local listing holds every shard of the corpus
-        match = _SHARD_FILE.match(name)
-        if match:
-            found.setdefault(match.group(1), set()).add(match.group(2))
-    infos = []
-    for key, suffixes in found.items():
-        if (after is not None and not _after(key, after)) or (
-            until is not None and _after(key, until)
-        ):
-            continue
-        if ".tar" in suffixes:
-            fmt = FORMAT_WEBDATASET
-        elif ".parquet" in suffixes:
-            fmt = FORMAT_PARQUET
-        else:
-            continue  # a stats file without data is nothing we can read
-        infos.append(ShardInfo(key=key, format=fmt, complete="_stats.json" in suffixes))
-    return sorted(infos, key=lambda info: (int(info.key), info.key))
 
 
 # --------------------------------------------------------------------------------- reading
@@ -261,7 +116,7 @@ class LaionRecord:
     """A sample as read from a shard. ``delivered`` is False for a row img2dataset did not
     deliver (a dead URL, a failed resize): its ``status``/``error`` are then img2dataset's
     own (``failed_to_download``, "HTTP Error 404: Not Found"). For a delivered row they use
-    imaging's vocabulary plus ``"bad_metadata"``. ``width``/``height`` are the decoded size
+    decoding's vocabulary plus ``"bad_metadata"``. ``width``/``height`` are the decoded size
     (else the stored one). ``image`` is RGB (or whatever a ``ShardDataset`` transform made of
     it)."""
 
@@ -535,7 +390,7 @@ def _iter_parquet(
         raise _read_error(shard, detail, index) from exc
 
 
-def _iter_shard(
+def iter_shard_selected(
     root_url: str,
     key: str,
     *,
@@ -569,7 +424,7 @@ def iter_shard(
     With ``decode=False`` images are not decoded: ``image`` is None and ``status`` is
     ``"ok"``/``"missing"`` by presence of bytes (or ``"bad_metadata"``).
     """
-    return _iter_shard(root_url, key, max_pixels=max_pixels, decode=decode)
+    return iter_shard_selected(root_url, key, max_pixels=max_pixels, decode=decode)
 
 
 def count_rows(root_url: str, key: str) -> int:
@@ -579,56 +434,4 @@ def count_rows(root_url: str, key: str) -> int:
         with _open(fs, f"{root.rstrip('/')}/{key}.parquet") as handle:
             return pq.ParquetFile(handle).metadata.num_rows
     except FileNotFoundError:
-        return sum(1 for _ in _iter_shard(root_url, key, decode=False))
-
-
-# --------------------------------------------------------------------------------- torch
-
-
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Records of several shards, for a DataLoader that decodes in worker processes.
-
-    Workers split by shard when there are at least as many shards as workers; otherwise each
-    worker reads every shard but builds and decodes only records ``i`` with
-    ``i % num_workers == worker_id``. ``transform`` is applied to decoded images.
-    Use ``collate_fn=collate_records``.
-    """
-
-    def __init__(
-        self,
-        root_url: str,
-        keys: Iterable[str],
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        transform: Callable[[Image.Image], Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.root_url = root_url
-        self.keys = list(keys)
-        self.max_pixels = max_pixels
-        self.transform = transform
-
-    def __iter__(self) -> Iterator[LaionRecord]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        if workers == 1:
-            plan: list[tuple[str, Select | None]] = [(key, None) for key in self.keys]
-        elif len(self.keys) >= workers:
-            plan = [(key, None) for key in self.keys[worker::workers]]
-        else:
-
-            def mine(index: int) -> bool:
-                return index % workers == worker
-
-            plan = [(key, mine) for key in self.keys]
-        for key, select in plan:
-            for record in _iter_shard(
-                self.root_url, key, max_pixels=self.max_pixels, select=select
-            ):
-                if self.transform is not None and record.image is not None:
-                    record = dataclasses.replace(record, image=self.transform(record.image))
-                yield record
-
-
-def collate_records(batch: list[LaionRecord]) -> list[LaionRecord]:
-    """DataLoader collate_fn: keep the batch as a list of records (PIL images stay PIL)."""
-    return list(batch)
+        return sum(1 for _ in iter_shard_selected(root_url, key, decode=False))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from recap_dagster.corpus.reading import list_shards
+from recap_dagster.corpus.listing import list_shards
 
 SHARDS_PER_GROUP = 100
 # Up to this many groups are listed one by one (bounded listings); more, the root at once.

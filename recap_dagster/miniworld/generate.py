@@ -216,7 +216,7 @@ def _corrupt(jpeg: bytes, kind: str) -> bytes:
 
 
 def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
-    from recap_dagster.corpus.reading import sample_key
+    from recap_dagster.corpus.listing import sample_key
     from recap_dagster.miniworld.shard_writer import ShardRecord
 
     broken = broken_samples(config, shard)

@@ -19,7 +19,7 @@ import dagster as dg
 import yaml
 
 from recap_dagster import settings
-from recap_dagster.corpus.reading import list_shards
+from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.miniworld.assets import MINIWORLD_GROUP
 from recap_dagster.miniworld.definitions import ASSETS

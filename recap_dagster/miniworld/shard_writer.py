@@ -22,15 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import ExifTags, Image
 
+from recap_dagster.corpus.listing import FORMAT_PARQUET, FORMAT_WEBDATASET, FORMATS, shard_key
 from recap_dagster.corpus.reading import (
     EXTRA_METADATA_FIELD,
-    FORMAT_PARQUET,
-    FORMAT_WEBDATASET,
-    FORMATS,
     SOURCE_FAILED_TO_DOWNLOAD,
     SOURCE_FAILED_TO_RESIZE,
     SOURCE_SUCCESS,
-    shard_key,
 )
 from recap_dagster.storage.fs import filesystem, is_local
 

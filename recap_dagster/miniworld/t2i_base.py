@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recap_dagster.corpus.reading import iter_shard, list_shards
+from recap_dagster.corpus.listing import list_shards
+from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.t2i_profiles import T2IProfile, get_profile
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.latents import cache_latents, encode, load_vae, pixels
