@@ -1,0 +1,1 @@
+"""The Dagster assets and their checks: thin layers over the core packages."""
