@@ -13,10 +13,14 @@ import pytest
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
 
+from recap_dagster.corpus.discovery import DiscoveryCursor
+from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.orchestration import in_flight
+from recap_dagster.orchestration.automation import laion_shard_sensor, recaption_backfill_schedule
 from recap_dagster.orchestration.in_flight import partitions_in_flight
 from recap_dagster.orchestration.launcher import DagsterGraphQL, LaunchError, serve
 from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.resources import DataSourcesResource
 
 GROUPS = [f"{i * 100:05d}-{i * 100 + 99:05d}" for i in range(10)]
 RECAPTIONED = dg.AssetKey("recaptioned_shards")
@@ -184,6 +188,39 @@ def _wait_for(condition, what: str, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+def _assert_schedule_and_sensor_wait(
+    instance: dg.DagsterInstance, shards: Path, groups: list[str]
+) -> None:
+    """Neither the backfill schedule nor the shard sensor requests a group the backfills
+    will write; the sensor's new shards of such a group wait in its cursor."""
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("captioner_checkpoint", tags={"dagster/data_version": "v1"})
+    )
+    skipped = recaption_backfill_schedule(dg.build_schedule_context(instance=instance))
+    assert isinstance(skipped, dg.SkipReason), skipped
+    assert "in queued or running runs" in str(skipped.skip_message)
+    first = int(groups[0].split("-")[0])
+    record = ShardRecord(
+        f"{first:05d}0000",
+        None,
+        "alt",
+        "https://x/0",
+        {},
+        None,
+        None,
+        "failed_to_download",
+        "HTTP Error 404: Not Found",
+    )
+    write_shard(str(shards), first, [record])
+    sources = DataSourcesResource(
+        shards_root=str(shards), human_captions_path="unused", tokenizer_path="unused"
+    )
+    context = dg.build_sensor_context(instance=instance, resources={"sources": sources})
+    result = laion_shard_sensor(context)
+    assert result.run_requests == [] and result.skip_reason, result
+    assert DiscoveryCursor.loads(result.cursor).pending == [f"{first:05d}"]
+
+
 def test_ui_backfill_partitions_count_before_any_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,6 +256,7 @@ def test_ui_backfill_partitions_count_before_any_run(
                 assert groups_in_flight(RECAPTIONED) == set(groups)
                 assert groups_in_flight(LATENTS) == set()
                 assert groups_in_flight(LATENTS, {JOB}) == set(groups[:2])
+                _assert_schedule_and_sensor_wait(instance, tmp_path / "laion", groups)
 
                 # What the daemon records as the backfills go: the asset backfill
                 # materialized one group and failed one, the job backfill submitted its
