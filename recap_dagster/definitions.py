@@ -15,20 +15,27 @@ from transformers.utils import logging as transformers_logging
 from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
-from recap_dagster.assets.inputs import INPUT_ASSETS
+from recap_dagster.assets.inputs import (
+    INPUT_ASSETS,
+    observe_inputs_job,
+    observe_inputs_schedule,
+)
+from recap_dagster.assets.latents import t2i_latents, t2i_latents_checks
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.assets.t2i import (
     metric_reports,
     recap_mix_beats_alttext,
     recap_report,
     sd_checkpoints,
-    t2i_latents,
 )
+from recap_dagster.assets.training_corpus import training_corpus
 from recap_dagster.orchestration.automation import (
+    asset_checks_job,
     gpu_pool_watchdog,
     laion_shard_sensor,
     recaption_backfill_schedule,
     recaption_job,
+    shard_group_checks_job,
 )
 from recap_dagster.resources import (
     ComputeResource,
@@ -48,11 +55,18 @@ RECAP_ASSETS = [
     captioner_checkpoint,
     recaptioned_shards,
     t2i_latents,
+    training_corpus,
     sd_checkpoints,
     metric_reports,
     recap_report,
 ]
-ASSET_CHECKS = [*human_captions_checks, recaptioned_shards_checks, recap_mix_beats_alttext]
+JOBS = [recaption_job, asset_checks_job, shard_group_checks_job]
+ASSET_CHECKS = [
+    *human_captions_checks,
+    recaptioned_shards_checks,
+    t2i_latents_checks,
+    recap_mix_beats_alttext,
+]
 
 
 def common_resources() -> dict:
@@ -91,18 +105,23 @@ def recap_definitions(
     *,
     corpus: dg.AssetSpec = laion_shards,
     executor: dg.ExecutorDefinition | None = None,
+    observe_inputs: bool = False,
 ) -> dg.Definitions:
     """The RECAP graph fed by ``inputs`` (assets or observed sources with the keys of
-    ``assets.inputs.INPUT_KEYS``) and ``corpus`` (the ``laion_shards`` spec)."""
+    ``assets.inputs.INPUT_KEYS``) and ``corpus`` (the ``laion_shards`` spec);
+    ``observe_inputs``: observe the (external) inputs on a schedule."""
     return dg.Definitions(
         assets=[*inputs, corpus, *RECAP_ASSETS],
         asset_checks=ASSET_CHECKS,
-        jobs=[recaption_job],
+        jobs=[*JOBS, *([observe_inputs_job] if observe_inputs else [])],
         sensors=[laion_shard_sensor, gpu_pool_watchdog],
-        schedules=[recaption_backfill_schedule],
+        schedules=[
+            recaption_backfill_schedule,
+            *([observe_inputs_schedule] if observe_inputs else []),
+        ],
         resources=resources,
         executor=executor,
     )
 
 
-defs = recap_definitions(INPUT_ASSETS, production_resources())
+defs = recap_definitions(INPUT_ASSETS, production_resources(), observe_inputs=True)

@@ -23,4 +23,6 @@ from dagster_k8s import k8s_job_executor
 from recap_dagster.assets.inputs import INPUT_ASSETS
 from recap_dagster.definitions import production_resources, recap_definitions
 
-defs = recap_definitions(INPUT_ASSETS, production_resources(), executor=k8s_job_executor)
+defs = recap_definitions(
+    INPUT_ASSETS, production_resources(), executor=k8s_job_executor, observe_inputs=True
+)

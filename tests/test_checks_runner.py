@@ -18,6 +18,7 @@ from test_human_captions import _write_bad_set
 
 from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.cli import main as cli_main
+from recap_dagster.definitions import JOBS
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
 from recap_dagster.miniworld.resources import (
     MiniworldResource,
@@ -94,7 +95,7 @@ def test_good_then_broken_human_captions(miniworld_paths, tmp_path: Path) -> Non
     # Never materialized: reported, not run, not failing.
     for name in ("recaptioned_schema_and_rows", "recap_mix_beats_alttext"):
         assert SKIPPED in rows[name]
-    assert "5 of 10 checks ran" in good.stdout
+    assert "5 of 11 checks ran" in good.stdout
 
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
@@ -128,11 +129,13 @@ def test_nothing_materialized_reports_every_check_skipped(miniworld_paths, tmp_p
         "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
-    defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
+    defs = dg.Definitions(
+        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
+    )
     with dg.instance_for_test() as instance:
         report = run_checks(defs, instance)
         assert report.run_id is None  # nothing to run, so no run was launched
-    assert len(report.outcomes) == 10
+    assert len(report.outcomes) == 11
     assert {o.status for o in report.outcomes} == {SKIPPED}
     assert report.exit_code == 0
     with pytest.raises(ValueError, match="matches no asset check"):
@@ -168,7 +171,9 @@ def test_checks_that_crash_are_reported_as_errors(miniworld_paths, tmp_path) -> 
         "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
-    defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
+    defs = dg.Definitions(
+        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
+    )
     with dg.instance_for_test() as instance:
         for name in ("human_captions", "recap_report"):
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name))

@@ -99,6 +99,7 @@ def test_every_recap_asset_runs_on_production_inputs(
         assert materialize(["human_captions", "captioner_checkpoint"]).success
         for group in groups:
             assert materialize(["recaptioned_shards", "t2i_latents"], group).success
+        assert materialize(["training_corpus"]).success
         for variant in VARIANTS:
             result = materialize(["sd_checkpoints", "metric_reports"], variant)
             meta = result.asset_materializations_for_node("metric_reports")[0].metadata

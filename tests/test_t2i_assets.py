@@ -8,15 +8,13 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+from recorded import record_recaptions
 
+from recap_dagster.assets.inputs import base_t2i_model
+from recap_dagster.assets.latents import t2i_latents
 from recap_dagster.assets.recaption import output_parts
-from recap_dagster.assets.t2i import (
-    base_t2i_model,
-    metric_reports,
-    recap_report,
-    sd_checkpoints,
-    t2i_latents,
-)
+from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoints
+from recap_dagster.assets.training_corpus import training_corpus
 from recap_dagster.captioner.recaption import SCHEMA
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.reading import iter_shard
@@ -35,7 +33,7 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
-from recap_dagster.storage.fingerprint import weights_fingerprint
+from recap_dagster.storage.fingerprint import model_fingerprint
 from recap_dagster.storage.root import Storage
 
 SD_CONFIG = {
@@ -98,12 +96,15 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
             [*ASSETS], selection=[base_t2i_model.key], instance=instance, resources=resources
         )
         assert observed.success
+        assert all(e.passed for e in record_recaptions(instance, resources, groups).values())
         for group in groups:
             result = dg.materialize(
-                [*ASSETS], selection=[t2i_latents.key], partition_key=group,
+                [*ASSETS, *ASSET_CHECKS], selection=[t2i_latents.key], partition_key=group,
                 instance=instance, resources=resources,
             )  # fmt: skip
             assert result.success
+            (check,) = result.get_asset_check_evaluations()
+            assert check.check_name == "latents_match_decodable_images" and check.passed
             meta = result.asset_materializations_for_node("t2i_latents")[0].metadata
             assert meta["rows"].value == sum(
                 1 for s in shards for r in iter_shard(str(miniworld_paths.corpus), s) if r.image
@@ -112,7 +113,14 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         # The cache remembers which base model it was made from: a new base makes it stale.
         record = instance.get_latest_materialization_event(t2i_latents.key)
         tags = record.asset_materialization.tags
-        assert tags["dagster/input_data_version/base_t2i_model"] == weights_fingerprint(base_t2i)
+        assert tags["dagster/input_data_version/base_t2i_model"] == model_fingerprint(base_t2i)
+        corpus = dg.materialize(
+            [*ASSETS], selection=[training_corpus.key], instance=instance, resources=resources
+        )
+        corpus_meta = corpus.asset_materializations_for_node("training_corpus")[0].metadata
+        assert corpus_meta["groups"].value == len(groups)
+        assert corpus_meta["shards"].value == len(shards)
+        assert corpus_meta["pending_groups"].value == 0
         for variant in CAPTION_VARIANTS:
             result = dg.materialize(
                 [*ASSETS, *ASSET_CHECKS],

@@ -11,7 +11,7 @@ import dagster as dg
 
 from recap_dagster.corpus.human_captions import human_captions_version
 from recap_dagster.resources import DataSourcesResource, ModelsResource
-from recap_dagster.storage.fingerprint import content_fingerprint, weights_fingerprint
+from recap_dagster.storage.fingerprint import content_fingerprint, model_fingerprint
 from recap_dagster.t2i.model import local_model_dir
 
 INPUTS_GROUP = "inputs"
@@ -48,20 +48,26 @@ def caption_tokenizer(sources: DataSourcesResource) -> dg.DataVersion:
 @dg.observable_source_asset(
     group_name=INPUTS_GROUP,
     description="The pretrained captioner RECAP fine-tunes (BLIP, GIT, PaliGemma, ...: the "
-    "models resource's base_captioner). Version: a fingerprint of its weights.",
+    "models resource's base_captioner). Version: a fingerprint of its weights (sizes, "
+    "safetensors headers and samples of every tensor; a full hash on request).",
 )
 def base_captioner_model(models: ModelsResource) -> dg.DataVersion:
-    return dg.DataVersion(weights_fingerprint(local_model_dir(models.base_captioner)))
+    return dg.DataVersion(
+        model_fingerprint(local_model_dir(models.base_captioner), full=models.full_weights_hash)
+    )
 
 
 @dg.observable_source_asset(
     group_name=INPUTS_GROUP,
     description="The base text-to-image pipeline RECAP fine-tunes (Stable Diffusion layout: "
-    "the models resource's base_t2i). Version: a fingerprint of its weights, so a new base "
-    "model makes the latent cache and the fine-tunes stale.",
+    "the models resource's base_t2i). Version: a fingerprint of its weights (as "
+    "base_captioner_model's), so a new base model makes the latent cache and the fine-tunes "
+    "stale.",
 )
 def base_t2i_model(models: ModelsResource) -> dg.DataVersion:
-    return dg.DataVersion(weights_fingerprint(local_model_dir(models.base_t2i)))
+    return dg.DataVersion(
+        model_fingerprint(local_model_dir(models.base_t2i), full=models.full_weights_hash)
+    )
 
 
 INPUT_ASSETS = [
@@ -73,3 +79,17 @@ INPUT_ASSETS = [
 ]
 #: What every world must provide, under these keys (observed here, built by the miniworld).
 INPUT_KEYS = [asset.key for asset in INPUT_ASSETS]
+
+#: Observes the production inputs (cheap: no weights file is read whole).
+observe_inputs_job = dg.define_asset_job(
+    "observe_inputs",
+    selection=dg.AssetSelection.keys(*INPUT_KEYS),
+    description="Observe every production input: a changed file or model makes what was "
+    "built from it stale.",
+)
+observe_inputs_schedule = dg.ScheduleDefinition(
+    job=observe_inputs_job,
+    cron_schedule="*/15 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Observes the production inputs every 15 minutes.",
+)

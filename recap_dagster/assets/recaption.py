@@ -18,14 +18,17 @@ from recap_dagster.captioner import Captioner
 from recap_dagster.captioner import recaption as core
 from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.reading import count_rows
-from recap_dagster.corpus.shard_groups import group_shards, shards_of_groups
+from recap_dagster.corpus.shard_groups import (
+    group_output_version,
+    group_shards,
+    shards_of_groups,
+)
 from recap_dagster.evaluation.plots import markdown_table
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
 from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
-from recap_dagster.storage.root import Storage
 
 OUTPUT_DIR = "recaptioned"
 
@@ -58,9 +61,12 @@ RecaptionConfig = with_run_defaults(_RecaptionConfig, "recaptioned_shards")
     deps=[laion_shards, captioner_checkpoint, caption_tokenizer],
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    # A partition is a group of up to 100 shards: one run, one model load per group.
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    # A partition is a group of up to 100 shards: one run, one model load per group. No
+    # backfill_policy: without one a backfill runs each group alone, tagged with its
+    # partition (a policy's single-partition "range" runs record the partitioned checks'
+    # results without their group in Dagster 1.13, which the gate would then not find).
     group_name="recaption",
+    code_version=core.CODE_VERSION,
     kinds={"pytorch", "parquet"},
     tags={"recap/gpu": "1"},
     description="One parquet file per LAION shard with RECAP short and long captions beside "
@@ -154,15 +160,15 @@ def recaptioned_shards(
         metadata["sample"] = sample_table(
             last_table, ["key", "alt_text", "recap_short", "recap_long"]
         )
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(
+        metadata=metadata,
+        data_version=dg.DataVersion(
+            group_output_version(version, settings.to_json(), shards)
+        ),
+    )
 
 
 class RecaptionCheckConfig(dg.Config):
-    all_shards: bool = Field(
-        default=False,
-        description="Run on its own, check every recaptioned shard (one read per shard: hours "
-        "at LAION scale) instead of the shards of the latest recaptioned group.",
-    )
     max_failure_fraction: float = Field(
         default=0.05,
         description="Blocking: at most this fraction of a shard's delivered images may fail to "
@@ -196,29 +202,21 @@ CHECKS = {
 }
 
 
-def _checked_shards(
-    context: dg.AssetCheckExecutionContext, root_url: str, store: Storage, all_shards: bool
-) -> list[str]:
-    """The shards of this run's groups. Run on its own (CI, the UI): the shards of the
-    latest recaptioned group, or with ``all_shards`` every shard with an output."""
-    if context.has_partition_key or context.has_partition_key_range:
-        return shards_of_groups(root_url, context.partition_keys)
-    instance = context.instance
-    if all_shards:
-        groups = instance.get_dynamic_partitions(shard_group_partitions.name)
-        return [s for s in shards_of_groups(root_url, groups) if store.exists(*output_parts(s))]
-    latest = instance.get_latest_materialization_event(recaptioned_shards.key)
-    if latest is None or latest.asset_materialization is None:
-        return []
-    return group_shards(root_url, latest.asset_materialization.partition)
-
-
 @dg.multi_asset_check(
     specs=[
-        dg.AssetCheckSpec(name, asset=recaptioned_shards, blocking=blocking, description=text)
+        dg.AssetCheckSpec(
+            name,
+            asset=recaptioned_shards,
+            blocking=blocking,
+            description=text,
+            # One result per shard group: the UI shows each group's verdict, and the gate
+            # (orchestration/gates.py) holds back exactly the groups that failed.
+            partitions_def=shard_group_partitions,
+        )
         for name, (_, blocking, text) in CHECKS.items()
     ],
-    description="The recaptioned shards' checks; each shard is read once for all of them.",
+    description="The recaptioned shards' checks, per shard group; each shard is read once for "
+    "all of them. Blocking ones hold the group back from the latent cache and training.",
 )
 def recaptioned_shards_checks(
     context: dg.AssetCheckExecutionContext,
@@ -228,7 +226,7 @@ def recaptioned_shards_checks(
 ) -> Iterator[dg.AssetCheckResult]:
     store = storage.get()
     counter = clip_token_counter(sources.tokenizer_path)
-    shards = _checked_shards(context, sources.shards_root, store, config.all_shards)
+    shards = group_shards(sources.shards_root, context.partition_key)
     failing: dict[str, list[str]] = {name: [] for name in CHECKS}
     for shard in shards:
         if not store.exists(*output_parts(shard)):
@@ -257,3 +255,7 @@ def recaptioned_shards_checks(
             description=(f"{len(shards)} shard(s) pass" if not found else "; ".join(found[:10])),
             metadata={"shards_checked": len(shards), "failing": dg.MetadataValue.json(found[:100])},
         )
+
+
+#: The checks whose failure holds a group back from the latent cache and training.
+RECAPTION_GATE = [spec.key for spec in recaptioned_shards_checks.check_specs if spec.blocking]

@@ -4,32 +4,23 @@ metric reports per variant, and the side-by-side RECAP report."""
 import json
 import os
 import tempfile
-from pathlib import Path
 
 import dagster as dg
 import torch
 from pydantic import Field
 
-from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
-from recap_dagster.assets.recaption import recaptioned_shards
-from recap_dagster.assets.run_config import (
-    config_from_settings,
-    settings_from_config,
-    with_run_defaults,
-)
-from recap_dagster.corpus.shard_groups import group_shards, shards_of_groups
+from recap_dagster.assets.run_config import config_from_settings, settings_from_config
+from recap_dagster.assets.training_corpus import training_corpus
 from recap_dagster.evaluation import evaluate as evaluation
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
-from recap_dagster.orchestration.partitions import (
-    caption_variants_partitions,
-    shard_group_partitions,
-)
+from recap_dagster.orchestration.partitions import caption_variants_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
+from recap_dagster.orchestration.versions import current_data_version
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -37,11 +28,10 @@ from recap_dagster.resources import (
     StorageResource,
     WorldResource,
 )
-from recap_dagster.storage.fingerprint import weights_fingerprint
-from recap_dagster.storage.root import Storage
-from recap_dagster.t2i import latents as latent_cache
+from recap_dagster.t2i.manifest import read_manifest
 from recap_dagster.t2i.model import load_pipeline, local_model_dir
 from recap_dagster.t2i.sample import generate
+from recap_dagster.t2i.train import CODE_VERSION as TRAINER_CODE_VERSION
 from recap_dagster.t2i.train import (
     SNAPSHOTS_FILE,
     TrainConfig,
@@ -55,82 +45,6 @@ from recap_dagster.t2i.training_data import variant_captions
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"
 SAMPLE_SEED = 1234
-
-
-class _LatentCacheConfig(dg.Config):
-    batch_size: int = Field(default=64, description="Images per VAE forward pass.")
-    dtype: str = Field(
-        default="float32",
-        description="Stored latent dtype: float32, float16 or bfloat16 (half the bytes; at "
-        "SD 1.x's 512 px a float32 latent with its std is 128 KB). Training reads float32.",
-    )
-    reuse_existing: bool = Field(
-        default=True,
-        description="Keep a shard's latents already cached for this VAE (a killed run goes "
-        "on where it stopped); off: encode every shard of the group again.",
-    )
-
-
-LatentCacheConfig = with_run_defaults(_LatentCacheConfig, "t2i_latents")
-
-
-@dg.asset(
-    retry_policy=TRANSIENT_RETRY_POLICY,
-    partitions_def=shard_group_partitions,
-    deps=[laion_shards, base_t2i_model],
-    backfill_policy=dg.BackfillPolicy.multi_run(1),
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
-    group_name="text_to_image",
-    kinds={"pytorch", "safetensors"},
-    tags={"recap/gpu": "1"},
-    description="The base model's VAE latents of every decodable image of a shard group, "
-    "encoded once at the model's training resolution (resize + center crop), one "
-    "safetensors file per shard under t2i_latents/<VAE version>/. Every caption variant "
-    "trains from it.",
-)
-@retry_only_transient
-def t2i_latents(
-    context: dg.AssetExecutionContext,
-    config: LatentCacheConfig,
-    models: ModelsResource,
-    compute: ComputeResource,
-    sources: DataSourcesResource,
-    storage: StorageResource,
-) -> dg.MaterializeResult:
-    group = context.partition_key
-    store = storage.get()
-    shards = group_shards(sources.shards_root, group)
-    if not shards:
-        raise ValueError(f"shard group {group} has no complete shard under {sources.shards_root}")
-    base = local_model_dir(models.base_t2i)
-    vae, resolution, vae_version = latent_cache.load_vae(base, compute.torch_device())
-    stats = latent_cache.cache_latents(
-        vae,
-        vae_version,
-        store,
-        sources.shards_root,
-        shards,
-        resolution=resolution,
-        batch_size=config.batch_size,
-        reuse_existing=config.reuse_existing,
-        dtype=latent_cache.storage_dtype(config.dtype),
-        on_shard=lambda shard, i, n: context.log.info(f"latents of shard {shard} ({i}/{n})"),
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/uri": dg.MetadataValue.path(store.uri(latent_cache.LATENTS_DIR, vae_version)),
-            "vae_version": vae_version,
-            "resolution": resolution,
-            "rows": stats.rows,
-            "rows_without_image": stats.skipped,
-            "images_per_second": round(stats.images_per_second, 1),
-            "bytes_written": stats.bytes_written,
-            "shards_written": len(stats.shards_written),
-            "shards_kept": dg.MetadataValue.json(stats.shards_kept),
-        },
-        data_version=dg.DataVersion(f"{vae_version}-{group}"),
-    )
 
 
 SDFineTuneConfig = config_from_settings(
@@ -154,43 +68,19 @@ SDFineTuneConfig = config_from_settings(
 )
 
 
-def _recaptioned_shards(
-    context: dg.AssetExecutionContext, store: Storage, shards_root: str
-) -> list[str]:
-    """Every registered shard with recaptions (one listing of the recaptioned folder)."""
-    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
-    recaptioned = set(store.listdir(RECAPTIONED_DIR))
-    shards = [s for s in shards_of_groups(shards_root, groups) if f"{s}.parquet" in recaptioned]
-    if not shards:
-        raise ValueError("no recaptioned shards: materialize recaptioned_shards first")
-    return shards
-
-
-def _check_latents(store: Storage, shards: list[str], vae_version: str) -> None:
-    """Every training shard must have cached latents of this VAE."""
-    cached = set(store.listdir(latent_cache.LATENTS_DIR, vae_version))
-    missing = [s for s in shards if latent_cache.latent_file(s) not in cached]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} recaptioned shard(s) have no latents for VAE {vae_version} "
-            f"(first: {missing[:5]}): materialize t2i_latents for their groups first"
-        )
-
-
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
-    deps=[
-        dg.AssetDep(recaptioned_shards, partition_mapping=dg.AllPartitionMapping()),
-        dg.AssetDep(t2i_latents, partition_mapping=dg.AllPartitionMapping()),
-        base_t2i_model,
-    ],
+    # The shard groups reach training through training_corpus, whose version changes with
+    # theirs; the prompts give the sample grid.
+    deps=[training_corpus, base_t2i_model, eval_prompt_file],
     pool=GPU_POOL,
     op_tags=gpu_op_tags(training=True),
     group_name="text_to_image",
+    code_version=TRAINER_CODE_VERSION,
     kinds={"pytorch", "diffusers"},
     tags={"recap/gpu": "1"},
-    description="The base text-to-image model fine-tuned on every recaptioned shard with one "
+    description="The base text-to-image model fine-tuned on the shards of training_corpus with one "
     "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample), by "
     "the standalone trainer (torchrun, `processes` processes) launched through Dagster "
     "Pipes. Streams the latent cache; resumes from its training state under the storage "
@@ -209,15 +99,19 @@ def sd_checkpoints(
 ) -> dg.MaterializeResult:
     variant = context.partition_key
     store = storage.get()
-    shards = _recaptioned_shards(context, store, sources.shards_root)
+    corpus = read_manifest(store)
+    shards = corpus.shards
     base = local_model_dir(models.base_t2i)
-    vae_version = weights_fingerprint(Path(base) / "vae")
-    _check_latents(store, shards, vae_version)
+    # The version the observation (or the miniworld's build) recorded: no second hash of
+    # gigabytes of weights per run.
+    base_version = current_data_version(context.instance, base_t2i_model.key)
+    if base_version is None:
+        raise ValueError("base_t2i_model has no observed version: observe it first")
     train_config = settings_from_config(TrainConfig, config)
     processes = config.processes or max(1, torch.cuda.device_count())
     job = TrainJob(
         base_model=base,
-        base_version=weights_fingerprint(base),
+        base_version=base_version,
         storage_root=store.root,
         state_parts=(SD_STATE_DIR, variant),
         snapshot_parts=(*SD_DIR, variant),
@@ -225,7 +119,7 @@ def sd_checkpoints(
             train_config,
             base_model=base,
             latents_root=store.root,
-            vae_version=vae_version,
+            vae_version=corpus.vae_version,
             shards=shards,
             captions=variant_captions(store.root, variant, RECAPTIONED_DIR),
         ),
@@ -269,6 +163,7 @@ def sd_checkpoints(
             "variant": variant,
             "version": final_version,
             "training_shards": len(shards),
+            "training_corpus": corpus.version,
             "steps": train_config.steps,
             "processes": run["processes"],
             "resumed_from_step": run["resumed_from_step"],
@@ -299,7 +194,8 @@ MetricReportConfig = config_from_settings(
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     partitions_def=caption_variants_partitions,
-    deps=[sd_checkpoints, eval_prompt_file],
+    # FID's reference images are the training corpus' own.
+    deps=[sd_checkpoints, eval_prompt_file, training_corpus],
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     group_name="evaluation",
@@ -321,7 +217,6 @@ def metric_reports(
     variant = context.partition_key
     store = storage.get()
     the_world = world.get()
-    groups = context.instance.get_dynamic_partitions(shard_group_partitions.name)
     result = evaluation.evaluate_variant(
         store,
         variant,
@@ -329,7 +224,7 @@ def metric_reports(
         world=the_world,
         prompts=the_world.read_eval_prompts(sources.eval_prompts_path),
         shards_root=sources.shards_root,
-        shards=shards_of_groups(sources.shards_root, groups),
+        shards=read_manifest(store).shards,
         device=compute.torch_device(),
         settings=settings_from_config(evaluation.EvalSettings, config),
         log=context.log.info,

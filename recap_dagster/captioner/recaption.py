@@ -25,6 +25,10 @@ from recap_dagster.corpus.dataset import ShardDataset, collate_records
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
 from recap_dagster.corpus.reading import LaionRecord
 
+# Bump when a change here changes what is written for the same inputs: Dagster then shows
+# every recaptioned group as stale (the asset's code_version).
+CODE_VERSION = "1"
+
 SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),

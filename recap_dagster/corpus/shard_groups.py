@@ -10,6 +10,7 @@ with one model load; outputs, resume and row statuses stay per shard.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from recap_dagster.corpus.listing import list_shards
@@ -62,3 +63,19 @@ def shards_of_groups(root_url: str, groups: Iterable[str]) -> list[str]:
         for info in list_shards(root_url)
         if info.complete and group_of(info.key) in members
     ]
+
+
+def group_output_version(model_version: str, settings: str, shards: Iterable[str]) -> str:
+    """Data version of a group's output: ``<model version>.<hash>``, the model that made it
+    first, so that one indexed query of every group's data version tells which groups a
+    given model made; the hash covers the settings and the shards (a shard that joins the
+    group changes it)."""
+    digest = hashlib.sha256(settings.encode())
+    for shard in sorted(shards):
+        digest.update(f"\n{shard}".encode())
+    return f"{model_version}.{digest.hexdigest()[:16]}"
+
+
+def made_by(data_version: str | None, model_version: str) -> bool:
+    """Whether a ``group_output_version`` came from ``model_version``."""
+    return bool(data_version) and data_version.startswith(f"{model_version}.")

@@ -26,7 +26,7 @@ from recap_dagster.miniworld.resources import MiniworldResource
 from recap_dagster.miniworld.t2i_base import build_miniworld_base
 from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE, QUICK_PROFILE
 from recap_dagster.resources import ComputeResource, DataSourcesResource, ModelsResource
-from recap_dagster.storage.fingerprint import content_fingerprint, weights_fingerprint
+from recap_dagster.storage.fingerprint import content_fingerprint, model_fingerprint
 
 MINIWORLD_GROUP = "miniworld"
 BASE_CAPTIONER_RECIPES = {"default": BaseCaptionerConfig(), "quick": QUICK_BASE_CAPTIONER}
@@ -167,7 +167,8 @@ def base_captioner_model(
     )
     return dg.MaterializeResult(
         metadata={"dagster/uri": dg.MetadataValue.path(out), "recipe": config.recipe},
-        data_version=dg.DataVersion(weights_fingerprint(out)),
+        # The same version function as production's observation of a real base model.
+        data_version=dg.DataVersion(model_fingerprint(out)),
     )
 
 
@@ -190,7 +191,8 @@ def base_t2i_model(
     out = build_miniworld_base(miniworld.root, models.base_t2i, recipe)
     return dg.MaterializeResult(
         metadata={"dagster/uri": dg.MetadataValue.path(out), "recipe": config.recipe},
-        data_version=dg.DataVersion(weights_fingerprint(out)),
+        # The same version function as production's observation of a real base model.
+        data_version=dg.DataVersion(model_fingerprint(out)),
     )
 
 

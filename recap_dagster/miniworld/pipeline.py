@@ -42,6 +42,7 @@ WORK_WEIGHTS = {
     "captioner_checkpoint": 3.0,
     "recaptioned_shards": 2.0,
     "t2i_latents": 0.3,
+    "training_corpus": 0.1,
     "sd_checkpoints": 10.0,
     "metric_reports": 1.5,
 }
@@ -110,7 +111,11 @@ def _wait_for_shard_groups(instance: dg.DagsterInstance, timeout: float = 300) -
         time.sleep(2)
 
 
-def _backfill(client: DagsterGraphQL, summary: PipelineSummary, step: str, keys: list[str]) -> bool:
+def run_backfill(
+    client: DagsterGraphQL, summary: PipelineSummary, step: str, keys: list[str]
+) -> bool:
+    """Backfill every partition of ``keys``, follow it to its end and record the outcome
+    (with why each failed run failed) in ``summary``."""
     start = time.perf_counter()
     backfill_id = client.launch_backfill(keys, title=f"recap-miniworld: {step}")
     _say(f"{step}: backfill {backfill_id} of {len(keys)} assets launched")
@@ -122,6 +127,9 @@ def _backfill(client: DagsterGraphQL, summary: PipelineSummary, step: str, keys:
     if progress.error:
         detail += f"; {progress.error}"
     summary.add(step, time.perf_counter() - start, detail)
+    if not progress.succeeded:
+        for line in client.failures(backfill_id):
+            summary.lines.append(f"  failed: {line}")
     summary.succeeded &= progress.succeeded
     return progress.succeeded
 
@@ -163,13 +171,13 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
         _say(f"Dagster UI at {url} (log {log}); run config {run_config}")
         client = DagsterGraphQL(url)
         client.wait_for_location()
-        if not _backfill(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
+        if not run_backfill(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
             return summary
         start = time.perf_counter()
         _say("waiting for the laion_shard_sensor to register the shard groups ...")
         groups = _wait_for_shard_groups(instance)
         summary.add("laion_shard_groups", time.perf_counter() - start, f"{len(groups)} group(s)")
-        if _backfill(
+        if run_backfill(
             client, summary, "RECAP (materialize all)", _keys(exclude_group=MINIWORLD_GROUP)
         ):
             _read_report(instance, client, summary)

@@ -1,7 +1,8 @@
 """Run every asset check of the project against a Dagster instance (``recap-dagster check``).
 
-Builds one job that selects the asset checks and no assets, executes it in process against
-the instance (so the results also show in the UI), prints one row per check and returns
+Executes the code location's check jobs in process against the instance
+(``recap_asset_checks``; ``shard_group_checks`` on the latest materialized group), so the
+results show in the UI as runs of those jobs; prints one row per check and returns
 the exit status CI wants: 1 when a blocking (ERROR-severity) check failed or errored,
 0 otherwise. Warnings are printed but never fail; checks whose asset was never
 materialized are reported as skipped, since there is nothing to check yet.
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import dagster as dg
 
-JOB_NAME = "recap_asset_checks"
+from recap_dagster.orchestration.automation import CHECK_JOBS
+
 SKIPPED = "skipped: not materialized"
 
 
@@ -99,6 +101,52 @@ def _root_cause(error) -> str:
     return _one_line(error.message)
 
 
+def _latest_partition(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> str | None:
+    event = instance.get_latest_materialization_event(asset_key)
+    return event.asset_materialization.partition if event and event.asset_materialization else None
+
+
+def _execute(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    keys: Sequence[dg.AssetCheckKey],
+    partition: str | None,
+    evaluations: dict[dg.AssetCheckKey, dg.AssetCheckEvaluation],
+    errors: dict[dg.AssetCheckKey, str],
+) -> str:
+    """Run ``keys`` (one partition, or none) in one run of the code location's check job;
+    record results and crashes."""
+    job_def = defs.resolve_job_def(CHECK_JOBS[partition is not None].name)
+    # A multi-check runs whole: select every check of a node that any key names.
+    nodes = [c for c in defs.asset_checks or [] if set(c.check_keys) & set(keys)]
+    wanted = {key for checks_def in nodes for key in checks_def.check_keys}
+    job_def = job_def.get_subset(asset_check_selection=wanted)
+    # The table below is the report; Dagster's per-step DEBUG log would bury it.
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    # The partition as a run tag: a check-only subset has no partitions definition to
+    # validate a partition key against.
+    result = job_def.execute_in_process(
+        run_config=quiet,
+        instance=instance,
+        raise_on_error=False,
+        tags={"dagster/partition": partition} if partition else None,
+    )
+    for evaluation in result.get_asset_check_evaluations():
+        evaluations[evaluation.asset_check_key] = evaluation
+    # A check that raised has no evaluation: map its failed step back to its key.
+    # A blocking check that *failed* also fails its step; its evaluation wins below.
+    node_keys = {
+        checks_def.node_def.name: checks_def.check_keys for checks_def in defs.asset_checks or []
+    }
+    for event in result.all_events:
+        if event.event_type_value != "STEP_FAILURE":
+            continue
+        message = _root_cause(event.step_failure_data.error)
+        for key in node_keys.get(event.step_key or "", []):
+            errors[key] = message
+    return result.run_id
+
+
 def run_checks(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -122,30 +170,18 @@ def run_checks(
 
     evaluations: dict[dg.AssetCheckKey, dg.AssetCheckEvaluation] = {}
     errors: dict[dg.AssetCheckKey, str] = {}
-    run_id = None
-    if runnable:
-        job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.checks(*runnable))
-        job_def = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def(JOB_NAME)
-        # The table below is the report; Dagster's per-step DEBUG log would bury it.
-        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-        result = job_def.execute_in_process(
-            run_config=quiet, instance=instance, raise_on_error=False
-        )
-        run_id = result.run_id
-        for evaluation in result.get_asset_check_evaluations():
-            evaluations[evaluation.asset_check_key] = evaluation
-        # A check that raised has no evaluation: map its failed step back to its key.
-        # A blocking check that *failed* also fails its step; its evaluation wins below.
-        node_keys = {
-            checks_def.node_def.name: checks_def.check_keys
-            for checks_def in defs.asset_checks or []
-        }
-        for event in result.all_events:
-            if event.event_type_value != "STEP_FAILURE":
-                continue
-            message = _root_cause(event.step_failure_data.error)
-            for key in node_keys.get(event.step_key or "", []):
-                errors[key] = message
+    run_ids = []
+    # Unpartitioned checks in one run; a partitioned asset's checks on its latest
+    # materialized partition (one shard group, not 5,850: every group's own run checked it).
+    batches: dict[str | None, list[dg.AssetCheckKey]] = {}
+    for key in runnable:
+        partitioned = graph.get_check_spec(key).partitions_def is not None
+        partition = _latest_partition(instance, key.asset_key) if partitioned else None
+        batches.setdefault(partition, []).append(key)
+    for partition, batch in batches.items():
+        run_id = _execute(defs, instance, batch, partition, evaluations, errors)
+        run_ids.append(run_id)
+    run_id = ", ".join(run_ids) if run_ids else None
 
     outcomes = []
     for key in keys:

@@ -160,6 +160,27 @@ query Runs($tags: [ExecutionTag!]) {
 }
 """
 
+RANGE_START_TAG = "dagster/asset_partition_range_start"  # a run of a partition range
+
+_FAILED_RUNS = """
+query Failed($tags: [ExecutionTag!]) {
+  runsOrError(filter: {tags: $tags, statuses: [FAILURE]}) {
+    ... on Runs { results { runId tags { key value } } }
+  }
+}
+"""
+
+_FAILURES = """
+query Failures($runId: ID!) {
+  logsForRun(runId: $runId) {
+    ... on EventConnection { events { __typename
+      ... on ExecutionStepFailureEvent { stepKey error { message } }
+      ... on AssetCheckEvaluationEvent { stepKey
+        evaluation { checkName success severity description partition } } } }
+  }
+}
+"""
+
 _LOGS = """
 query Logs($runId: ID!, $after: String) {
   logsForRun(runId: $runId, afterCursor: $after) {
@@ -255,6 +276,33 @@ class DagsterGraphQL:
                 status = execution.get("status", "NOT_RUN")
                 results.append((check["name"], status, evaluation.get("description") or ""))
         return results
+
+    def failures(self, backfill_id: str, limit: int = 20) -> list[str]:
+        """Why the backfill's failed runs failed: one line per failed blocking check (its
+        description names the shard) and per failed step (its own error message: for a
+        read the gate refused, the check, the shard group and the shard)."""
+        backfill_tag = [{"key": "dagster/backfill", "value": backfill_id}]
+        runs = self.query(_FAILED_RUNS, {"tags": backfill_tag})["runsOrError"].get("results", [])
+        lines = []
+        for run in runs[:limit]:
+            tags = {t["key"]: t["value"] for t in run["tags"]}
+            partition = tags.get("dagster/partition", tags.get(RANGE_START_TAG))
+            events = self.query(_FAILURES, {"runId": run["runId"]})["logsForRun"].get("events", [])
+            for event in events:
+                where = event.get("stepKey", "") + (f" [{partition}]" if partition else "")
+                if event["__typename"] == "ExecutionStepFailureEvent":
+                    message = (event.get("error") or {}).get("message", "")
+                elif event["__typename"] == "AssetCheckEvaluationEvent":
+                    check = event["evaluation"]
+                    if check["success"] or check["severity"] != "ERROR":
+                        continue
+                    group = check.get("partition") or partition
+                    where = f"check {check['checkName']}" + (f" [{group}]" if group else "")
+                    message = check.get("description") or "failed"
+                else:
+                    continue
+                lines.append(f"{where} (run {run['runId'][:8]}): {' '.join(message.split())}")
+        return lines
 
     def running_steps(self, backfill_id: str, cursors: dict[str, str]) -> list[str]:
         """One line per started run of the backfill: its assets and newest log message."""

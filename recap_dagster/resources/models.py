@@ -16,3 +16,8 @@ class ModelsResource(dg.ConfigurableResource):
         description="Base text-to-image pipeline (Stable Diffusion layout): local directory "
         "or hub id.",
     )
+    full_weights_hash: bool = Field(
+        default=False,
+        description="Version the base models by a SHA-256 of every weights byte (gigabytes per "
+        "observation) instead of file sizes, safetensors headers and samples of every tensor.",
+    )

@@ -109,8 +109,9 @@ class Storage:
     def write_text(self, text: str, *parts: str) -> str:
         return self.write_bytes(text.encode("utf-8"), *parts)
 
-    def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self._fs_path(*parts))
+    def read_bytes(self, *parts: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The file's bytes, or only ``[start, end)`` of them (one ranged read on S3)."""
+        return self.fs.cat_file(self._fs_path(*parts), start=start, end=end)
 
     def download_file(self, local: str, *parts: str) -> str:
         """Copy the file ``parts`` to the local path ``local`` atomically (temp + rename)."""

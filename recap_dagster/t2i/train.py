@@ -55,6 +55,9 @@ from recap_dagster.training.substrate import (
 log = logging.getLogger(__name__)
 
 SNAPSHOTS_FILE = "snapshots.json"
+# Bump when a change here changes the weights trained from the same data and settings:
+# Dagster then shows every fine-tune as stale (sd_checkpoints' code_version).
+CODE_VERSION = "1"
 FINAL = "final"
 
 
