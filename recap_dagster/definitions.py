@@ -21,6 +21,7 @@ from recap_dagster.assets.inputs import (
     observe_inputs_schedule,
 )
 from recap_dagster.assets.latents import t2i_latents, t2i_latents_checks
+from recap_dagster.assets.metadata import with_owners
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.assets.t2i import (
     metric_reports,
@@ -110,8 +111,13 @@ def recap_definitions(
     """The RECAP graph fed by ``inputs`` (assets or observed sources with the keys of
     ``assets.inputs.INPUT_KEYS``) and ``corpus`` (the ``laion_shards`` spec);
     ``observe_inputs``: observe the (external) inputs on a schedule."""
+    # Owners by group and links to the defining source on every asset page.
+    # (Observed source assets take neither: they are SourceAssets, not specs.)
+    owned = [corpus, *RECAP_ASSETS, *(i for i in inputs if isinstance(i, dg.AssetsDefinition))]
+    sources = [i for i in inputs if not isinstance(i, dg.AssetsDefinition)]
+    assets = dg.with_source_code_references([*sources, *dg.map_asset_specs(with_owners, owned)])
     return dg.Definitions(
-        assets=[*inputs, corpus, *RECAP_ASSETS],
+        assets=assets,
         asset_checks=ASSET_CHECKS,
         jobs=[*JOBS, *([observe_inputs_job] if observe_inputs else [])],
         sensors=[laion_shard_sensor, gpu_pool_watchdog],

@@ -11,7 +11,10 @@ from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.recaption import RECAPTION_GATE, recaptioned_shards
 from recap_dagster.definitions import JOBS
 from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS
-from recap_dagster.orchestration.automation import shard_group_checks_job
+from recap_dagster.orchestration.automation import (
+    recaption_backfill_schedule,
+    shard_group_checks_job,
+)
 from recap_dagster.orchestration.versions import DATA_VERSION_TAG
 
 
@@ -28,9 +31,7 @@ def record_recaptions(
             captioner_checkpoint.key, tags={DATA_VERSION_TAG: captioner_version}
         )
     )
-    defs = dg.Definitions(
-        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
-    )
+    defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
     job = defs.resolve_job_def(shard_group_checks_job.name).get_subset(
         asset_check_selection=set(RECAPTION_GATE)
         | {k for c in ASSET_CHECKS for k in c.check_keys if k.asset_key == recaptioned_shards.key}
@@ -53,3 +54,10 @@ def record_recaptions(
             if evaluation.check_name == "recaptioned_failure_fraction":
                 evaluations[group] = evaluation
     return evaluations
+
+
+def schedule_tick(instance: dg.DagsterInstance):
+    """One tick of the backfill schedule, its context closed after (the context opens its
+    own handle on the instance, which must not outlive the test)."""
+    with dg.build_schedule_context(instance=instance) as context:
+        return recaption_backfill_schedule(context)

@@ -116,3 +116,25 @@ def test_miniworld_builds_the_same_inputs_in_its_own_group() -> None:
     for key in production_graph.get_all_asset_keys():  # the same RECAP graph in both
         if key.to_user_string() not in READERS and key != laion.key:
             assert graph.get(key).parent_keys == production_graph.get(key).parent_keys, key
+
+
+def test_asset_pages_name_owners_source_and_columns() -> None:
+    """Every materializable asset and the corpus name their owners and link to their
+    source; the tables declare their columns on the definition, before any run."""
+    from recap_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if node.is_materializable or key.to_user_string() == "laion_shards":
+            assert node.owners and all(o.startswith("team:") for o in node.owners), key
+        if node.is_materializable:
+            (reference,) = node.metadata["dagster/code_references"].code_references
+            assert Path(reference.file_path).is_file() and reference.line_number > 0, key
+    for name, column in (
+        ("laion_shards", "status"),
+        ("recaptioned_shards", "recap_long"),
+        ("human_captions", "short"),
+    ):
+        schema = graph.get(dg.AssetKey(name)).metadata["dagster/column_schema"]
+        assert column in {c.name for c in schema.columns}, name

@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 import yaml
 from browser import REPO, dagster_dev
+from recorded import schedule_tick
 from test_recaption_assets import RECAPTION_CONFIG, _dead_url_shard, base_captioner  # noqa: F401
 
 from recap_dagster.assets.captioner import CHECKPOINT_PARTS, read_checkpoint_version
@@ -25,7 +26,7 @@ from recap_dagster.miniworld.resources import (
     MiniworldWorldResource,
     miniworld_sources,
 )
-from recap_dagster.orchestration.automation import recaption_backfill_schedule, recaption_job
+from recap_dagster.orchestration.automation import recaption_job
 from recap_dagster.orchestration.gates import held_groups
 from recap_dagster.orchestration.launcher import DagsterGraphQL
 from recap_dagster.orchestration.partitions import shard_group_partitions
@@ -148,7 +149,7 @@ def test_sensor_and_schedule_runs_stop_at_the_failed_check(world) -> None:
     checks = {c.check_name: c.passed for c in bad.get_asset_check_evaluations()}
     assert checks["recaptioned_failure_fraction"] is False
 
-    skipped = recaption_backfill_schedule(dg.build_schedule_context(instance=instance))
+    skipped = schedule_tick(instance)
     assert isinstance(skipped, dg.SkipReason)
     assert "1 held back by checks" in skipped.skip_message
 

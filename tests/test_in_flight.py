@@ -12,11 +12,12 @@ import dagster as dg
 import pytest
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
+from recorded import schedule_tick
 
 from recap_dagster.corpus.discovery import DiscoveryCursor
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.orchestration import in_flight
-from recap_dagster.orchestration.automation import laion_shard_sensor, recaption_backfill_schedule
+from recap_dagster.orchestration.automation import laion_shard_sensor
 from recap_dagster.orchestration.in_flight import partitions_in_flight
 from recap_dagster.orchestration.launcher import DagsterGraphQL, LaunchError, serve
 from recap_dagster.orchestration.partitions import shard_group_partitions
@@ -196,7 +197,7 @@ def _assert_schedule_and_sensor_wait(
     instance.report_runless_asset_event(
         dg.AssetMaterialization("captioner_checkpoint", tags={"dagster/data_version": "v1"})
     )
-    skipped = recaption_backfill_schedule(dg.build_schedule_context(instance=instance))
+    skipped = schedule_tick(instance)
     assert isinstance(skipped, dg.SkipReason), skipped
     assert "in queued or running runs" in str(skipped.skip_message)
     first = int(groups[0].split("-")[0])

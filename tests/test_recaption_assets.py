@@ -14,6 +14,7 @@ from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._time import get_current_datetime
 from PIL import Image
+from recorded import schedule_tick
 
 from recap_dagster.assets.captioner import CHECKPOINT_PARTS, captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
@@ -31,7 +32,6 @@ from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 from recap_dagster.orchestration.automation import (
     groups_needing_recaption,
     laion_shard_sensor,
-    recaption_backfill_schedule,
 )
 from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import (
@@ -165,20 +165,20 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
         assert third.asset_materialization.tags["dagster/data_version"] == second["version"].value
 
         # The schedule backfills the stale group (both shards) in one run.
-        context = dg.build_schedule_context(instance=instance)
-        requests = recaption_backfill_schedule(context)
+        requests = schedule_tick(instance)
         assert [r.partition_key for r in requests] == [GROUP]
         result = _recaption(instance, resources, requests[0].partition_key)
         assert result.success
         resolver = get_stale_status_resolver(instance, ASSETS)
         assert resolver.get_status(key, GROUP) == StaleStatus.FRESH
-        assert isinstance(recaption_backfill_schedule(context), dg.SkipReason)
+        assert isinstance(schedule_tick(instance), dg.SkipReason)
 
 
 def test_backfill_schedule_skips_groups_in_flight_and_caps_a_tick(monkeypatch) -> None:
     import uuid
 
     from recap_dagster.orchestration import automation
+
     groups = [f"{i * 100:05d}-{i * 100 + 99:05d}" for i in range(40)]
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, groups)
@@ -197,11 +197,10 @@ def test_backfill_schedule_skips_groups_in_flight_and_caps_a_tick(monkeypatch) -
             tags={"dagster/partition": groups[8]},
         )
         instance.add_run(running)
-        context = dg.build_schedule_context(instance=instance)
-        requests = recaption_backfill_schedule(context)
+        requests = schedule_tick(instance)
         assert [r.partition_key for r in requests] == groups[9:]
         monkeypatch.setattr(automation, "MAX_RUNS_PER_TICK", 2)
-        assert [r.partition_key for r in recaption_backfill_schedule(context)] == groups[9:11]
+        assert [r.partition_key for r in schedule_tick(instance)] == groups[9:11]
         # A new captioner: every group needs it again.
         captioner = dg.AssetMaterialization(
             captioner_checkpoint.key, tags={"dagster/data_version": "v2"}

@@ -20,6 +20,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 from dagster._core.events import DagsterEvent, StepMaterializationData
 from dagster._core.events.log import EventLogEntry
+from recorded import schedule_tick
 from test_recaption_assets import get_stale_status_resolver
 
 from recap_dagster.assets.captioner import captioner_checkpoint
@@ -35,7 +36,6 @@ from recap_dagster.miniworld.resources import (
     MiniworldWorldResource,
     miniworld_sources,
 )
-from recap_dagster.orchestration.automation import recaption_backfill_schedule
 from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.orchestration.versions import DATA_VERSION_TAG
 from recap_dagster.resources import ComputeResource, ModelsResource, StorageResource
@@ -151,7 +151,7 @@ TICKS: list[str] = []  # the schedule's tick times, for the figures
 def _schedule_tick(instance: dg.DagsterInstance) -> list[str]:
     """The groups one tick of the backfill schedule requests (its time kept in TICKS)."""
     started = time.perf_counter()
-    requests = recaption_backfill_schedule(dg.build_schedule_context(instance=instance))
+    requests = schedule_tick(instance)
     TICKS.append(f"{time.perf_counter() - started:.2f} s")
     return sorted(r.partition_key for r in requests)
 
@@ -230,4 +230,3 @@ def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
         assert status(sd_checkpoints.key, "recap_mix") == STALE  # a direct input too
         assert _schedule_tick(instance) == groups  # latents of the new VAE for every group
         print(f"staleness at {GROUPS} groups: schedule ticks {TICKS}")
-

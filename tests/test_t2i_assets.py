@@ -164,9 +164,13 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         )
         assert result.success
         metadata = result.asset_materializations_for_node("recap_report")[0].metadata
-        table = metadata["table"].value
-        assert all(v in table for v in CAPTION_VARIANTS)
-        assert "%)" in table  # deltas against alttext
+        table = metadata["table"]  # typed: numbers sort as numbers in the UI
+        rows = {r.data["variant"]: r.data for r in table.records}
+        assert set(rows) == set(CAPTION_VARIANTS)
+        types = {c.name: c.type for c in table.schema.columns}
+        assert types["fid"] == "float" and types["variant"] == "string"
+        assert rows["alttext"]["fid_vs_alttext"] is None  # deltas against alttext
+        assert isinstance(rows["recap_mix"]["fid_vs_alttext"], float)
         assert storage.exists("reports", "recap_report.md")
         assert storage.exists("reports", "recap_fid_vs_steps.png")
         assert storage.exists("reports", "recap_object_accuracy_vs_steps.png")

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from recap_dagster.corpus.reading import SHARD_COLUMNS
 from recap_dagster.orchestration.partitions import shard_group_partitions
 
 laion_shards = dg.AssetSpec(
@@ -9,6 +10,14 @@ laion_shards = dg.AssetSpec(
     partitions_def=shard_group_partitions,
     group_name="corpus",
     kinds={"webdataset"},
+    metadata={
+        "dagster/column_schema": dg.TableSchema(
+            columns=[
+                dg.TableColumn(name, kind, description=text)
+                for name, (kind, text) in SHARD_COLUMNS.items()
+            ]
+        )
+    },
     description=(
         "LAION-style image/alt-text shards as img2dataset writes them (NNNNN.tar with "
         "key.jpg/.txt/.json, NNNNN.parquet, NNNNN_stats.json) under the configured source "

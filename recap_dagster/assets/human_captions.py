@@ -15,6 +15,7 @@ OUTPUT_PARTS = ("human_captions", "human_captions.parquet")
     retry_policy=TRANSIENT_RETRY_POLICY,
     deps=[human_caption_file, caption_tokenizer],
     group_name="captioner",
+    metadata={"dagster/column_schema": column_schema(core.SCHEMA, core.COLUMN_DESCRIPTIONS)},
     kinds={"parquet"},
     description="Human SHORT and LONG captions with their images, validated and stored as parquet.",
 )

@@ -33,6 +33,62 @@ def column_schema(schema: pa.Schema, descriptions: dict[str, str] | None = None)
     )
 
 
+#: Who answers for each group of assets (the asset page's owners): one entry per group.
+OWNERS_BY_GROUP = {
+    "inputs": ["team:recap-data"],
+    "corpus": ["team:recap-data"],
+    "captioner": ["team:recap-captioning"],
+    "recaption": ["team:recap-captioning"],
+    "text_to_image": ["team:recap-t2i"],
+    "evaluation": ["team:recap-evaluation"],
+    "miniworld": ["team:recap-data"],
+}
+
+
+def with_owners(spec: dg.AssetSpec) -> dg.AssetSpec:
+    """``spec`` owned by its group's team (``OWNERS_BY_GROUP``)."""
+    return spec.replace_attributes(owners=OWNERS_BY_GROUP.get(spec.group_name or "", []))
+
+
+def _column_type(values: list[object]) -> str:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if present and all(isinstance(v, int | float) for v in present):
+        return "float"
+    return "string"
+
+
+def typed_table(
+    rows: list[dict[str, object]], descriptions: dict[str, str] | None = None
+) -> dg.MetadataValue:
+    """``rows`` (same keys in each) as a table whose columns are typed from their values
+    (the UI sorts numbers as numbers); other values are shown as text."""
+    descriptions = descriptions or {}
+    names = list(rows[0]) if rows else []
+    types = {name: _column_type([row.get(name) for row in rows]) for name in names}
+    records = [
+        dg.TableRecord(
+            {
+                name: row.get(name)
+                if row.get(name) is None or types[name] != "string"
+                else str(row[name])
+                for name in names
+            }
+        )
+        for row in rows
+    ]
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn(name=name, type=types[name], description=descriptions.get(name))
+            for name in names
+        ]
+    )
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
 def sample_table(table: pa.Table, columns: list[str], rows: int = 8) -> dg.MetadataValue:
     """A small table of the first ``rows`` rows, text columns shortened for display."""
     head = table.select(columns).slice(0, rows).to_pylist()

@@ -67,6 +67,7 @@ RecaptionConfig = with_run_defaults(_RecaptionConfig, "recaptioned_shards")
     # results without their group in Dagster 1.13, which the gate would then not find).
     group_name="recaption",
     code_version=core.CODE_VERSION,
+    metadata={"dagster/column_schema": column_schema(core.SCHEMA, core.COLUMN_DESCRIPTIONS)},
     kinds={"pytorch", "parquet"},
     tags={"recap/gpu": "1"},
     description="One parquet file per LAION shard with RECAP short and long captions beside "

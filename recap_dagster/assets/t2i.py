@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 
 from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
+from recap_dagster.assets.metadata import typed_table
 from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.assets.training_corpus import training_corpus
@@ -45,6 +46,14 @@ from recap_dagster.t2i.training_data import variant_captions
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"
 SAMPLE_SEED = 1234
+# Column descriptions of the report tables: what an empty cell and a delta column mean.
+REPORT_COLUMN_NOTES = {
+    **{m: "empty: not graded (the world has no image grader)" for m in report_core.IMAGE_COLUMNS},
+    **{
+        f"{m}_vs_{report_core.BASELINE}": f"relative change of {m} against {report_core.BASELINE}"
+        for m, _, _ in report_core.COLUMNS
+    },
+}
 
 
 SDFineTuneConfig = config_from_settings(
@@ -236,8 +245,8 @@ def metric_reports(
             "world": the_world.name,
             **{k: v for k, v in overall.items() if isinstance(v, float | int)},
             "fid_features": overall["fid_features"],
-            "metrics": dg.MetadataValue.md(report_core.category_table(result.report)),
-            "per_prompt": dg.MetadataValue.md(report_core.prompt_table(result.report)),
+            "metrics": typed_table(report_core.category_rows(result.report), REPORT_COLUMN_NOTES),
+            "per_prompt": typed_table(report_core.prompt_rows(result.report), REPORT_COLUMN_NOTES),
             "samples_by_category": dg.MetadataValue.md(
                 "\n\n".join(
                     f"**{c}**\n\n{markdown_image(png, c)}" for c, png in result.grids.items()
@@ -276,7 +285,7 @@ def recap_report(
     return dg.MaterializeResult(
         metadata={
             "dagster/uri": dg.MetadataValue.path(store.uri("reports", "recap_report.md")),
-            "table": dg.MetadataValue.md(built.table_markdown),
+            "table": typed_table(built.rows, REPORT_COLUMN_NOTES),
             "figures": dg.MetadataValue.md(
                 "\n\n".join(markdown_image(png, name) for name, png in built.figures.items())
             ),

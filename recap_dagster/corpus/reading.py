@@ -25,7 +25,6 @@ a JSON-object ``metadata`` field decoded and merged in. So a record written with
 (``similarity``, ``punsafe``, ...) show up there as well.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -57,6 +56,20 @@ SOURCE_SUCCESS = "success"
 SOURCE_FAILED_TO_DOWNLOAD = "failed_to_download"
 SOURCE_FAILED_TO_RESIZE = "failed_to_resize"
 
+# The columns of img2dataset's NNNNN.parquet, one row per URL tried: (type, meaning).
+SHARD_COLUMNS = {
+    "caption": ("string", "the alt text"),
+    "url": ("string", "where the image was downloaded from"),
+    "key": ("string", "shard number and row number (NNNNNRRRR); names the tar's files"),
+    "status": ("string", "success, failed_to_download or failed_to_resize"),
+    "error_message": ("string", "why the download or resize failed"),
+    "width": ("int", "stored image width"),
+    "height": ("int", "stored image height"),
+    "original_width": ("int", "width before resizing"),
+    "original_height": ("int", "height before resizing"),
+    "exif": ("string", "EXIF of the original, JSON"),
+    "sha256": ("string", "hash of the original image bytes"),
+}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices
 EXTRA_METADATA_FIELD = "metadata"
 # Fields img2dataset writes itself; everything else in a row is "extra" metadata.
@@ -84,6 +97,7 @@ READ_BATCH_SIZE = 64
 # enough that a reader's memory does not grow with shard size (s3fs's default is 50 MiB).
 REMOTE_BLOCK_SIZE = 4 * 2**20
 
+
 class ShardReadError(RuntimeError):
     """A shard could not be read to the end; raised after every readable record was yielded.
 
@@ -96,9 +110,11 @@ class ShardReadError(RuntimeError):
         self.shard = shard
         self.records_read = records_read
 
+
 def _read_error(shard: str, detail: str, records_read: int) -> ShardReadError:
     message = f"{shard}: {detail} ({records_read} records read before the error)"
     return ShardReadError(message, shard=shard, records_read=records_read)
+
 
 class _TarBroken(Exception):
     """Internal: the tar stream failed after ``complete`` whole samples."""

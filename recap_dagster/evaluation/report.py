@@ -52,31 +52,43 @@ def graded(overall: dict) -> bool:
     return any(overall.get(n) is not None for n in IMAGE_COLUMNS)
 
 
-def category_table(report: MetricReport) -> str:
-    names = list(IMAGE_COLUMNS)
-    empty = "-" if graded(report.overall) else NOT_GRADED
-    rows = [["overall", *(_fmt(report.overall.get(n), empty) for n in names)]]
+def category_rows(report: MetricReport) -> list[dict[str, object]]:
+    """Overall and per-category image metrics, one dict per row (None: not graded)."""
+    rows = [{"category": "overall", **{n: report.overall.get(n) for n in IMAGE_COLUMNS}}]
     for category, values in sorted(report.per_category.items()):
-        rows.append([category, *(_fmt(values.get(n), empty) for n in names)])
+        rows.append({"category": category, **{n: values.get(n) for n in IMAGE_COLUMNS}})
+    return rows
+
+
+def category_table(report: MetricReport) -> str:
+    empty = "-" if graded(report.overall) else NOT_GRADED
+    rows = [[_fmt(v, empty) for v in row.values()] for row in category_rows(report)]
     extra = f"\n\nFID ({report.overall['fid_features']}): {report.overall['fid']:.3f}"
     if "clip_score" in report.overall:
         extra += f"; CLIP score: {report.overall['clip_score']:.3f}"
     if not graded(report.overall):
         extra += "\n\nImages were not graded: the world has no image grader configured."
-    return markdown_table(["category", *names], rows) + extra
+    return markdown_table(["category", *IMAGE_COLUMNS], rows) + extra
+
+
+def prompt_rows(report: MetricReport, limit: int = 60) -> list[dict[str, object]]:
+    """The first ``limit`` graded images: prompt, category, scores and what was detected."""
+    return [
+        {
+            "prompt": r["prompt"],
+            "category": r["category"],
+            **{c: r.get(c) for c in ("object_accuracy", "count_error", "position_accuracy")},
+            "detected": r.get("detected", ""),
+        }
+        for r in report.rows[:limit]
+    ]
 
 
 def prompt_table(report: MetricReport, limit: int = 60) -> str:
-    """The first ``limit`` graded images: prompt, category, scores and what was detected."""
     empty = "-" if graded(report.overall) else NOT_GRADED
-    columns = ("object_accuracy", "count_error", "position_accuracy")
     return markdown_table(
         ["prompt", "category", "objects", "count err", "position", "detected"],
-        [
-            [r["prompt"], r["category"], *(_fmt(r.get(c), empty) for c in columns),
-             r.get("detected", "")]  # fmt: skip
-            for r in report.rows[:limit]
-        ],
+        [[_fmt(v, empty) for v in row.values()] for row in prompt_rows(report, limit)],
     )
 
 
@@ -93,6 +105,7 @@ def relative_delta(value: float | None, base: float | None) -> float | None:
 @dataclass
 class BuiltReport:
     table: dict  # {variant: {metric: value}}
+    rows: list[dict[str, object]]  # per variant: metrics, then relative deltas vs alttext
     table_markdown: str
     markdown: str
     figures: dict[str, bytes] = field(default_factory=dict)
@@ -104,16 +117,18 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
     base = reports[BASELINE]["overall"]
     columns = [c for c in COLUMNS if any(c[0] in r["overall"] for r in reports.values())]
     table = {v: {m: r["overall"].get(m) for m, _, _ in columns} for v, r in reports.items()}
-    rows = []
+    rows, cell_rows = [], []
     for variant, values in table.items():
-        cells = []
+        cells, deltas = [], {}
         for metric, _, _ in columns:
             value = values.get(metric)
             delta = relative_delta(value, base.get(metric)) if variant != BASELINE else None
+            deltas[f"{metric}_vs_{BASELINE}"] = None if delta is None else round(delta, 4)
             text = NOT_GRADED if value is None else f"{value:.3f}"
             cells.append(text + (f" ({delta:+.1%})" if delta is not None else ""))
-        rows.append([variant, *cells])
-    table_markdown = markdown_table(["variant", *(label for _, label, _ in columns)], rows)
+        cell_rows.append([variant, *cells])
+        rows.append({"variant": variant, **{m: values.get(m) for m, _, _ in columns}, **deltas})
+    table_markdown = markdown_table(["variant", *(label for _, label, _ in columns)], cell_rows)
 
     figures = {}
     for metric, label, filename in (
@@ -146,7 +161,7 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
             *(markdown_image(png, name) for name, png in figures.items()),
         ]
     )
-    return BuiltReport(table, table_markdown, markdown, figures, mix_deltas)
+    return BuiltReport(table, rows, table_markdown, markdown, figures, mix_deltas)
 
 
 @dataclass
