@@ -21,7 +21,7 @@ from recap_dagster.assets.inputs import (
     observe_inputs_schedule,
 )
 from recap_dagster.assets.latents import t2i_latents, t2i_latents_checks
-from recap_dagster.assets.metadata import with_owners
+from recap_dagster.assets.metadata import with_code_reference, with_owners
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.assets.t2i import (
     metric_reports,
@@ -115,7 +115,13 @@ def recap_definitions(
     # (Observed source assets take neither: they are SourceAssets, not specs.)
     owned = [corpus, *RECAP_ASSETS, *(i for i in inputs if isinstance(i, dg.AssetsDefinition))]
     sources = [i for i in inputs if not isinstance(i, dg.AssetsDefinition)]
-    assets = dg.with_source_code_references([*sources, *dg.map_asset_specs(with_owners, owned)])
+    assets = [
+        *sources,
+        *(
+            with_code_reference(a) if isinstance(a, dg.AssetsDefinition) else a
+            for a in dg.map_asset_specs(with_owners, owned)
+        ),
+    ]
     return dg.Definitions(
         assets=assets,
         asset_checks=ASSET_CHECKS,

@@ -52,7 +52,16 @@ def _tail(path: Path, chars: int = 4000) -> str:
 @contextmanager
 def dagster_webserver(dagster_home: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     """Run ``dagster-webserver -w workspace.yaml`` on loopback; yield its base URL."""
-    with _serving("dagster-webserver", ["-w", "workspace.yaml"], dagster_home, env, log) as url:
+    with dagster_webserver_for(dagster_home, env, log, ["-w", "workspace.yaml"]) as url:
+        yield url
+
+
+@contextmanager
+def dagster_webserver_for(
+    dagster_home: Path, env: dict[str, str], log: Path, target: list[str]
+) -> Iterator[str]:
+    """Run ``dagster-webserver`` on ``target`` (e.g. ``["-m", module]``) on loopback."""
+    with _serving("dagster-webserver", target, dagster_home, env, log) as url:
         yield url
 
 

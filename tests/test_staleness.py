@@ -5,16 +5,20 @@ Dagster stops comparing data versions across an edge with 100 or more upstream p
 so the trainer reads the groups through ``training_corpus``, whose version is derived from
 the groups'. The 150 groups' recaptions, latents and check results are recorded in a real
 SQLite instance as their runs record them (running 300 recaptioning and encoding runs would
-test nothing more); ``training_corpus`` and the schedule run for real.
+test nothing more); ``training_corpus`` and the schedule run for real, and the UI shows the
+stale fine-tune (test-artifacts/ui/staleness_150_groups_sd_checkpoints.png).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from pathlib import Path
 
 import dagster as dg
+import pytest
+from browser import REPO, chromium_page, dagster_webserver_for, screenshot
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
@@ -43,6 +47,17 @@ from recap_dagster.t2i.latents import LATENTS_DIR, latent_vae_version
 from recap_dagster.t2i.manifest import read_manifest
 
 GROUPS = 150
+STALE_SCREENSHOT = "staleness_150_groups_sd_checkpoints"
+# What the production definitions read from the environment when the UI loads them.
+PRODUCTION_ENV = (
+    "RECAP_SHARDS_ROOT",
+    "RECAP_HUMAN_CAPTIONS",
+    "RECAP_EVAL_PROMPTS",
+    "RECAP_TOKENIZER",
+    "RECAP_BASE_CAPTIONER",
+    "RECAP_BASE_T2I",
+    "RECAP_STORAGE_ROOT",
+)
 STALE = "STALE"
 
 
@@ -145,6 +160,25 @@ def _record_fine_tune(instance: dg.DagsterInstance, corpus_version: str) -> None
     )
 
 
+def _screenshot_stale_checkpoint(home: Path, tmp_path: Path) -> None:
+    """What the UI shows for the stale fine-tune: the production definitions served on the
+    instance, sd_checkpoints' page in headless Chromium."""
+    env = {name: str(tmp_path / name.lower()) for name in PRODUCTION_ENV}
+    log = tmp_path / "webserver.log"
+    args = ["-m", "recap_dagster.definitions"]
+    with (
+        dagster_webserver_for(home, env, log, args) as url,
+        chromium_page(tmp_path / "chromium") as page,
+    ):
+        # The partition's page: "Unsynced (1)"; clicked, it names the cause.
+        page.goto(f"{url}/assets/sd_checkpoints?view=partitions&partition=recap_mix")
+        badge = page.get_by_text("Unsynced (1)").first
+        badge.wait_for(timeout=120_000)
+        badge.click()
+        page.get_by_text("training_corpus").first.wait_for(timeout=30_000)
+        screenshot(page, STALE_SCREENSHOT)
+
+
 TICKS: list[str] = []  # the schedule's tick times, for the figures
 
 
@@ -157,7 +191,7 @@ def _schedule_tick(instance: dg.DagsterInstance) -> list[str]:
 
 
 def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
-    miniworld_paths, base_t2i, tmp_path: Path
+    miniworld_paths, base_t2i, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shards, storage = tmp_path / "laion", tmp_path / "storage"
     vae = latent_vae_version(base_t2i)
@@ -185,7 +219,11 @@ def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
         resolver = get_stale_status_resolver(instance, [None, *assets[: -len(ASSET_CHECKS)]])
         return resolver.get_status(key, partition).value
 
-    with dg.instance_for_test() as instance:
+    home = tmp_path / "dagster_home"  # a real SQLite instance, which the UI below serves
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, groups)
         for key, version in (("base_t2i_model", "base-v1"), ("eval_prompt_file", "prompts-v1")):
             instance.report_runless_asset_event(
@@ -219,6 +257,7 @@ def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
         resolver = get_stale_status_resolver(instance, [None, *assets[: -len(ASSET_CHECKS)]])
         causes = resolver.get_stale_root_causes(sd_checkpoints.key, "recap_mix")
         assert [c.key.asset_key for c in causes] == [training_corpus.key]
+        _screenshot_stale_checkpoint(home, tmp_path)
 
         # A new base model (observed): the manifest is stale again.
         _record_fine_tune(instance, second)
