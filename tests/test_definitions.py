@@ -143,3 +143,12 @@ def test_asset_pages_name_owners_source_and_columns() -> None:
     ):
         schema = graph.get(dg.AssetKey(name)).metadata["dagster/column_schema"]
         assert column in {c.name for c in schema.columns}, name
+
+
+def test_long_jobs_carry_a_code_version() -> None:
+    """A change of the recaptioning, latent-cache, manifest or trainer code shows as stale."""
+    from recap_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for name in ("recaptioned_shards", "t2i_latents", "training_corpus", "sd_checkpoints"):
+        assert graph.get(dg.AssetKey(name)).code_version, name

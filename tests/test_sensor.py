@@ -16,6 +16,8 @@ from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.resources import DataSourcesResource
 from recap_dagster.storage.fs import filesystem, join
 
+LAION_SHARDS = dg.AssetKey("laion_shards")
+
 
 def _jpeg() -> bytes:
     buffer = io.BytesIO()
@@ -58,6 +60,20 @@ def _added(result: dg.SensorResult) -> list[str]:
     return [k for r in result.dynamic_partitions_requests or [] for k in r.partition_keys]
 
 
+def _observed(result: dg.SensorResult) -> dict[str, tuple]:
+    """laion_shards' observations by group: shards, first and last, rows, delivered."""
+    found = {}
+    for event in result.asset_events or []:
+        assert isinstance(event, dg.AssetObservation) and event.asset_key == LAION_SHARDS
+        meta = {k: v.value if hasattr(v, "value") else v for k, v in event.metadata.items()}
+        assert meta["bytes"] > 0 and meta["not_delivered"] == 0
+        found[event.partition] = (
+            meta["shards"], meta["first_shard"], meta["last_shard"],
+            meta["dagster/row_count"], meta["delivered"],
+        )  # fmt: skip
+    return found
+
+
 def _exercise_sensor(root: str) -> None:
     for index in range(3):
         _write(root, index)
@@ -68,6 +84,7 @@ def _exercise_sensor(root: str) -> None:
     with dg.instance_for_test() as instance:
         first = _tick(instance, root, None)
         assert _added(first) == ["00000-00099"]  # one group holds the three shards
+        assert _observed(first) == {"00000-00099": (3, "00000", "00002", 9, 9)}
         assert DiscoveryCursor.loads(first.cursor).pending == ["00003"]
 
         second = _tick(instance, root, first.cursor)
@@ -77,6 +94,8 @@ def _exercise_sensor(root: str) -> None:
         _write(root, 4)
         third = _tick(instance, root, second.cursor)
         assert _added(third) == []  # their group is registered already
+        # A group that grew is observed whole (its partition page shows all five shards).
+        assert _observed(third) == {"00000-00099": (5, "00000", "00004", 15, 15)}
         assert [r.run_key for r in third.run_requests] == []  # no captioner yet
         _write(root, 100)  # the first shard of the next group
         fourth = _tick(instance, root, third.cursor)
