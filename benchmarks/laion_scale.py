@@ -146,6 +146,7 @@ def sources(work: Path) -> DataSourcesResource:
 
 def checks_defs(work: Path) -> dg.Definitions:
     """The project's assets and checks with resources that a check run can use here."""
+    from recap_dagster.definitions import JOBS
     from recap_dagster.miniworld.definitions import ASSET_CHECKS, ASSETS, default_resources
     from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
     from recap_dagster.resources import StorageResource
@@ -154,7 +155,9 @@ def checks_defs(work: Path) -> dg.Definitions:
     resources = default_resources()
     resources["sources"] = sources(work)
     resources["storage"] = StorageResource(root=str(work / "storage"))
-    return dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources)
+    return dg.Definitions(
+        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
+    )
 
 
 def measure(storage: str, size: int, history: int, work: Path, server, ui: bool) -> dict:

@@ -102,6 +102,22 @@ def relative_delta(value: float | None, base: float | None) -> float | None:
     return (value - base) / abs(base)
 
 
+def rows_markdown(rows: Sequence[dict[str, object]]) -> str:
+    """Table 1 as markdown from ``BuiltReport.rows`` (or the typed table's records): each
+    metric with its relative change against alttext in parentheses."""
+    labels = {metric: label for metric, label, _ in COLUMNS}
+    metrics = [m for m in labels if rows and m in rows[0]]
+    cells = []
+    for row in rows:
+        line: list[object] = [row["variant"]]
+        for metric in metrics:
+            value, delta = row.get(metric), row.get(f"{metric}_vs_{BASELINE}")
+            text = NOT_GRADED if value is None else f"{value:.3f}"
+            line.append(text + (f" ({delta:+.1%})" if isinstance(delta, float) else ""))
+        cells.append(line)
+    return markdown_table(["variant", *(labels[m] for m in metrics)], cells)
+
+
 @dataclass
 class BuiltReport:
     table: dict  # {variant: {metric: value}}
@@ -117,18 +133,19 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
     base = reports[BASELINE]["overall"]
     columns = [c for c in COLUMNS if any(c[0] in r["overall"] for r in reports.values())]
     table = {v: {m: r["overall"].get(m) for m, _, _ in columns} for v, r in reports.items()}
-    rows, cell_rows = [], []
+    rows = []
     for variant, values in table.items():
-        cells, deltas = [], {}
-        for metric, _, _ in columns:
-            value = values.get(metric)
-            delta = relative_delta(value, base.get(metric)) if variant != BASELINE else None
-            deltas[f"{metric}_vs_{BASELINE}"] = None if delta is None else round(delta, 4)
-            text = NOT_GRADED if value is None else f"{value:.3f}"
-            cells.append(text + (f" ({delta:+.1%})" if delta is not None else ""))
-        cell_rows.append([variant, *cells])
+        deltas = {
+            f"{metric}_vs_{BASELINE}": None if delta is None else round(delta, 4)
+            for metric, _, _ in columns
+            for delta in [
+                relative_delta(values.get(metric), base.get(metric))
+                if variant != BASELINE
+                else None
+            ]
+        }
         rows.append({"variant": variant, **{m: values.get(m) for m, _, _ in columns}, **deltas})
-    table_markdown = markdown_table(["variant", *(label for _, label, _ in columns)], cell_rows)
+    table_markdown = rows_markdown(rows)
 
     figures = {}
     for metric, label, filename in (

@@ -21,6 +21,7 @@ import yaml
 from recap_dagster import settings
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.shard_groups import groups_of
+from recap_dagster.evaluation.report import rows_markdown
 from recap_dagster.miniworld.assets import MINIWORLD_GROUP
 from recap_dagster.miniworld.definitions import ASSETS
 from recap_dagster.miniworld.run_configs import profile_run_config
@@ -142,7 +143,7 @@ def _read_report(
         summary.succeeded = False
         return
     metadata = event.asset_materialization.metadata
-    summary.report = metadata["table"].value
+    summary.report = rows_markdown([record.data for record in metadata["table"].records])
     summary.report_uri = metadata["dagster/uri"].value
     summary.verdict = "\n".join(
         f"check {name}: {status}. {description}"
