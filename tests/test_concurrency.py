@@ -457,7 +457,7 @@ def test_real_asset_fails_bad_input_without_retry(miniworld_paths, tmp_path: Pat
     assert not result.success
     assert _attempts(result, "sd_checkpoints") == (1, 0)
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "no recaptioned shards" in failure.step_failure_data.error.to_string()
+    assert "materialize training_corpus first" in failure.step_failure_data.error.to_string()
     assert time.monotonic() - started < 20
 
 

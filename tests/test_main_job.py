@@ -44,7 +44,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     # It said where it was: progress, elapsed and left, and what each running step logs.
     assert "Dagster UI at http://127.0.0.1:" in out
     assert re.search(
-        r"\d+/13 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
+        r"\d+/14 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
         r"0:\d\d:\d\d left",
         out,
     )

@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 
 from recap_dagster.assets.corpus import laion_shards
-from recap_dagster.assets.inputs import INPUT_ASSETS, INPUT_KEYS
+from recap_dagster.assets.inputs import INPUT_ASSETS
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.definitions import ASSET_CHECKS, RECAP_ASSETS, recap_definitions
@@ -28,8 +28,10 @@ from recap_dagster.resources import (
     ModelsResource,
     StorageResource,
 )
+from recap_dagster.storage.fingerprint import QUICK_PREFIX, model_fingerprint
 
 pytestmark = pytest.mark.slow
+DATA_VERSION = "dagster/data_version"
 
 GENEVAL_PROMPTS = [
     {"tag": "single_object", "include": [{"class": "circle", "count": 1}],
@@ -78,7 +80,7 @@ def test_every_recap_asset_runs_on_production_inputs(
         "world": GenEvalWorldResource(),  # no detector: objects, counts, positions not graded
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
-    defs = recap_definitions(INPUT_ASSETS, resources)
+    defs = recap_definitions(INPUT_ASSETS, resources, observe_inputs=True)
     assert not {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} & {
         "miniworld_corpus"
     }
@@ -95,7 +97,15 @@ def test_every_recap_asset_runs_on_production_inputs(
 
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, groups)
-        assert materialize(INPUT_KEYS).success  # observes the five inputs
+        # The five inputs observed as the production schedule does, by its job.
+        schedule = defs.resolve_schedule_def("observe_inputs_schedule")
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+        assert schedule.job_name == "observe_inputs"
+        assert defs.resolve_job_def("observe_inputs").execute_in_process(instance=instance).success
+        base_version = model_fingerprint(base_t2i)  # quick: no full read of the weights
+        assert base_version.startswith(QUICK_PREFIX)
+        observed = instance.get_latest_data_version_record(dg.AssetKey("base_t2i_model"))
+        assert observed.event_log_entry.asset_observation.tags[DATA_VERSION] == base_version
         assert materialize(["human_captions", "captioner_checkpoint"]).success
         for group in groups:
             assert materialize(["recaptioned_shards", "t2i_latents"], group).success
@@ -114,3 +124,7 @@ def test_every_recap_asset_runs_on_production_inputs(
             dg.AssetKey("metric_reports")
         ).asset_materialization.tags
         assert "dagster/input_data_version/eval_prompt_file" in tags
+        # The fine-tune recorded the observed base model version (it hashed nothing again).
+        trained = instance.get_latest_materialization_event(dg.AssetKey("sd_checkpoints"))
+        trained_tags = trained.asset_materialization.tags
+        assert trained_tags["dagster/input_data_version/base_t2i_model"] == base_version

@@ -45,6 +45,7 @@ ASSET_NAMES = [
     "recaptioned_shards",
     "base_t2i_model",
     "t2i_latents",
+    "training_corpus",
     "sd_checkpoints",
     "metric_reports",
     "recap_report",
@@ -162,6 +163,14 @@ def _metadata_row(page, label: str):
     return cell.locator("xpath=..")
 
 
+def _names_asset(text: str, name: str) -> bool:
+    """Whether a node's text is ``name``, whole or shortened in the middle with an ellipsis."""
+    if text == name:
+        return True
+    head, sep, tail = text.partition("\u2026")
+    return bool(sep and head and tail) and name.startswith(head) and name.endswith(tail)
+
+
 def test_catalog_and_graph_list_every_asset(browser) -> None:
     url, page = browser
     page.goto(f"{url}/assets")
@@ -179,17 +188,25 @@ def test_catalog_and_graph_list_every_asset(browser) -> None:
     page.get_by_text("Expand all groups").filter(visible=True).click()
     page.keyboard.press("Escape")
     graph = page.locator("foreignObject")
-    for name in ASSET_NAMES:
-        graph.get_by_text(name, exact=True).first.wait_for()
+    graph.get_by_text("laion_shards", exact=True).first.wait_for()
     for group in ("corpus", "captioner", "recaption", "text_to_image", "evaluation"):
         graph.get_by_text(group, exact=True).first.wait_for()
-    # Node statuses load after the layout: the two materialized unpartitioned assets and
-    # human_captions' passed checks show on their nodes.
+    # Zoomed out to fit every asset, nodes are minimal and shorten a long name in the
+    # middle ("base_captio…_model"); every asset still has its node.
+    shown = [text.strip() for text in graph.evaluate_all("nodes => nodes.map(n => n.textContent)")]
+    for name in ASSET_NAMES:
+        assert any(_names_asset(text, name) for text in shown), (name, shown)
+    screenshot(page, "02_asset_graph_expanded")
+
+    # An asset's lineage tab is small enough for full nodes, which carry their statuses:
+    # the two materialized unpartitioned assets and human_captions' passed checks.
+    page.goto(f"{url}/assets/human_captions?view=lineage&lineageScope=neighbors&lineageDepth=1")
+    graph.get_by_text("captioner_checkpoint", exact=True).first.wait_for(timeout=LOAD_TIMEOUT_MS)
     graph.get_by_text("5 / 5 Passed").wait_for()
     from playwright.sync_api import expect  # here: without playwright, the fixture fails clearly
 
     expect(graph.get_by_text("Materialized", exact=True)).to_have_count(2)
-    screenshot(page, "02_asset_graph_expanded")
+    screenshot(page, "02b_human_captions_lineage")
 
 
 def test_partitioned_asset_shows_its_shards(browser, materialized: Materialized) -> None:

@@ -7,7 +7,7 @@ a backfill launched from the UI submits its runs over several daemon ticks, so b
 ticks its remaining partitions exist only in the backfill.
 
 Everything goes through the instance's public methods; the backfill and run objects are
-read by attribute, never imported from ``dagster._``.
+read by attribute, never imported from private Dagster modules.
 """
 
 from __future__ import annotations
