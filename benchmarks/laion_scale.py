@@ -155,9 +155,7 @@ def checks_defs(work: Path) -> dg.Definitions:
     resources = default_resources()
     resources["sources"] = sources(work)
     resources["storage"] = StorageResource(root=str(work / "storage"))
-    return dg.Definitions(
-        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
-    )
+    return dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
 
 
 def measure(storage: str, size: int, history: int, work: Path, server, ui: bool) -> dict:

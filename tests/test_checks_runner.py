@@ -129,9 +129,7 @@ def test_nothing_materialized_reports_every_check_skipped(miniworld_paths, tmp_p
         "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
-    defs = dg.Definitions(
-        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
-    )
+    defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
     with dg.instance_for_test() as instance:
         report = run_checks(defs, instance)
         assert report.run_id is None  # nothing to run, so no run was launched
@@ -171,9 +169,7 @@ def test_checks_that_crash_are_reported_as_errors(miniworld_paths, tmp_path) -> 
         "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
-    defs = dg.Definitions(
-        assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources
-    )
+    defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
     with dg.instance_for_test() as instance:
         for name in ("human_captions", "recap_report"):
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name))

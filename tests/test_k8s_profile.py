@@ -159,6 +159,7 @@ def _assets_by_name(defs: dg.Definitions) -> dict[str, dg.AssetsDefinition]:
 
 def test_k8s_definitions_load_with_the_k8s_executor() -> None:
     from recap_dagster import definitions, definitions_k8s
+
     dg.Definitions.validate_loadable(definitions_k8s.defs)
     job = definitions_k8s.defs.resolve_job_def("recaption_shards_job")
     assert job.executor_def.name == "k8s"  # k8s_job_executor: one pod per step
@@ -173,6 +174,7 @@ def test_k8s_definitions_load_with_the_k8s_executor() -> None:
 
 def test_every_gpu_asset_requests_a_gpu() -> None:
     from recap_dagster import definitions, definitions_k8s
+
     local = _assets_by_name(definitions.defs)
     k8s = _assets_by_name(definitions_k8s.defs)
     assert {name for name, a in local.items() if a.op.pool == "gpu"} == GPU_ASSETS
@@ -252,6 +254,7 @@ def test_step_jobs_put_gpu_steps_on_gpu_nodes(profile_env, fake_kubernetes, tmp_
     from dagster_k8s import K8sRunLauncher
 
     from recap_dagster import definitions_k8s
+
     klass, config = _validate_class(InstanceRef.from_dir(str(PROFILE.parent)).run_launcher_data)
     assert klass is K8sRunLauncher
     # The profile's launcher; only how it reaches the cluster differs (no service account).
@@ -287,6 +290,7 @@ def test_step_jobs_put_gpu_steps_on_gpu_nodes(profile_env, fake_kubernetes, tmp_
 def test_per_step_override_in_run_config_validates() -> None:
     """Operators raise one step's GPUs at launch (e.g. 8 for a multi-GPU fine-tune)."""
     from recap_dagster import definitions_k8s
+
     job = definitions_k8s.defs.resolve_implicit_global_asset_job_def()
     eight = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}
     run_config = {

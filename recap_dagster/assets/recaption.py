@@ -163,9 +163,7 @@ def recaptioned_shards(
         )
     return dg.MaterializeResult(
         metadata=metadata,
-        data_version=dg.DataVersion(
-            group_output_version(version, settings.to_json(), shards)
-        ),
+        data_version=dg.DataVersion(group_output_version(version, settings.to_json(), shards)),
     )
 
 

@@ -212,6 +212,7 @@ def run_checks(
 def _open_instance(home: str | None) -> dg.DagsterInstance:
     """The instance under ``home``, ``$DAGSTER_HOME``, or the project's default home."""
     from recap_dagster import settings
+
     path = Path(home or settings.dagster_home()).expanduser().resolve()
     if not path.is_dir():
         # An empty fresh instance would report every check as skipped and "pass" CI.

@@ -85,9 +85,7 @@ def _failure_description(
 ) -> str:
     """The failed evaluation's own description (which shard, what fraction), from its run."""
     if run_id:
-        for entry in instance.all_logs(
-            run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        ):
+        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
             evaluation = entry.dagster_event.asset_check_evaluation_data
             if evaluation.asset_check_key == key and evaluation.partition in (group, None):
                 return evaluation.description or "no description"
