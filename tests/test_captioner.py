@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -284,6 +285,112 @@ def test_fine_tune_bf16_mixed_precision_runs() -> None:
     losses = fine_tune(cap, EXAMPLES, config)
     assert len(losses) == 2 and all(loss == loss for loss in losses)
     assert next(cap.model.parameters()).dtype == torch.float32  # weights stay fp32
+
+
+def _weights(captioner: Captioner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in captioner.model.named_parameters()}
+
+
+def _moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """Fraction of weights whose value changed."""
+    changed = sum(int((after[n] != before[n]).sum()) for n in before)
+    return changed / sum(t.numel() for t in before.values())
+
+
+def _update(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every weight's change, flattened into one vector."""
+    return torch.cat([(after[n] - before[n]).flatten() for n in before])
+
+
+def test_a_bf16_checkpoint_fine_tunes_with_fp32_master_weights(tmp_path: Path) -> None:
+    """A checkpoint saved in bf16 (as PaliGemma's are) loads in bf16 and trains at the
+    paper's lr 4e-5 exactly as the same weights loaded in fp32 do; pure-bf16 AdamW, the
+    trap, leaves almost every weight where it was."""
+    build_tiny_captioner("paligemma", tmp_path / "fp32", words=WORDS, seed=5)
+    Captioner.from_pretrained(tmp_path / "fp32").save_pretrained(
+        tmp_path / "bf16", dtype=torch.bfloat16
+    )
+    config = FineTuneConfig(steps=3, learning_rate=4e-5, batch_size=4, dropout=0.0, seed=0)
+
+    from_bf16 = Captioner.from_pretrained(tmp_path / "bf16")
+    assert from_bf16.dtype == torch.bfloat16  # transformers keeps the saved dtype
+    assert from_bf16.load_options["loaded_dtype"] == "bfloat16"
+    start = _weights(from_bf16)
+    fine_tune(from_bf16, EXAMPLES, config)
+    assert from_bf16.dtype == torch.float32  # the masters
+    bf16_moved = _moved(start, _weights(from_bf16))
+
+    as_fp32 = Captioner.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert _weights(as_fp32).keys() == start.keys()
+    assert all(torch.equal(w, start[n]) for n, w in _weights(as_fp32).items())
+    fine_tune(as_fp32, EXAMPLES, config)
+    fp32_after = _weights(as_fp32)
+    # The same updates as from fp32 (not bit for bit: buffers such as rotary frequencies
+    # are rebuilt in the loading dtype), and most weights moved.
+    step_bf16 = _update(start, _weights(from_bf16))
+    step_fp32 = _update(start, fp32_after)
+    agreement = torch.nn.functional.cosine_similarity(step_bf16, step_fp32, dim=0).item()
+    size_ratio = (step_bf16.norm() / step_fp32.norm()).item()
+    print(f"bf16 vs fp32 updates: cosine {agreement:.4f}, size ratio {size_ratio:.4f}")
+    assert agreement > 0.99 and abs(size_ratio - 1) < 0.02
+    assert bf16_moved > 0.5
+
+    # The trap: the same steps on the bf16 weights themselves.
+    trap = Captioner.from_pretrained(tmp_path / "bf16")
+    trap.set_dropout(0.0)
+    trap.model.train()
+    optimizer = torch.optim.AdamW(trap.model.parameters(), lr=4e-5, weight_decay=0.0)
+    batches = sample_batches(len(EXAMPLES), config)
+    for batch in (next(batches) for _ in range(config.steps)):
+        loss = trap.loss(
+            [EXAMPLES[i].image for i, _ in batch],
+            [EXAMPLES[i].caption(style) for i, style in batch],
+            [style for _, style in batch],
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trap_after = _weights(trap)
+    trap_step = _update(start, trap_after)
+    trap_agreement = torch.nn.functional.cosine_similarity(trap_step, step_fp32, dim=0).item()
+    print(
+        f"weights moved at lr 4e-5 after 3 steps: fp32 masters {bf16_moved:.1%}, pure bf16 "
+        f"{_moved(start, trap_after):.1%}; pure bf16 vs fp32 updates: cosine "
+        f"{trap_agreement:.4f}, size ratio {(trap_step.norm() / step_fp32.norm()).item():.4f}"
+    )
+    assert trap_agreement < 0.9  # rounding, not the optimizer, decides bf16's updates
+
+    # The saved dtype is a setting: the fine-tuned checkpoint saved in bf16 reloads in bf16.
+    from_bf16.save_pretrained(tmp_path / "tuned", dtype=torch.bfloat16)
+    assert Captioner.from_pretrained(tmp_path / "tuned").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="saved_dtype"):
+        FineTuneConfig(saved_dtype="int8")  # type: ignore[arg-type]
+
+
+def test_remote_code_florence2_is_refused_at_load(tmp_path: Path) -> None:
+    """The original microsoft/Florence-2-* layout shares the built-in class's model_type;
+    it is refused before loading, naming the converted repositories."""
+    legacy = {
+        "model_type": "florence2",
+        "architectures": ["Florence2ForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_florence2.Florence2Config"},
+        "vision_config": {"model_type": "davit"},
+        "text_config": {"model_type": "florence2_language"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="florence-community/Florence-2-large"):
+        Captioner.from_pretrained(tmp_path)
+
+
+def test_loading_options_are_recorded(tmp_path: Path) -> None:
+    build_tiny_captioner("blip", tmp_path, words=WORDS)
+    captioner = Captioner.from_pretrained(tmp_path, attn_implementation="eager")
+    assert captioner.load_options == {
+        "source": str(tmp_path),
+        "revision": None,
+        "attn_implementation": "eager",
+        "loaded_dtype": "float32",
+    }
 
 
 def test_sample_batches_balances_styles_and_images() -> None:

@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from recap_dagster.assets.human_captions import OUTPUT_PARTS as HUMAN_CAPTIONS_PARTS
@@ -44,6 +45,22 @@ CaptionerFineTuneConfig = config_from_settings(
     eval_batch_size=(int, Field(default=64, description="Batch size for held-out captioning.")),
     max_new_tokens=(int, Field(default=77, description="Caption length limit when evaluating.")),
     sample_rows=(int, Field(default=8, description="Held-out images shown in the sample table.")),
+    base_revision=(
+        str | None,
+        Field(
+            default=None,
+            description="Hub revision (branch, tag or commit) of the base captioner when it "
+            "is a hub id; None: the default branch. Recorded with the checkpoint.",
+        ),
+    ),
+    attn_implementation=(
+        str | None,
+        Field(
+            default=None,
+            description="Attention kernel for transformers: eager, sdpa or "
+            "flash_attention_2; None: transformers' default. Recorded with the checkpoint.",
+        ),
+    ),
 )
 
 
@@ -81,9 +98,15 @@ def captioner_checkpoint(
     store = storage.get()
     examples = _examples(store.read_parquet(*HUMAN_CAPTIONS_PARTS))
     device = compute.torch_device()
-    captioner = Captioner.from_pretrained(models.base_captioner, device=device)
+    captioner = Captioner.from_pretrained(
+        models.base_captioner,
+        device=device,
+        revision=config.base_revision,
+        attn_implementation=config.attn_implementation,
+    )
     context.log.info(
-        f"fine-tuning {captioner.family} ({captioner.num_parameters():,} parameters) "
+        f"fine-tuning {captioner.family} ({captioner.num_parameters():,} parameters, saved "
+        f"in {captioner.load_options['loaded_dtype']}, trained with fp32 master weights) "
         f"from {models.base_captioner} on {len(examples)} human-captioned images, {device}"
     )
     heldout_path = sources.human_captions_heldout_path
@@ -110,8 +133,14 @@ def captioner_checkpoint(
     train_seconds = time.perf_counter() - start
     after = evaluate_captioner(captioner, heldout, **grade) if heldout else None
 
+    samples = (
+        sample_table(captioner, heldout[: config.sample_rows], config.max_new_tokens)
+        if after is not None
+        else None
+    )
+
     with store.atomic_dir(*CHECKPOINT_PARTS) as staging:
-        captioner.save_pretrained(staging)
+        captioner.save_pretrained(staging, dtype=getattr(torch, config.saved_dtype))
         version = weights_fingerprint(staging)
         (Path(staging) / VERSION_FILE).write_text(version + "\n")
     uri = store.uri(*CHECKPOINT_PARTS)
@@ -126,6 +155,10 @@ def captioner_checkpoint(
         "family": captioner.family,
         "parameters": captioner.num_parameters(),
         "base_model": models.base_captioner,
+        "base_revision": config.base_revision or "default branch",
+        "attn_implementation": config.attn_implementation or "transformers default",
+        "base_dtype": captioner.load_options["loaded_dtype"],
+        "saved_dtype": config.saved_dtype,
         "mirrored_copies": config.mirror,
         "final_loss": float(losses[-1]) if losses else float("nan"),
         "train_seconds": round(train_seconds, 1),
@@ -138,9 +171,7 @@ def captioner_checkpoint(
             for metric in ("objects", "counts", "positions"):
                 if after[style][metric] is not None:
                     metadata[f"{style}_{metric}_after"] = float(after[style][metric])
-        metadata["samples"] = dg.MetadataValue.md(
-            sample_table(captioner, heldout[: config.sample_rows], config.max_new_tokens)
-        )
+        metadata["samples"] = dg.MetadataValue.md(samples)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
 

@@ -24,6 +24,7 @@ from recap_dagster.training.substrate import (
 )
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+SavedDtype = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -111,6 +112,11 @@ class FineTuneConfig:
         "LR schedule after the warmup: constant, constant_with_warmup, linear, cosine, "
         "cosine_with_min_lr (decays to 0 at the last step).",
     )
+    saved_dtype: SavedDtype = setting(
+        "float32",
+        "dtype of the saved checkpoint's weights: float32, bfloat16 or float16. Training "
+        "keeps fp32 master weights whatever dtype the base checkpoint was saved in.",
+    )
     mirror: bool = setting(
         False,
         "Also train on every image mirrored left-right, with 'left' and 'right' swapped in "
@@ -129,6 +135,10 @@ class FineTuneConfig:
             raise ValueError("long_fraction must be in [0, 1]")
         check_lr_scheduler(self.lr_scheduler)
         check_mixed_precision(self.mixed_precision)
+        if self.saved_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"saved_dtype must be float32, bfloat16 or float16, got {self.saved_dtype!r}"
+            )
 
     @property
     def micro_batch_size(self) -> int:
@@ -165,6 +175,23 @@ def training_examples(
     return examples + [e.mirrored() for e in examples] if config.mirror else examples
 
 
+def master_weights_in_fp32(model: torch.nn.Module) -> torch.dtype | None:
+    """Upcast ``model`` in place to fp32 when any floating weight is not; returns the dtype
+    it had (None when it was fp32 already).
+
+    Published checkpoints are often saved in bf16 (PaliGemma's configs say so), and
+    transformers loads that dtype by default. AdamW on bf16 weights rounds RECAP's updates
+    away (in bf16, 0.02 + 4e-5 == 0.02), so training keeps fp32 masters; ``mixed_precision``
+    still runs the forward pass in bf16/fp16 through accelerate's autocast.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return None
+    before = next(p.dtype for p in model.parameters() if p.dtype != torch.float32)
+    model.float()
+    return before
+
+
 def fine_tune(
     captioner: Captioner,
     examples: Sequence[CaptionExample],
@@ -180,7 +207,7 @@ def fine_tune(
     from :func:`training_examples` and learns ``caption | image, style prefix`` with AdamW
     through accelerate (device placement, gradient accumulation, mixed precision). Dropout
     is ``config.dropout`` while training and restored afterwards; the model is left in eval
-    mode on the accelerator's device.
+    mode on the accelerator's device, in fp32 (:func:`master_weights_in_fp32`).
     ``on_step(step, loss)`` is called after every optimizer step (1-based step).
     With ``config.train_vision_tower`` False the image encoder gets no updates; its
     ``requires_grad`` flags are restored afterwards. With ``checkpoints`` the training
@@ -197,6 +224,7 @@ def fine_tune(
     saved_requires_grad = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
+    master_weights_in_fp32(captioner.model)
 
     params = [p for p in captioner.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)

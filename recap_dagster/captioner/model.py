@@ -118,6 +118,9 @@ class Captioner:
         self.model = model
         self.processor = processor
         self.prefixes: dict[str, str] = dict(prefixes or STYLE_PREFIXES)
+        #: How :meth:`from_pretrained` loaded it (source, revision, attention, dtype); empty
+        #: for a captioner built in memory.
+        self.load_options: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -128,26 +131,55 @@ class Captioner:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         prefixes: dict[str, str] | None = None,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
     ) -> Captioner:
         """Load model + processor (+ prefixes from ``recap_captioner.json`` when present).
 
         ``prefixes`` given here win over the stored ones, which win over :data:`STYLE_PREFIXES`.
+        ``dtype`` None keeps the dtype the checkpoint was saved in (its config's); a
+        fine-tune upcasts to fp32 master weights whatever this is (:func:`fine_tune`).
+        ``revision`` (a hub branch, tag or commit) and ``attn_implementation`` ("eager",
+        "sdpa", "flash_attention_2") go to transformers; :attr:`load_options` records them.
         """
         path_or_id = str(path_or_id)
-        config = AutoConfig.from_pretrained(path_or_id)
+        hub = {} if revision is None else {"revision": revision}
+        raw, _ = PretrainedConfig.get_config_dict(path_or_id, **hub)
+        refuse_remote_code_florence2(path_or_id, raw)
+        config = AutoConfig.from_pretrained(path_or_id, **hub)
         adapter = family_for_model_type(config.model_type)
-        kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+        kwargs: dict[str, Any] = dict(hub)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
         model = adapter.model_class.from_pretrained(path_or_id, **kwargs)
-        processor = AutoProcessor.from_pretrained(path_or_id)
+        processor = AutoProcessor.from_pretrained(path_or_id, **hub)
         stored = _read_captioner_file(path_or_id)
+        saved_dtype = next(model.parameters()).dtype
         model.to(resolve_device(device))
         model.eval()
-        return cls(model, processor, prefixes=prefixes or stored.get("prefixes"))
+        captioner = cls(model, processor, prefixes=prefixes or stored.get("prefixes"))
+        captioner.load_options = {
+            "source": path_or_id,
+            "revision": revision,
+            "attn_implementation": attn_implementation,
+            "loaded_dtype": str(saved_dtype).removeprefix("torch."),
+        }
+        return captioner
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write model (safetensors), processor and prefixes into ``directory``."""
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], *, dtype: torch.dtype | None = None
+    ) -> None:
+        """Write model (safetensors), processor and prefixes into ``directory``.
+
+        ``dtype`` casts the weights first, in place: a copy would double the memory of a
+        real-size model, and the model is not trained further after saving.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if dtype is not None:
+            self.model.to(dtype)
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
         meta = {"family": self.family, "prefixes": self.prefixes}
@@ -291,6 +323,26 @@ class Captioner:
             target = dtype if value.is_floating_point() else value.dtype  # pixels: model dtype
             moved[key] = value.to(device=device, dtype=target, non_blocking=value.is_pinned())
         return moved
+
+
+#: The Florence-2 repositories converted to transformers' own ``Florence2`` classes.
+CONVERTED_FLORENCE2 = ("florence-community/Florence-2-base", "florence-community/Florence-2-large")
+
+
+def refuse_remote_code_florence2(path_or_id: str, raw_config: dict[str, Any]) -> None:
+    """Refuse the original ``microsoft/Florence-2-*`` layout (remote code: a DaViT vision
+    config, a ``florence2_language`` text config, ``auto_map``). Its ``model_type`` is the
+    built-in class's, so without this it loads with the wrong sub-configs and fails later."""
+    if raw_config.get("model_type") != "florence2":
+        return
+    vision = (raw_config.get("vision_config") or {}).get("model_type")
+    text = (raw_config.get("text_config") or {}).get("model_type")
+    if "auto_map" in raw_config or vision == "davit" or text == "florence2_language":
+        raise ValueError(
+            f"{path_or_id} is a remote-code Florence-2 repository (microsoft/Florence-2-*: "
+            f"vision {vision!r}, text {text!r}), which the built-in Florence2 class cannot "
+            f"load. Use a converted repository: {', '.join(CONVERTED_FLORENCE2)}."
+        )
 
 
 def _read_captioner_file(path_or_id: str) -> dict[str, Any]:
