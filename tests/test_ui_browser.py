@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,9 +194,14 @@ def test_catalog_and_graph_list_every_asset(browser) -> None:
         graph.get_by_text(group, exact=True).first.wait_for()
     # Zoomed out to fit every asset, nodes are minimal and shorten a long name in the
     # middle ("base_captio…_model"); every asset still has its node.
-    shown = [text.strip() for text in graph.evaluate_all("nodes => nodes.map(n => n.textContent)")]
-    for name in ASSET_NAMES:
-        assert any(_names_asset(text, name) for text in shown), (name, shown)
+    deadline = time.monotonic() + LOAD_TIMEOUT_MS / 1000
+    while True:  # nodes render as the layout settles: poll until every asset has its node
+        shown = [t.strip() for t in graph.evaluate_all("nodes => nodes.map(n => n.textContent)")]
+        missing = [n for n in ASSET_NAMES if not any(_names_asset(t, n) for t in shown)]
+        if not missing or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(200)
+    assert not missing, (missing, shown)
     screenshot(page, "02_asset_graph_expanded")
 
     # An asset's lineage tab is small enough for full nodes, which carry their statuses:
@@ -205,7 +211,7 @@ def test_catalog_and_graph_list_every_asset(browser) -> None:
     graph.get_by_text("5 / 5 Passed").wait_for()
     from playwright.sync_api import expect  # here: without playwright, the fixture fails clearly
 
-    expect(graph.get_by_text("Materialized", exact=True)).to_have_count(2)
+    expect(graph.get_by_text("Materialized", exact=True)).to_have_count(2, timeout=LOAD_TIMEOUT_MS)
     screenshot(page, "02b_human_captions_lineage")
 
 
