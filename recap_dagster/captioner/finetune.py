@@ -7,7 +7,7 @@ import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from PIL import Image, ImageOps
@@ -135,9 +135,9 @@ class FineTuneConfig:
             raise ValueError("long_fraction must be in [0, 1]")
         check_lr_scheduler(self.lr_scheduler)
         check_mixed_precision(self.mixed_precision)
-        if self.saved_dtype not in ("float32", "bfloat16", "float16"):
+        if self.saved_dtype not in get_args(SavedDtype):
             raise ValueError(
-                f"saved_dtype must be float32, bfloat16 or float16, got {self.saved_dtype!r}"
+                f"saved_dtype must be one of {get_args(SavedDtype)}, got {self.saved_dtype!r}"
             )
 
     @property
@@ -175,21 +175,16 @@ def training_examples(
     return examples + [e.mirrored() for e in examples] if config.mirror else examples
 
 
-def master_weights_in_fp32(model: torch.nn.Module) -> torch.dtype | None:
-    """Upcast ``model`` in place to fp32 when any floating weight is not; returns the dtype
-    it had (None when it was fp32 already).
+def master_weights_in_fp32(model: torch.nn.Module) -> None:
+    """Upcast ``model`` in place to fp32 when any floating weight is not.
 
     Published checkpoints are often saved in bf16 (PaliGemma's configs say so), and
     transformers loads that dtype by default. AdamW on bf16 weights rounds RECAP's updates
     away (in bf16, 0.02 + 4e-5 == 0.02), so training keeps fp32 masters; ``mixed_precision``
     still runs the forward pass in bf16/fp16 through accelerate's autocast.
     """
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes <= {torch.float32}:
-        return None
-    before = next(p.dtype for p in model.parameters() if p.dtype != torch.float32)
-    model.float()
-    return before
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model.float()
 
 
 def fine_tune(

@@ -156,7 +156,7 @@ class Captioner:
         model = adapter.model_class.from_pretrained(path_or_id, **kwargs)
         processor = AutoProcessor.from_pretrained(path_or_id, **hub)
         stored = _read_captioner_file(path_or_id)
-        saved_dtype = next(model.parameters()).dtype
+        loaded_dtype = next(model.parameters()).dtype
         model.to(resolve_device(device))
         model.eval()
         captioner = cls(model, processor, prefixes=prefixes or stored.get("prefixes"))
@@ -164,7 +164,7 @@ class Captioner:
             "source": path_or_id,
             "revision": revision,
             "attn_implementation": attn_implementation,
-            "loaded_dtype": str(saved_dtype).removeprefix("torch."),
+            "loaded_dtype": str(loaded_dtype).removeprefix("torch."),
         }
         return captioner
 
