@@ -40,8 +40,7 @@ def bare_generate(captioner: Captioner, images: list, settings: GenerationSettin
                 inputs = {k: v.to(captioner.device) for k, v in inputs.items()}
                 model.generate(
                     **inputs,
-                    max_new_tokens=settings.max_new_tokens,
-                    num_beams=settings.num_beams,
+                    **settings.generate_kwargs(style),
                     do_sample=False,
                     **adapter.generate_kwargs(model.config, processor),
                 )
@@ -75,7 +74,10 @@ def main() -> None:
     # Force generation to the full length on both sides so the comparison is like for like.
     captioner.model.generation_config.min_new_tokens = args.max_new_tokens
     settings = GenerationSettings(
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_workers=args.workers
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        max_new_tokens_short=args.max_new_tokens,
+        max_new_tokens_long=args.max_new_tokens,
     )
     storage = Storage(f"{work}/storage")
     images = [r.image for r in iter_shard(paths.corpus, "00000") if r.image is not None]

@@ -48,7 +48,9 @@ RUN_CONFIG = {
         "captioner_checkpoint": {
             "config": {"steps": 2, "batch_size": 8, "learning_rate": 1e-3, "max_new_tokens": 12}
         },
-        "recaptioned_shards": {"config": {"batch_size": 8, "max_new_tokens": 12}},
+        "recaptioned_shards": {
+            "config": {"batch_size": 8, "max_new_tokens_short": 12, "max_new_tokens_long": 12}
+        },
         "sd_checkpoints": {
             "config": {"steps": 2, "batch_size": 8, "micro_batch_size": 8, "sample_prompts": 2}
         },

@@ -78,7 +78,11 @@ def _finetune_config(seed: int) -> dict:
 
 
 RECAPTION_CONFIG = {
-    "ops": {"recaptioned_shards": {"config": {"batch_size": 8, "max_new_tokens": 12}}}
+    "ops": {
+        "recaptioned_shards": {
+            "config": {"batch_size": 8, "max_new_tokens_short": 12, "max_new_tokens_long": 12}
+        }
+    }
 }
 
 

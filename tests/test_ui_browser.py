@@ -95,7 +95,7 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
     }
     tune = {"steps": 4, "batch_size": 8, "learning_rate": 1e-3, "seed": 0}
     tune |= {"eval_batch_size": 8, "max_new_tokens": 12, "sample_rows": 2}
-    recaption = {"batch_size": 8, "max_new_tokens": 12}
+    recaption = {"batch_size": 8, "max_new_tokens_short": 12, "max_new_tokens_long": 12}
     defs = [*ASSETS, *ASSET_CHECKS]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(home))  # the project's dagster.yaml reads it

@@ -1,5 +1,6 @@
 """``recaptioned_shards``: RECAP step 2, every LAION shard recaptioned in both styles."""
 
+import json
 from collections.abc import Iterator
 
 import dagster as dg
@@ -38,16 +39,33 @@ def output_parts(shard: str) -> tuple[str, str]:
 
 
 class _RecaptionConfig(dg.Config):
-    batch_size: int = Field(default=64, description="Images per generate() call.")
-    max_new_tokens: int = Field(default=77, description="Caption length limit in tokens.")
-    num_beams: int = Field(default=1, description="Beam search width (1 = greedy).")
+    batch_size: int = Field(
+        default=64, description="Images per generate() call (speed only: not recorded)."
+    )
     num_workers: int = Field(
-        default=1, description="DataLoader workers decoding images while the model generates."
+        default=1,
+        description="DataLoader workers decoding images while the model generates (speed only).",
+    )
+    max_new_tokens_short: int = Field(
+        default=32, description="Short caption length limit in tokens (a runaway stops here)."
+    )
+    max_new_tokens_long: int = Field(
+        default=77, description="Long caption length limit in tokens (CLIP's context)."
+    )
+    num_beams: int = Field(default=1, description="Beam search width (1 = greedy).")
+    no_repeat_ngram_size: int = Field(
+        default=core.DEFAULT_NO_REPEAT_NGRAM_SIZE,
+        description="Repetition guard: no token n-gram of this size appears twice in a caption "
+        "(stops loops such as 'a hat on top of a hat ...'); 0 turns it off.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0, description="generate()'s repetition_penalty (1.0 = none)."
     )
     reuse_finished_shards: bool = Field(
         default=True,
         description="Keep a shard's output when this captioner checkpoint already wrote it with "
-        "these generation settings (a run resumed after a kill goes on where it stopped); "
+        "the same generation record: dtype, prompts, merged generation config (a run resumed "
+        "after a kill goes on where it stopped); "
         "false recaptions every shard of the run.",
     )
 
@@ -72,7 +90,8 @@ RecaptionConfig = with_run_defaults(_RecaptionConfig, "recaptioned_shards")
     tags={"recap/gpu": "1"},
     description="One parquet file per LAION shard with RECAP short and long captions beside "
     "the alt text. A partition is a group of up to 100 shards, recaptioned in one run with "
-    "one model load; shards already written by this captioner are kept.",
+    "one model load; shards this captioner already wrote with the same generation record "
+    "(dtype, prompts, merged generation config) are kept.",
 )
 @retry_only_transient
 def recaptioned_shards(
@@ -85,9 +104,12 @@ def recaptioned_shards(
     store = storage.get()
     settings = core.GenerationSettings(
         batch_size=config.batch_size,
-        max_new_tokens=config.max_new_tokens,
-        num_beams=config.num_beams,
         num_workers=config.num_workers,
+        max_new_tokens_short=config.max_new_tokens_short,
+        max_new_tokens_long=config.max_new_tokens_long,
+        num_beams=config.num_beams,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        repetition_penalty=config.repetition_penalty,
     )
     shards = shards_of_groups(sources.shards_root, context.partition_keys)
     total = core.RecaptionStats()
@@ -100,16 +122,17 @@ def recaptioned_shards(
         captioner = Captioner.from_pretrained(
             checkpoint, device=compute.torch_device(), dtype=compute.torch_dtype()
         )
+        generation = settings.record(captioner)
         context.log.info(
-            f"captioner {version} loaded once for {len(shards)} shard(s) of "
-            f"{', '.join(context.partition_keys)}"
+            f"captioner {version} ({captioner.dtype}) loaded once for {len(shards)} shard(s) "
+            f"of {', '.join(context.partition_keys)}"
         )
         for shard in shards:
             uri = store.uri(*output_parts(shard))
             stats = None
             if config.reuse_finished_shards and store.exists(*output_parts(shard)):
                 existing = store.read_parquet(*output_parts(shard))
-                stats = core.finished_stats(existing, version, settings)
+                stats = core.finished_stats(existing, version, generation)
             if stats is not None:
                 kept.append(shard)
                 speed: float | str = "kept"
@@ -149,7 +172,10 @@ def recaptioned_shards(
         "failure_fraction": round(total.failure_fraction, 5),
         "images_per_second": round(captioned.images_per_second, 2),
         "captioner_version": version,
-        "generation": dg.MetadataValue.json(settings.__dict__),
+        "generation": dg.MetadataValue.json(json.loads(generation)),
+        "speed_settings": dg.MetadataValue.json(
+            {"batch_size": settings.batch_size, "num_workers": settings.num_workers}
+        ),
         **total.length_summary(),
         "per_shard": dg.MetadataValue.md(
             markdown_table(
@@ -163,7 +189,7 @@ def recaptioned_shards(
         )
     return dg.MaterializeResult(
         metadata=metadata,
-        data_version=dg.DataVersion(group_output_version(version, settings.to_json(), shards)),
+        data_version=dg.DataVersion(group_output_version(version, generation, shards)),
     )
 
 

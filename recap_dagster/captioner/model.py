@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
@@ -251,14 +253,34 @@ class Captioner:
         """What builds generation inputs from images, without the weights (for workers)."""
         return CaptionInputs(self.adapter, self.model.config, self.processor, dict(self.prefixes))
 
+    def generation_config(self, **overrides: Any) -> tuple[GenerationConfig, dict[str, Any]]:
+        """The generation config ``generate`` runs with, and the overrides that are not part of
+        one (model kwargs, logits processors).
+
+        The checkpoint's own ``generation_config.json`` first (a real checkpoint may set beams,
+        lengths or a repetition penalty there), then this family's end/pad tokens and greedy
+        decoding, then ``overrides``: what a shard records is what generated it.
+        """
+        config = copy.deepcopy(self.model.generation_config)
+        family = self.adapter.generate_kwargs(self.model.config, self.processor)
+        rest = config.update(**{**family, "do_sample": False, **overrides})
+        return config, rest
+
+    def generation_record(self, **overrides: Any) -> dict[str, Any]:
+        """The merged generation config of :meth:`generation_config` as plain JSON values
+        (only what differs from transformers' defaults, without its version)."""
+        config, rest = self.generation_config(**overrides)
+        if rest:
+            raise ValueError(f"not generation settings, cannot be recorded: {sorted(rest)}")
+        record = config.to_diff_dict()
+        record.pop("transformers_version", None)
+        return record
+
     def generate_from(self, inputs: dict[str, torch.Tensor], **generate_kwargs: Any) -> list[str]:
         """Captions from inputs made by :meth:`input_builder` (greedy unless told otherwise)."""
         inputs = self._to_device(inputs)
-        kwargs = {
-            "do_sample": False,
-            **self.adapter.generate_kwargs(self.model.config, self.processor),
-        }
-        output = self.model.generate(**inputs, **{**kwargs, **generate_kwargs})
+        config, rest = self.generation_config(**generate_kwargs)
+        output = self.model.generate(**inputs, **rest, generation_config=config)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return self.adapter.decode(
             self.processor, sequences[:, self.adapter.prompt_length(inputs) :]
