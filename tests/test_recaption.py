@@ -6,19 +6,26 @@ import io
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from recap_dagster.captioner import Captioner
 from recap_dagster.captioner.recaption import (
+    OUTPUT_DIR,
     SCHEMA,
     GenerationSettings,
     PrepareBatch,
+    RecaptionJob,
     finished_stats,
+    recaption_group,
     recaption_shard,
 )
+from recap_dagster.corpus import dataset as dataset_module
+from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
 from recap_dagster.corpus.decoding import STATUS_OK
 from recap_dagster.corpus.listing import sample_key
 from recap_dagster.corpus.reading import iter_shard
@@ -95,15 +102,16 @@ def test_prepare_batch_runs_without_the_weights(shards_root, captioner) -> None:
     records = list(iter_shard(shards_root, SHARD))[:4]  # record 2 does not decode
     prepare = pickle.loads(pickle.dumps(PrepareBatch(captioner.input_builder())))
     assert "model" not in vars(prepare.build)
-    batch = prepare(records)
-    assert batch.records == records and set(batch.inputs) == {"short", "long"}
+    batch = prepare(ShardBatch(SHARD, records, last=False, readers=1))
+    assert batch.batch.records == records and set(batch.inputs) == {"short", "long"}
     assert batch.decoded == [records[0], records[1], records[3]]
     images = [r.image for r in records if r.image is not None]
     assert len(images) == 3
     with torch.inference_mode():
         captions = captioner.generate_from(batch.inputs["short"], max_new_tokens=5)
     assert captions == captioner.caption(images, "short", max_new_tokens=5)
-    assert PrepareBatch(captioner.input_builder())(records[2:3]).inputs == {}  # none decoded
+    none_decoded = ShardBatch(SHARD, records[2:3], last=True, readers=1)
+    assert PrepareBatch(captioner.input_builder())(none_decoded).inputs == {}
 
 
 def test_a_finished_shard_is_reused_only_with_the_same_generation_record(
@@ -179,3 +187,91 @@ def test_the_repetition_guard_stops_loops(shards_root, captioner) -> None:
     ids = [tokens(text, add_special_tokens=False)["input_ids"] for text in (*unguarded, *guarded)]
     assert sum(_repeated_ngrams(row, 2) for row in ids[: len(images)]) > 0  # it does loop
     assert [_repeated_ngrams(row, 2) for row in ids[len(images) :]] == [0] * len(images)
+
+
+GROUP = [f"{i:05d}" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def group_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Four shards of 5 samples; one sample of shard 1 does not decode."""
+    root = str(tmp_path_factory.mktemp("group"))
+    for shard in range(len(GROUP)):
+        payloads = [_jpeg(shard * 5 + i) for i in range(5)]
+        if shard == 1:
+            payloads[3] = b"not an image"
+        records = [
+            ShardRecord(sample_key(shard, i), data, f"alt {shard}/{i}", f"https://x/{i}", {})
+            for i, data in enumerate(payloads)
+        ]
+        write_shard(root, shard, records)
+    return root
+
+
+def test_each_worker_reads_only_its_share(group_root, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 1 of 2 reads shards 1 and 3 alone; with fewer shards than workers, each reads
+    its own records of every shard, and a shard is complete after one last batch per reader."""
+    opened: list[str] = []
+    real = dataset_module.iter_shard_selected
+
+    def recording(root_url, key, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(key)
+        return real(root_url, key, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "iter_shard_selected", recording)
+    worker = SimpleNamespace(num_workers=2, id=1)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+    batches = list(ShardBatches(group_root, GROUP, batch_size=2))
+    assert opened == ["00001", "00003"]
+    assert [(b.shard, len(b.records), b.last) for b in batches] == [
+        ("00001", 2, False), ("00001", 2, False), ("00001", 1, True),
+        ("00003", 2, False), ("00003", 2, False), ("00003", 1, True),
+    ]  # fmt: skip
+    split = list(ShardBatches(group_root, GROUP[:1], batch_size=8))
+    assert [(b.shard, [r.key for r in b.records], b.last, b.readers) for b in split] == [
+        ("00000", [sample_key(0, 1), sample_key(0, 3)], True, 2)
+    ]
+
+
+def _outputs(root: Path) -> dict[str, list[dict]]:
+    return {
+        path.stem: pq.read_table(path).to_pylist()
+        for path in sorted((root / OUTPUT_DIR).glob("*.parquet"))
+    }
+
+
+def test_two_processes_write_what_one_writes(group_root, captioner_dir, tmp_path: Path) -> None:
+    """A group recaptioned by 2 CPU processes (spawned, as on 2 GPUs) writes the same files
+    as one process, and a rerun keeps every shard."""
+    settings = GenerationSettings(
+        batch_size=2, num_workers=1, max_new_tokens_short=4, max_new_tokens_long=6
+    )
+    results = {}
+    # Each of 2 processes on this 2-core machine runs 1 thread; so does the baseline, since
+    # another thread count sums in another order and a random model's near-ties can flip.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for processes in (1, 2):
+        job = RecaptionJob(
+            checkpoint=str(captioner_dir),
+            captioner_version="v1",
+            shards_root=group_root,
+            storage_root=str(tmp_path / f"p{processes}"),
+            settings=settings,
+        )
+        events: list[dict] = []
+        results[processes] = recaption_group(
+            job, GROUP, [torch.device("cpu")] * processes, on_event=events.append
+        )
+        assert sorted(e["shard"] for e in events if "shard" in e) == GROUP
+        assert {e["rank"] for e in events} == set(range(processes))
+    torch.set_num_threads(threads)
+    one, two = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
+    assert sorted(one) == GROUP and one == two
+    assert [line["rank"] for line in results[2].per_shard] == [0, 1, 0, 1]  # round-robin
+    for result in results.values():
+        assert (result.total.rows, result.total.captioned, result.total.undecodable) == (20, 19, 1)
+        assert result.kept == []
+    again = recaption_group(job, GROUP, [torch.device("cpu")] * 2)
+    assert again.kept == GROUP and again.captioned.rows == 0
+    assert _outputs(tmp_path / "p2") == two

@@ -506,3 +506,31 @@ def test_build_miniworld_base_is_cached(miniworld_paths, tmp_path: Path) -> None
     pipe = load_pipeline(out, device="cpu")
     assert pipe.vae.config.scaling_factor != 1.0
     assert isinstance(pipe.recap_t2i_config, TinyT2IConfig)
+
+
+def test_two_processes_cache_what_one_caches(world, tmp_path: Path) -> None:
+    """The group's latents by 2 CPU processes (spawned, as on 2 GPUs), each with 2 DataLoader
+    workers, are the single-process cache's, byte for byte."""
+    job = latent_cache.LatentJob(
+        base_model=world["model"],
+        storage_root=str(tmp_path / "two"),
+        shards_root=world["corpus"],
+        batch_size=5,
+        num_workers=2,
+    )
+    events: list[dict] = []
+    stats = latent_cache.cache_group(
+        job, world["shards"], [torch.device("cpu")] * 2, on_event=events.append
+    )
+    assert stats.shards_written == sorted(world["shards"])
+    assert {e["rank"] for e in events} == {0, 1}
+    version = latent_cache.latent_vae_version(world["model"])
+    for shard in world["shards"]:
+        parts = (latent_cache.LATENTS_DIR, version, latent_cache.latent_file(shard))
+        two = latent_cache.read_latent_shard(Storage(job.storage_root), version, shard)
+        one = latent_cache.read_latent_shard(Storage(world["cache"]), version, shard)
+        assert two.keys == one.keys
+        assert torch.equal(two.mean, one.mean) and torch.equal(two.std, one.std), shard
+        assert Storage(job.storage_root).exists(*parts)
+    again = latent_cache.cache_group(job, world["shards"], [torch.device("cpu")] * 2)
+    assert again.shards_kept == sorted(world["shards"]) and again.rows == 0

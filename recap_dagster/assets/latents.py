@@ -7,8 +7,9 @@ from pydantic import Field
 
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import base_t2i_model
-from recap_dagster.assets.recaption import RECAPTION_GATE, output_parts, recaptioned_shards
+from recap_dagster.assets.recaption import RECAPTION_GATE, recaptioned_shards
 from recap_dagster.assets.run_config import with_run_defaults
+from recap_dagster.captioner.recaption import output_parts
 from recap_dagster.corpus.decoding import STATUS_OK
 from recap_dagster.corpus.shard_groups import group_output_version, group_shards
 from recap_dagster.orchestration.gates import held_groups, held_message
@@ -24,6 +25,7 @@ from recap_dagster.resources import (
 )
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import local_model_dir
+from recap_dagster.training import devices
 
 VAE_VERSION_TAG = "recap/vae_version"
 
@@ -35,6 +37,12 @@ class _LatentCacheConfig(dg.Config):
         description="Stored latent dtype: float32, float16 or bfloat16 (half the bytes; at "
         "SD 1.x's 512 px a float32 latent with its std is 128 KB). Training reads float32.",
     )
+    num_workers: int = Field(
+        default=1,
+        description="DataLoader workers per process decoding, resizing and cropping images "
+        "while the VAE encodes.",
+    )
+    processes: int = Field(default=0, description=devices.PROCESSES_DESCRIPTION)
     reuse_existing: bool = Field(
         default=True,
         description="Keep a shard's latents already cached for this VAE (a killed run goes "
@@ -95,18 +103,26 @@ def t2i_latents(
     if not shards:
         raise ValueError(f"shard group {group} has no complete shard under {sources.shards_root}")
     base = local_model_dir(models.base_t2i)
-    vae, resolution, vae_version = latent_cache.load_vae(base, compute.torch_device())
-    stats = latent_cache.cache_latents(
-        vae,
-        vae_version,
-        store,
-        sources.shards_root,
-        shards,
-        resolution=resolution,
+    vae_version = latent_cache.latent_vae_version(base)
+    resolution = latent_cache.training_resolution(base)
+    on = devices.process_devices(compute.torch_device(), config.processes)
+    job = latent_cache.LatentJob(
+        base_model=base,
+        storage_root=store.root,
+        shards_root=sources.shards_root,
         batch_size=config.batch_size,
+        dtype=config.dtype,
         reuse_existing=config.reuse_existing,
-        dtype=latent_cache.storage_dtype(config.dtype),
-        on_shard=lambda shard, i, n: context.log.info(f"latents of shard {shard} ({i}/{n})"),
+        num_workers=config.num_workers,
+    )
+    context.log.info(f"{len(shards)} shard(s) on {len(on)} process(es): {', '.join(map(str, on))}")
+    stats = latent_cache.cache_group(
+        job,
+        shards,
+        on,
+        on_event=lambda e: context.log.info(
+            f"latents of shard {e['shard']} ({e['done']}/{e['of']} of process {e['rank']})"
+        ),
     )
     return dg.MaterializeResult(
         metadata={
@@ -119,6 +135,7 @@ def t2i_latents(
             "bytes_written": stats.bytes_written,
             "shards_written": len(stats.shards_written),
             "shards_kept": dg.MetadataValue.json(stats.shards_kept),
+            "processes": len(on),
         },
         data_version=dg.DataVersion(
             group_output_version(vae_version, f"{resolution} {config.dtype}", shards)

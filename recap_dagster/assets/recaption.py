@@ -15,8 +15,8 @@ from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.inputs import caption_tokenizer
 from recap_dagster.assets.metadata import column_schema, sample_table
 from recap_dagster.assets.run_config import with_run_defaults
-from recap_dagster.captioner import Captioner
 from recap_dagster.captioner import recaption as core
+from recap_dagster.captioner.recaption import output_parts
 from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.reading import count_rows
 from recap_dagster.corpus.shard_groups import (
@@ -30,12 +30,7 @@ from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
-
-OUTPUT_DIR = "recaptioned"
-
-
-def output_parts(shard: str) -> tuple[str, str]:
-    return (OUTPUT_DIR, f"{shard}.parquet")
+from recap_dagster.training import devices
 
 
 class _RecaptionConfig(dg.Config):
@@ -61,6 +56,7 @@ class _RecaptionConfig(dg.Config):
     repetition_penalty: float = Field(
         default=1.0, description="generate()'s repetition_penalty (1.0 = none)."
     )
+    processes: int = Field(default=0, description=devices.PROCESSES_DESCRIPTION)
     reuse_finished_shards: bool = Field(
         default=True,
         description="Keep a shard's output when this captioner checkpoint already wrote it with "
@@ -112,58 +108,40 @@ def recaptioned_shards(
         repetition_penalty=config.repetition_penalty,
     )
     shards = shards_of_groups(sources.shards_root, context.partition_keys)
-    total = core.RecaptionStats()
-    captioned = core.RecaptionStats()  # the shards this run captioned (not kept ones)
-    per_shard = []
-    kept: list[str] = []
-    last_table = None
+    on = devices.process_devices(compute.torch_device(), config.processes)
     with store.local_dir(*CHECKPOINT_PARTS) as checkpoint:
         version = read_checkpoint_version(checkpoint)
-        captioner = Captioner.from_pretrained(
-            checkpoint, device=compute.torch_device(), dtype=compute.torch_dtype()
+        job = core.RecaptionJob(
+            checkpoint=checkpoint,
+            captioner_version=version,
+            shards_root=sources.shards_root,
+            storage_root=store.root,
+            settings=settings,
+            dtype=str(compute.torch_dtype()).removeprefix("torch."),
+            max_pixels=sources.max_image_pixels,
+            reuse_finished_shards=config.reuse_finished_shards,
         )
-        generation = settings.record(captioner)
         context.log.info(
-            f"captioner {version} ({captioner.dtype}) loaded once for {len(shards)} shard(s) "
-            f"of {', '.join(context.partition_keys)}"
+            f"captioner {version}: {len(shards)} shard(s) of "
+            f"{', '.join(context.partition_keys)} on {len(on)} process(es) "
+            f"({', '.join(str(d) for d in on)}), one model load each"
         )
-        for shard in shards:
-            uri = store.uri(*output_parts(shard))
-            stats = None
-            if config.reuse_finished_shards and store.exists(*output_parts(shard)):
-                existing = store.read_parquet(*output_parts(shard))
-                stats = core.finished_stats(existing, version, generation)
-            if stats is not None:
-                kept.append(shard)
-                speed: float | str = "kept"
-                context.log.info(f"shard {shard}: kept, this captioner already wrote {uri}")
-            else:
-                table, stats = core.recaption_shard(
-                    captioner,
-                    sources.shards_root,
-                    shard,
-                    captioner_version=version,
-                    settings=settings,
-                    max_pixels=sources.max_image_pixels,
-                )
-                uri = store.write_parquet(table, *output_parts(shard))
-                last_table = table
-                captioned.merge(stats)
-                speed = round(stats.images_per_second, 1)
-                context.log.info(
-                    f"shard {shard}: {stats.rows} rows, {stats.not_delivered} not delivered by "
-                    f"img2dataset, {stats.undecodable} undecodable, "
-                    f"{stats.images_per_second:.1f} images/s -> {uri}"
-                )
-            total.merge(stats)
-            per_shard.append(
-                [shard, stats.rows, stats.not_delivered, stats.undecodable, speed, uri]
-            )
+        result = core.recaption_group(
+            job, shards, on, on_event=lambda event: context.log.info(_progress_line(event))
+        )
+    total, captioned = result.total, result.captioned
+    generation = result.generation
+    per_shard = [
+        [line["shard"], line["rows"], line["not_delivered"], line["undecodable"]]
+        + [line["images_per_second"], line["rank"], line["uri"]]
+        for line in result.per_shard
+    ]
     metadata = {
         "dagster/row_count": total.rows,
         "dagster/column_schema": column_schema(core.SCHEMA, core.COLUMN_DESCRIPTIONS),
         "shards": len(shards),
-        "shards_kept": dg.MetadataValue.json(kept),
+        "shards_kept": dg.MetadataValue.json(result.kept),
+        "processes": len(on),
         "delivered": total.delivered,
         "not_delivered": total.not_delivered,
         "not_delivered_by_status": dg.MetadataValue.json(total.not_delivered_by_status),
@@ -176,20 +154,36 @@ def recaptioned_shards(
         "speed_settings": dg.MetadataValue.json(
             {"batch_size": settings.batch_size, "num_workers": settings.num_workers}
         ),
+        "dtype": result.dtype,
         **total.length_summary(),
         "per_shard": dg.MetadataValue.md(
             markdown_table(
-                ["shard", "rows", "not delivered", "undecodable", "images/s", "uri"], per_shard
+                ["shard", "rows", "not delivered", "undecodable", "images/s", "process", "uri"],
+                per_shard,
             )
         ),
     }
-    if last_table is not None:
+    if result.sample is not None:
         metadata["sample"] = sample_table(
-            last_table, ["key", "alt_text", "recap_short", "recap_long"]
+            result.sample, ["key", "alt_text", "recap_short", "recap_long"]
         )
     return dg.MaterializeResult(
         metadata=metadata,
         data_version=dg.DataVersion(group_output_version(version, generation, shards)),
+    )
+
+
+def _progress_line(event: dict) -> str:
+    """A process's event as a log line: its start, or a shard written or kept."""
+    if "shard" not in event:
+        return f"process {event['rank']} on {event['device']}: {event['shards']} shard(s)"
+    speed = event["images_per_second"]
+    if speed == "kept":
+        return f"shard {event['shard']}: kept, this captioner already wrote {event['uri']}"
+    return (
+        f"shard {event['shard']}: {event['rows']} rows, {event['not_delivered']} not delivered "
+        f"by img2dataset, {event['undecodable']} undecodable, {speed} images/s "
+        f"(process {event['rank']}) -> {event['uri']}"
     )
 
 

@@ -6,14 +6,13 @@ import os
 import tempfile
 
 import dagster as dg
-import torch
 from pydantic import Field
 
 from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
 from recap_dagster.assets.metadata import typed_table
-from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.assets.training_corpus import training_corpus
+from recap_dagster.captioner.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.evaluation import evaluate as evaluation
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
@@ -42,6 +41,7 @@ from recap_dagster.t2i.train import (
     write_job,
 )
 from recap_dagster.t2i.training_data import variant_captions
+from recap_dagster.training import devices
 
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"
@@ -61,14 +61,7 @@ SDFineTuneConfig = config_from_settings(
     "SDFineTuneConfig",
     "RECAP step 3: the trainer's settings (TrainConfig) plus how the step runs it.",
     op="sd_checkpoints",
-    processes=(
-        int,
-        Field(
-            default=0,
-            description="Training processes: 0 = one per GPU of the machine (pod), 1 on a "
-            "CPU-only one; N > 0 = N (gloo on CPU).",
-        ),
-    ),
+    processes=(int, Field(default=0, description=devices.PROCESSES_DESCRIPTION)),
     dataloader_workers=(
         int,
         Field(default=1, description="DataLoader workers per process (reading, tokenizing)."),
@@ -117,7 +110,7 @@ def sd_checkpoints(
     if base_version is None:
         raise ValueError("base_t2i_model has no observed version: observe it first")
     train_config = settings_from_config(TrainConfig, config)
-    processes = config.processes or max(1, torch.cuda.device_count())
+    processes = devices.process_count(config.processes)
     job = TrainJob(
         base_model=base,
         base_version=base_version,

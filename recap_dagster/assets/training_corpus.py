@@ -7,8 +7,8 @@ from pydantic import Field
 from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.inputs import base_t2i_model
 from recap_dagster.assets.latents import LATENTS_GATE, hold_back_failed_groups, t2i_latents
-from recap_dagster.assets.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.assets.recaption import recaptioned_shards
+from recap_dagster.captioner.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.corpus.shard_groups import made_by
 from recap_dagster.orchestration.gates import held_groups, held_message
 from recap_dagster.orchestration.partitions import shard_group_partitions

@@ -12,25 +12,29 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from recap_dagster.captioner import Captioner
-from recap_dagster.captioner.model import CaptionInputs
-from recap_dagster.corpus.dataset import ShardDataset, collate_records
+from recap_dagster.captioner.model import Captioner, CaptionInputs
+from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
 from recap_dagster.corpus.reading import LaionRecord
+from recap_dagster.storage.root import Storage
+from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
 # Bump when a change here changes what is written for the same inputs: Dagster then shows
 # every recaptioned group as stale (the asset's code_version).
 CODE_VERSION = "2"
 
 STYLES = ("short", "long")
+#: Under the storage root: one parquet file per shard.
+OUTPUT_DIR = "recaptioned"
 
 SCHEMA = pa.schema(
     [
@@ -191,10 +195,10 @@ class RecaptionStats:
 
 @dataclass
 class PreparedBatch:
-    """One DataLoader batch: its records, the decoded ones among them, and the inputs of
-    each style for those."""
+    """One DataLoader item: a batch of one shard's records, the decoded ones among them, and
+    the inputs of each style for those."""
 
-    records: list[LaionRecord]
+    batch: ShardBatch
     decoded: list[LaionRecord]
     inputs: dict[str, dict[str, torch.Tensor]]  # style -> generate inputs; {} if none decoded
 
@@ -204,7 +208,7 @@ class PreparedBatch:
             style: {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
             for style, d in self.inputs.items()
         }
-        return PreparedBatch(self.records, self.decoded, pinned)
+        return PreparedBatch(self.batch, self.decoded, pinned)
 
 
 @dataclass(frozen=True)
@@ -214,11 +218,11 @@ class PrepareBatch:
 
     build: CaptionInputs
 
-    def __call__(self, records: list[LaionRecord]) -> PreparedBatch:
-        decoded = [r for r in records if r.status == STATUS_OK and r.image is not None]
+    def __call__(self, batch: ShardBatch) -> PreparedBatch:
+        decoded = [r for r in batch.records if r.status == STATUS_OK and r.image is not None]
         images = [r.image for r in decoded]
         inputs = {style: self.build(images, style) for style in STYLES} if images else {}
-        return PreparedBatch(collate_records(records), decoded, inputs)
+        return PreparedBatch(batch, decoded, inputs)
 
 
 def _caption_batch(
@@ -232,6 +236,82 @@ def _caption_batch(
     return {r.key: (s, lo) for r, s, lo in zip(batch.decoded, shorts, longs, strict=True)}
 
 
+def _output_row(
+    record: LaionRecord, captions: tuple[str, str] | None, captioner_version: str, generation: str
+) -> dict[str, Any]:
+    short, long = captions or (None, None)
+    return {
+        "key": record.key,
+        "url": record.url,
+        "alt_text": record.alt_text,
+        "recap_short": short,
+        "recap_long": long,
+        "width": record.width,
+        "height": record.height,
+        "delivered": record.delivered,
+        "status": STATUS_OK if captions else record.status,
+        "error": None if captions else record.error,
+        "captioner_version": captioner_version,
+        "generation": generation,
+    }
+
+
+def recaption_shards(
+    captioner: Captioner,
+    shards_root: str,
+    shards: Sequence[str],
+    *,
+    captioner_version: str,
+    settings: GenerationSettings | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[tuple[str, pa.Table, RecaptionStats]]:
+    """Caption every decodable image of ``shards`` in both styles; yields each shard's table
+    (one row per source row, in key order) as soon as the shard is complete.
+
+    One DataLoader serves all the shards: its workers start once, each reads only its own
+    shards, and decode and preprocess the next batches while the model generates. At most
+    one shard per worker is held in memory.
+    """
+    settings = settings or GenerationSettings()
+    loader = DataLoader(
+        ShardBatches(shards_root, shards, settings.batch_size, max_pixels=max_pixels),
+        batch_size=None,
+        collate_fn=PrepareBatch(captioner.input_builder()),
+        num_workers=settings.num_workers,
+        prefetch_factor=2 if settings.num_workers > 0 else None,
+        pin_memory=captioner.device.type == "cuda",
+    )
+    generation = settings.record(captioner)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    readers_done: dict[str, int] = {}
+    started: dict[str, float] = {}
+    with torch.inference_mode():
+        for prepared in loader:
+            batch = prepared.batch
+            started.setdefault(batch.shard, time.perf_counter())
+            captions = _caption_batch(captioner, prepared, settings)
+            shard_rows = rows.setdefault(batch.shard, [])
+            shard_rows += [
+                _output_row(r, captions.get(r.key), captioner_version, generation)
+                for r in batch.records
+            ]
+            if not batch.last:
+                continue
+            readers_done[batch.shard] = readers_done.get(batch.shard, 0) + 1
+            if readers_done[batch.shard] < batch.readers:
+                continue
+            shard_rows = rows.pop(batch.shard)
+            stats = RecaptionStats(rows=len(shard_rows))
+            for row in shard_rows:
+                stats.add_row(
+                    row["delivered"], row["status"], row["recap_short"], row["recap_long"]
+                )
+            stats.seconds = time.perf_counter() - started.pop(batch.shard)
+            # Workers interleave records; img2dataset keys sort in shard order.
+            shard_rows.sort(key=lambda row: row["key"])
+            yield batch.shard, pa.Table.from_pylist(shard_rows, schema=SCHEMA), stats
+
+
 def recaption_shard(
     captioner: Captioner,
     shards_root: str,
@@ -240,55 +320,128 @@ def recaption_shard(
     captioner_version: str,
     settings: GenerationSettings | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[pa.Table, RecaptionStats]:
-    """Caption every decodable image of ``shard`` in both styles; one row per source row."""
-    settings = settings or GenerationSettings()
-    dataset = ShardDataset(shards_root, [shard], max_pixels=max_pixels)
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        collate_fn=PrepareBatch(captioner.input_builder()),
-        num_workers=settings.num_workers,
-        # Workers decode and preprocess the next batches while the model generates this one.
-        prefetch_factor=2 if settings.num_workers > 0 else None,
-        persistent_workers=False,
-        pin_memory=captioner.device.type == "cuda",
+    """:func:`recaption_shards` of one shard: its table and counts."""
+    ((_, table, stats),) = recaption_shards(
+        captioner,
+        shards_root,
+        [shard],
+        captioner_version=captioner_version,
+        settings=settings,
+        max_pixels=max_pixels,
     )
-    generation = settings.record(captioner)
-    stats = RecaptionStats()
-    rows: list[dict] = []
+    return table, stats
+
+
+@dataclass(frozen=True)
+class RecaptionJob:
+    """A shard group's recaptioning, as each process runs its share of it."""
+
+    checkpoint: str  # a local captioner directory
+    captioner_version: str
+    shards_root: str
+    storage_root: str
+    settings: GenerationSettings
+    dtype: str | None = None  # None: the checkpoint's own
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    reuse_finished_shards: bool = True
+
+
+def output_parts(shard: str) -> tuple[str, str]:
+    """Where a shard's recaptions live under the storage root."""
+    return (OUTPUT_DIR, f"{shard}.parquet")
+
+
+@dataclass
+class ShareResult:
+    """What one process did: counts, the per-shard lines, and a few rows to show."""
+
+    generation: str
+    dtype: str
+    total: RecaptionStats = field(default_factory=RecaptionStats)
+    captioned: RecaptionStats = field(default_factory=RecaptionStats)  # not kept shards
+    kept: list[str] = field(default_factory=list)
+    per_shard: list[dict[str, Any]] = field(default_factory=list)
+    sample: pa.Table | None = None
+
+
+def recaption_share(job: RecaptionJob, share: DeviceShare, emit: Emit) -> ShareResult:
+    """One process's part of a group: load the captioner on its device, keep the shards it
+    already wrote with the same generation record, caption the others and write each one
+    (atomically) as soon as it is complete."""
+    store = Storage(job.storage_root)
+    dtype = None if job.dtype is None else getattr(torch, job.dtype)
+    captioner = Captioner.from_pretrained(job.checkpoint, device=share.device, dtype=dtype)
+    generation = job.settings.record(captioner)
+    result = ShareResult(generation, str(captioner.dtype).removeprefix("torch."))
+    emit({"rank": share.rank, "device": share.device, "shards": len(share.shards)})
+
+    def done(shard: str, stats: RecaptionStats, speed: float | str) -> None:
+        result.total.merge(stats)
+        line = {
+            "shard": shard,
+            "rows": stats.rows,
+            "not_delivered": stats.not_delivered,
+            "undecodable": stats.undecodable,
+            "images_per_second": speed,
+            "uri": store.uri(*output_parts(shard)),
+            "rank": share.rank,
+        }
+        result.per_shard.append(line)
+        emit(line)
+
+    todo = []
+    for shard in share.shards:
+        kept = None
+        if job.reuse_finished_shards and store.exists(*output_parts(shard)):
+            existing = store.read_parquet(*output_parts(shard))
+            kept = finished_stats(existing, job.captioner_version, generation)
+        if kept is None:
+            todo.append(shard)
+        else:
+            result.kept.append(shard)
+            done(shard, kept, "kept")
     start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader:
-            captions = _caption_batch(captioner, batch, settings)
-            for record in batch.records:
-                short, long = captions.get(record.key, (None, None))
-                ok = short is not None
-                rows.append(
-                    {
-                        "key": record.key,
-                        "url": record.url,
-                        "alt_text": record.alt_text,
-                        "recap_short": short,
-                        "recap_long": long,
-                        "width": record.width,
-                        "height": record.height,
-                        "delivered": record.delivered,
-                        "status": record.status if not ok else STATUS_OK,
-                        "error": record.error if not ok else None,
-                        "captioner_version": captioner_version,
-                        "generation": generation,
-                    }
-                )
-                stats.add_row(record.delivered, rows[-1]["status"], short, long)
-            if on_batch is not None:
-                on_batch(len(rows))
-    stats.seconds = time.perf_counter() - start
-    stats.rows = len(rows)
-    # Workers interleave records; img2dataset keys sort in shard order.
-    rows.sort(key=lambda row: row["key"])
-    return pa.Table.from_pylist(rows, schema=SCHEMA), stats
+    for shard, table, stats in recaption_shards(
+        captioner,
+        job.shards_root,
+        todo,
+        captioner_version=job.captioner_version,
+        settings=job.settings,
+        max_pixels=job.max_pixels,
+    ):
+        store.write_parquet(table, *output_parts(shard))
+        result.captioned.merge(stats)
+        result.sample = table.slice(0, 8)
+        done(shard, stats, round(stats.images_per_second, 1))
+    # Shards overlap when several workers read them: the share's speed is over its wall time.
+    result.captioned.seconds = time.perf_counter() - start
+    return result
+
+
+def recaption_group(
+    job: RecaptionJob,
+    shards: Sequence[str],
+    devices: Sequence[torch.device],
+    on_event: Emit | None = None,
+) -> ShareResult:
+    """A group's shards recaptioned by one process per device (:func:`run_per_device`);
+    the processes' results merged, per-shard lines in shard order."""
+    results = run_per_device(partial(recaption_share, job), shards, devices, on_event)
+    merged = ShareResult(results[0].generation, results[0].dtype)
+    for result in results:
+        if (result.generation, result.dtype) != (merged.generation, merged.dtype):
+            raise RuntimeError("the processes generated with different settings")
+        merged.total.merge(result.total)
+        merged.captioned.merge(result.captioned)
+        merged.kept += result.kept
+        merged.per_shard += result.per_shard
+        merged.sample = result.sample if result.sample is not None else merged.sample
+    # The processes ran side by side: the group took as long as the slowest.
+    merged.captioned.seconds = max(result.captioned.seconds for result in results)
+    merged.kept.sort()
+    merged.per_shard.sort(key=lambda line: line["shard"])
+    return merged
 
 
 def finished_stats(

@@ -38,26 +38,68 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.max_pixels = max_pixels
         self.transform = transform
 
-    def __iter__(self) -> Iterator[LaionRecord]:
+    def _plan(self) -> tuple[list[tuple[str, Select | None]], int]:
+        """This worker's (shard, record filter) pairs, and how many workers read each shard."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         if workers == 1:
-            plan: list[tuple[str, Select | None]] = [(key, None) for key in self.keys]
-        elif len(self.keys) >= workers:
-            plan = [(key, None) for key in self.keys[worker::workers]]
-        else:
+            return [(key, None) for key in self.keys], 1
+        if len(self.keys) >= workers:
+            return [(key, None) for key in self.keys[worker::workers]], 1
 
-            def mine(index: int) -> bool:
-                return index % workers == worker
+        def mine(index: int) -> bool:
+            return index % workers == worker
 
-            plan = [(key, mine) for key in self.keys]
+        return [(key, mine) for key in self.keys], workers
+
+    def _records(self, key: str, select: Select | None) -> Iterator[LaionRecord]:
+        for record in iter_shard_selected(
+            self.root_url, key, max_pixels=self.max_pixels, select=select
+        ):
+            if self.transform is not None and record.image is not None:
+                record = dataclasses.replace(record, image=self.transform(record.image))
+            yield record
+
+    def __iter__(self) -> Iterator[LaionRecord]:
+        plan, _ = self._plan()
         for key, select in plan:
-            for record in iter_shard_selected(
-                self.root_url, key, max_pixels=self.max_pixels, select=select
-            ):
-                if self.transform is not None and record.image is not None:
-                    record = dataclasses.replace(record, image=self.transform(record.image))
-                yield record
+            yield from self._records(key, select)
+
+
+@dataclasses.dataclass
+class ShardBatch:
+    """Records of one shard. A shard is complete once ``readers`` batches marked ``last``
+    have come (one per worker that read it)."""
+
+    shard: str
+    records: list[LaionRecord]
+    last: bool
+    readers: int
+
+
+class ShardBatches(ShardDataset):
+    """A :class:`ShardDataset` that yields :class:`ShardBatch` es of up to ``batch_size``
+    records, never two shards in one, so a consumer can write each shard as soon as it is
+    complete. One DataLoader (``batch_size=None``) serves a whole shard group: its workers
+    start once and each reads only its own shards (or, with fewer shards than workers, its
+    own records of every shard)."""
+
+    def __init__(self, root_url: str, keys: Iterable[str], batch_size: int, **kwargs: Any):
+        super().__init__(root_url, keys, **kwargs)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[ShardBatch]:  # type: ignore[override]
+        plan, readers = self._plan()
+        for key, select in plan:
+            batch: list[LaionRecord] = []
+            for record in self._records(key, select):
+                batch.append(record)
+                if len(batch) == self.batch_size:
+                    yield ShardBatch(key, batch, last=False, readers=readers)
+                    batch = []
+            yield ShardBatch(key, batch, last=True, readers=readers)  # may be empty
 
 
 def collate_records(batch: list[LaionRecord]) -> list[LaionRecord]:

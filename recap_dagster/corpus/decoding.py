@@ -7,6 +7,7 @@ status from a small vocabulary, so a corpus pipeline can keep a row for every sa
 from __future__ import annotations
 
 import io
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,8 +69,13 @@ def _strict_truncation() -> Iterator[None]:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+# PIL names the in-memory file it could not read, address and all ("<_io.BytesIO object at
+# 0x7f...>"): the same bytes would give another message in every process.
+_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return _OBJECT_ADDRESS.sub(">", f"{type(exc).__name__}: {exc}")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch.utils.data import DataLoader
 
-from recap_dagster.corpus.reading import iter_shard
+from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
 from recap_dagster.storage.fingerprint import model_fingerprint
 from recap_dagster.storage.root import Storage
+from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
 LATENTS_DIR = "t2i_latents"
 FORMAT_VERSION = "1"
@@ -31,15 +34,22 @@ FORMAT_VERSION = "1"
 CODE_VERSION = "1"
 
 
-def load_vae(base_model: str, device: torch.device):
-    """The base pipeline's VAE on ``device``, the UNet's training resolution in pixels (its
-    latent size times the VAE's downsampling) and the VAE's version."""
+def training_resolution(base_model: str) -> int:
+    """The UNet's training resolution in pixels (its latent size times the VAE's
+    downsampling), from the two configs alone."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").to(device)
     unet_config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
-    resolution = int(unet_config["sample_size"]) * 2 ** (len(vae.config.block_out_channels) - 1)
-    return vae, resolution, latent_vae_version(base_model)
+    vae_config = AutoencoderKL.load_config(base_model, subfolder="vae")
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def load_vae(base_model: str, device: torch.device):
+    """The base pipeline's VAE on ``device``, the training resolution and the VAE's version."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").to(device)
+    return vae, training_resolution(base_model), latent_vae_version(base_model)
 
 
 def latent_vae_version(base_model: str) -> str:
@@ -96,6 +106,15 @@ class CacheStats:
     @property
     def images_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def merge_parallel(self, other: CacheStats) -> None:
+        """Add the counts of a process that ran beside this one (the time is the longer)."""
+        self.rows += other.rows
+        self.skipped += other.skipped
+        self.bytes_written += other.bytes_written
+        self.seconds = max(self.seconds, other.seconds)
+        self.shards_written = sorted(self.shards_written + other.shards_written)
+        self.shards_kept = sorted(self.shards_kept + other.shards_kept)
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -191,47 +210,83 @@ def has_latent_shard(storage: Storage, vae_version: str, shard: str) -> bool:
     return storage.exists(LATENTS_DIR, vae_version, latent_file(shard))
 
 
-def _decodable_batches(
-    shards_root: str, shard: str, batch_size: int
-) -> Iterator[tuple[list[str], list[Image.Image], int]]:
-    """(keys, images, rows skipped) per batch of decodable images, streamed."""
-    keys: list[str] = []
-    images: list[Image.Image] = []
-    skipped = 0
-    for record in iter_shard(shards_root, shard):
-        if record.image is None:
-            skipped += 1
+@dataclass
+class PixelBatch:
+    """One DataLoader item: a shard's batch of decodable images as pixels, made in a worker."""
+
+    batch: ShardBatch
+    keys: list[str]
+    pixels: torch.Tensor | None  # (N, 3, R, R) in [-1, 1]; None when nothing decoded
+    skipped: int  # rows of the batch without a decodable image
+
+
+@dataclass(frozen=True)
+class ToPixels:
+    """DataLoader ``collate_fn``: resize, crop and scale a batch's decodable images."""
+
+    resolution: int
+
+    def __call__(self, batch: ShardBatch) -> PixelBatch:
+        decodable = [r for r in batch.records if r.image is not None]
+        images = pixels([r.image for r in decodable], self.resolution) if decodable else None
+        skipped = len(batch.records) - len(decodable)
+        return PixelBatch(batch, [r.key for r in decodable], images, skipped)
+
+
+def encode_shards(
+    vae,
+    shards_root: str,
+    shards: list[str],
+    resolution: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> Iterator[tuple[str, LatentShard, int]]:
+    """(shard, its latents, its rows without an image) for each shard, as each completes.
+
+    One DataLoader serves all the shards: workers decode, resize and crop the next batches
+    (each reading only its shards) while the VAE encodes. Only latents are held, and only
+    of the shards in progress (at most one per worker). Latents are in key order, the
+    shard's own order, however the workers split it.
+    """
+    loader = DataLoader(
+        ShardBatches(shards_root, shards, batch_size),
+        batch_size=None,
+        collate_fn=ToPixels(resolution),
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=next(vae.parameters()).device.type == "cuda",
+    )
+    parts: dict[str, list[tuple[list[str], torch.Tensor, torch.Tensor]]] = {}
+    skipped: dict[str, int] = {}
+    readers_done: dict[str, int] = {}
+    for item in loader:
+        shard = item.batch.shard
+        skipped[shard] = skipped.get(shard, 0) + item.skipped
+        shard_parts = parts.setdefault(shard, [])
+        if item.pixels is not None:
+            shard_parts.append((item.keys, *encode(vae, item.pixels)))
+        if not item.batch.last:
             continue
-        keys.append(record.key)
-        images.append(record.image)
-        if len(images) == batch_size:
-            yield keys, images, skipped
-            keys, images, skipped = [], [], 0
-    if images or skipped:
-        yield keys, images, skipped
+        readers_done[shard] = readers_done.get(shard, 0) + 1
+        if readers_done[shard] < item.batch.readers:
+            continue
+        done = parts.pop(shard)
+        if not done:
+            raise ValueError(f"shard {shard} has no decodable image")
+        keys = [key for part_keys, _, _ in done for key in part_keys]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        mean = torch.cat([m for _, m, _ in done])[order]
+        std = torch.cat([s for _, _, s in done])[order]
+        meta = {"shard": shard, "resolution": str(resolution)}
+        yield shard, LatentShard([keys[i] for i in order], mean, std, meta), skipped.pop(shard)
 
 
 def encode_shard(
     vae, shards_root: str, shard: str, resolution: int, batch_size: int = 64
 ) -> tuple[LatentShard, int]:
-    """The latents of every decodable image of ``shard`` and the count of rows without one.
-
-    Streams the shard; only its latents (not its images) are held until written.
-    """
-    all_keys: list[str] = []
-    means, stds = [], []
-    skipped = 0
-    for keys, images, missing in _decodable_batches(shards_root, shard, batch_size):
-        skipped += missing
-        if images:
-            mean, std = encode(vae, pixels(images, resolution))
-            all_keys += keys
-            means.append(mean)
-            stds.append(std)
-    if not means:
-        raise ValueError(f"shard {shard} has no decodable image")
-    meta = {"shard": shard, "resolution": str(resolution)}
-    return LatentShard(all_keys, torch.cat(means), torch.cat(stds), meta), skipped
+    """The latents of every decodable image of ``shard`` and the count of rows without one."""
+    ((_, data, skipped),) = encode_shards(vae, shards_root, [shard], resolution, batch_size)
+    return data, skipped
 
 
 def cache_latents(
@@ -245,7 +300,8 @@ def cache_latents(
     batch_size: int = 64,
     reuse_existing: bool = True,
     dtype: torch.dtype = torch.float32,
-    on_shard=None,
+    num_workers: int = 0,
+    on_shard: Callable[[str, int, int], None] | None = None,
 ) -> CacheStats:
     """Encode every shard of ``shards`` not yet cached for this VAE (all with
     ``reuse_existing=False``), stored as ``dtype`` (float16 halves the cache; the stream
@@ -253,18 +309,68 @@ def cache_latents(
     stats = CacheStats()
     start = time.perf_counter()
     vae.eval().requires_grad_(False)
-    for i, shard in enumerate(shards):
+    todo = []
+    for shard in shards:
         if reuse_existing and has_latent_shard(storage, vae_version, shard):
             stats.shards_kept.append(shard)
-            continue
-        data, skipped = encode_shard(vae, shards_root, shard, resolution, batch_size)
-        data.mean, data.std = data.mean.to(dtype), data.std.to(dtype)
-        data.meta["dtype"] = str(dtype).removeprefix("torch.")
-        stats.bytes_written += write_latent_shard(storage, vae_version, shard, data)
-        stats.rows += len(data.keys)
-        stats.skipped += skipped
-        stats.shards_written.append(shard)
-        if on_shard is not None:
-            on_shard(shard, i + 1, len(shards))
+        else:
+            todo.append(shard)
+    with torch.no_grad():
+        for shard, data, skipped in encode_shards(
+            vae, shards_root, todo, resolution, batch_size, num_workers
+        ):
+            data.mean, data.std = data.mean.to(dtype), data.std.to(dtype)
+            data.meta["dtype"] = str(dtype).removeprefix("torch.")
+            stats.bytes_written += write_latent_shard(storage, vae_version, shard, data)
+            stats.rows += len(data.keys)
+            stats.skipped += skipped
+            stats.shards_written.append(shard)
+            if on_shard is not None:
+                on_shard(shard, len(stats.shards_written), len(todo))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    """A shard group's latent cache, as each process runs its share of it."""
+
+    base_model: str  # a local pipeline directory
+    storage_root: str
+    shards_root: str
+    batch_size: int = 64
+    dtype: str = "float32"  # as stored
+    reuse_existing: bool = True
+    num_workers: int = 0
+
+
+def cache_share(job: LatentJob, share: DeviceShare, emit: Emit) -> CacheStats:
+    """One process's part of a group: the VAE on its device, its shards encoded and written."""
+    vae, resolution, vae_version = load_vae(job.base_model, torch.device(share.device))
+    return cache_latents(
+        vae,
+        vae_version,
+        Storage(job.storage_root),
+        job.shards_root,
+        list(share.shards),
+        resolution=resolution,
+        batch_size=job.batch_size,
+        reuse_existing=job.reuse_existing,
+        dtype=storage_dtype(job.dtype),
+        num_workers=job.num_workers,
+        on_shard=lambda shard, i, n: emit({"shard": shard, "done": i, "of": n, "rank": share.rank}),
+    )
+
+
+def cache_group(
+    job: LatentJob,
+    shards: list[str],
+    devices: list[torch.device],
+    on_event: Emit | None = None,
+) -> CacheStats:
+    """A group's latents cached by one process per device (:func:`run_per_device`)."""
+    storage_dtype(job.dtype)  # a bad name fails here, not in every process
+    total = CacheStats()
+    for stats in run_per_device(partial(cache_share, job), shards, devices, on_event):
+        total.merge_parallel(stats)
+    return total

@@ -39,3 +39,33 @@ def resolve_mixed_precision(name: str, device: torch.device) -> str:
     if name not in {"no", "fp16", "bf16"}:
         raise ValueError(f"unknown mixed precision {name!r}; choose auto, no, fp16 or bf16")
     return name
+
+
+#: What a ``processes`` setting means, for every step that runs one process per GPU.
+PROCESSES_DESCRIPTION = (
+    "Processes: 0 = one per GPU of the machine (pod), 1 on a CPU-only one; N > 0 = N (on CPU: "
+    "N processes sharing the cores, as tests and benchmarks run them)."
+)
+
+
+def process_count(processes: int) -> int:
+    """``processes`` resolved: 0 is one per visible GPU, at least one."""
+    if processes < 0:
+        raise ValueError(f"processes must be >= 0, got {processes}")
+    return processes or max(1, torch.cuda.device_count())
+
+
+def process_devices(device: torch.device, processes: int) -> list[torch.device]:
+    """The device of each process of a step that runs ``processes`` (see
+    :func:`process_count`) processes on ``device``: one GPU each on CUDA (an explicit
+    ``cuda:N`` is that GPU alone), the CPU for all of them otherwise."""
+    if device.type != "cuda":
+        return [device] * max(1, processes)
+    if device.index is not None:
+        if processes > 1:
+            raise ValueError(f"device {device} names one GPU; {processes} processes need 'cuda'")
+        return [device]
+    count = process_count(processes)
+    if count > torch.cuda.device_count():
+        raise ValueError(f"{count} processes asked for, {torch.cuda.device_count()} GPUs visible")
+    return [torch.device("cuda", index) for index in range(count)]

@@ -1,0 +1,110 @@
+"""One process per device, each working through its share of a shard group.
+
+Recaptioning and the latent cache read shards and write one output file per shard; they need
+no collective. Each process loads the model on its own GPU, works through its share of the
+shards (round-robin, so every process gets as many as the others, give or take one) and
+writes every finished shard itself: the writes are atomic, so a killed process leaves whole
+files that a retry keeps. Progress events and each process's result come back over one
+queue; the caller relays the events as they arrive (the Dagster run's log) and merges the
+results. With one device the work runs here, in this process, with nothing spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.multiprocessing
+
+Result = TypeVar("Result")
+#: Receives a progress event (a JSON-able dict) from any process.
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one process works on: its device and its shards."""
+
+    rank: int
+    processes: int
+    device: str
+    shards: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Run(Generic[Result]):
+    work: Callable[[DeviceShare, Emit], Result]
+    shares: tuple[DeviceShare, ...]
+
+
+def share_shards(shards: Sequence[str], devices: Sequence[torch.device]) -> list[DeviceShare]:
+    """Round-robin shares: process ``r`` of ``n`` takes shards ``r, r+n, ...``."""
+    if not devices:
+        raise ValueError("no device to run on")
+    count = len(devices)
+    return [
+        DeviceShare(rank, count, str(device), tuple(shards[rank::count]))
+        for rank, device in enumerate(devices)
+    ]
+
+
+def _ignore(event: dict[str, Any]) -> None:
+    del event
+
+
+def _run_share(rank: int, run: _Run[Any], results: Any) -> None:
+    """A spawned process: its share, with events and its result sent to the parent."""
+    share = run.shares[rank]
+    if torch.device(share.device).type == "cpu":
+        # Processes sharing the CPU split its cores instead of each taking all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // share.processes))
+    result = run.work(share, lambda event: results.put(("event", rank, event)))
+    results.put(("result", rank, result))
+
+
+def run_per_device(
+    work: Callable[[DeviceShare, Emit], Result],
+    shards: Sequence[str],
+    devices: Sequence[torch.device],
+    on_event: Emit | None = None,
+) -> list[Result]:
+    """``work(share, emit)`` for each device's share of ``shards``, one process per device
+    (spawned, so CUDA starts clean in each); the results in rank order.
+
+    ``work`` must be picklable (a module-level function, or a ``functools.partial`` of one
+    with picklable arguments). A process that raises stops the others and the error is
+    raised here with its traceback; what the processes wrote before stays written.
+    """
+    shares = share_shards(shards, devices)
+    on_event = on_event or _ignore
+    if len(shares) == 1:
+        return [work(shares[0], on_event)]
+    results_queue = torch.multiprocessing.get_context("spawn").Queue()
+    processes = torch.multiprocessing.start_processes(
+        _run_share,
+        args=(_Run(work, tuple(shares)), results_queue),
+        nprocs=len(shares),
+        join=False,
+        start_method="spawn",
+    )
+    results: dict[int, Result] = {}
+    while len(results) < len(shares):
+        try:
+            kind, rank, payload = results_queue.get(timeout=1.0)
+        except queue_module.Empty:
+            # Raises when a process failed (the others are stopped); True when all ended.
+            if processes.join(timeout=0) and results_queue.empty():
+                missing = sorted(set(range(len(shares))) - set(results))
+                raise RuntimeError(f"processes {missing} ended without a result") from None
+            continue
+        if kind == "event":
+            on_event(payload)
+        else:
+            results[rank] = payload
+    while not processes.join():
+        pass
+    return [results[rank] for rank in range(len(shares))]
