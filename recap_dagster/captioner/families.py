@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from transformers import (
+    AutoProcessor,
     BlipForConditionalGeneration,
     Florence2ForConditionalGeneration,
     GitForCausalLM,
@@ -43,6 +44,14 @@ class Family(ABC):
     model_class: ClassVar[type[PreTrainedModel]]
     #: Module path of the image encoder inside the model (``model.get_submodule``).
     vision_tower: ClassVar[str]
+
+    def model_class_for(self, model_type: str) -> type[PreTrainedModel]:
+        """The class that loads a checkpoint of ``model_type`` (one of :attr:`model_types`)."""
+        return self.model_class
+
+    def load_processor(self, path_or_id: str, model_type: str, **hub: Any) -> ProcessorMixin:
+        """The processor of a checkpoint of ``model_type`` (``hub``: ``revision``)."""
+        return AutoProcessor.from_pretrained(path_or_id, **hub)
 
     @abstractmethod
     def generation_inputs(

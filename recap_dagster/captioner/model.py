@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoProcessor,
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
@@ -153,8 +152,8 @@ class Captioner:
             kwargs["dtype"] = dtype
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = adapter.model_class.from_pretrained(path_or_id, **kwargs)
-        processor = AutoProcessor.from_pretrained(path_or_id, **hub)
+        model = adapter.model_class_for(config.model_type).from_pretrained(path_or_id, **kwargs)
+        processor = adapter.load_processor(path_or_id, config.model_type, **hub)
         stored = _read_captioner_file(path_or_id)
         loaded_dtype = next(model.parameters()).dtype
         model.to(resolve_device(device))
