@@ -1,4 +1,5 @@
-"""Captioner over BLIP / GIT / PaliGemma: tiny local models, fine-tune, caption, reload."""
+"""Captioner over BLIP / GIT / PaliGemma / Florence-2 / Qwen-VL: tiny local models, fine-tune,
+caption, reload."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ TRAINING = {
     "git": (32, 5e-3, 150),
     "paligemma": (32, 5e-3, 250),  # 150 steps ground three of the four images
     "florence2": (64, 2e-3, 300),
+    "qwen_vl": (32, 5e-3, 150),
 }
 
 
@@ -112,7 +114,7 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def test_loads_through_from_pretrained(trained: Trained) -> None:
     cap = trained.captioner
     assert cap.family in FAMILIES
-    assert isinstance(cap.model, FAMILIES[cap.family].model_class)
+    assert isinstance(cap.model, FAMILIES[cap.family].model_class_for(cap.model.config.model_type))
     assert cap.prefixes == STYLE_PREFIXES
     assert cap.num_parameters() < 500_000  # tiny, as configured
     assert not cap.model.training

@@ -1,4 +1,5 @@
-"""The :class:`Captioner`: one interface over BLIP, GIT, PaliGemma and Florence-2 checkpoints."""
+"""The :class:`Captioner`: one interface over BLIP, GIT, PaliGemma, Florence-2 and Qwen-VL
+checkpoints."""
 
 from __future__ import annotations
 
