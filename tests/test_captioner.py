@@ -1,4 +1,5 @@
-"""Captioner over BLIP / GIT / PaliGemma: tiny local models, fine-tune, caption, reload."""
+"""Captioner over BLIP / GIT / PaliGemma / Florence-2 / Qwen-VL: tiny local models, fine-tune,
+caption, reload."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from recap_dagster.captioner import (
     swap_left_right,
     training_examples,
 )
-from recap_dagster.captioner.families import IGNORE_INDEX
+from recap_dagster.captioner.families import IGNORE_INDEX, ChatVLMFamily
 from recap_dagster.captioner.model import dropout_state
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
 
@@ -67,6 +68,7 @@ TRAINING = {
     "git": (32, 5e-3, 150),
     "paligemma": (32, 5e-3, 250),  # 150 steps ground three of the four images
     "florence2": (64, 2e-3, 300),
+    "qwen_vl": (32, 5e-3, 150),
 }
 
 
@@ -112,7 +114,7 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def test_loads_through_from_pretrained(trained: Trained) -> None:
     cap = trained.captioner
     assert cap.family in FAMILIES
-    assert isinstance(cap.model, FAMILIES[cap.family].model_class)
+    assert isinstance(cap.model, FAMILIES[cap.family].model_class_for(cap.model.config.model_type))
     assert cap.prefixes == STYLE_PREFIXES
     assert cap.num_parameters() < 500_000  # tiny, as configured
     assert not cap.model.training
@@ -146,6 +148,23 @@ def test_beam_search_and_chunking(trained: Trained) -> None:
         trained.captioner.caption(images, "medium")
 
 
+def test_batched_generation_equals_one_by_one(trained: Trained) -> None:
+    """Captions do not depend on the batch: every row's prompt ends at the last input column
+    (Qwen-VL prompts differ in length with the image size, so they are left padded)."""
+    cap = trained.captioner
+    images = [e.image for e in EXAMPLES]
+    images += [EXAMPLES[1].image.resize((48, 32)), EXAMPLES[2].image.resize((32, 64))]
+    inputs = cap.input_builder()(images, "long")
+    if "attention_mask" in inputs:
+        assert bool(inputs["attention_mask"][:, -1].all())  # no row ends in padding
+    if cap.family == ChatVLMFamily.name:  # 16, 12 and 10 image tokens: padding is exercised
+        assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3
+    batched = cap.caption(images, "long", max_new_tokens=10)
+    one_by_one = [cap.caption([image], "long", max_new_tokens=10)[0] for image in images]
+    assert batched == one_by_one
+    assert batched[: len(EXAMPLES)] == trained.long
+
+
 def test_save_and_reload_gives_identical_captions(trained: Trained, tmp_path: Path) -> None:
     trained.captioner.prefixes = dict(STYLE_PREFIXES)
     trained.captioner.save_pretrained(tmp_path)
@@ -175,6 +194,96 @@ def test_labels_cover_caption_only(trained: Trained) -> None:
         ]
         assert kept[-1] in (tok.sep_token_id, tok.eos_token_id)
         assert len(kept) - len([i for i in kept if i not in specials]) <= 2
+
+
+QWEN_VL_TYPES = ChatVLMFamily.model_types  # Qwen2.5-VL, Qwen2-VL
+
+
+@pytest.mark.parametrize("model_type", QWEN_VL_TYPES)
+def test_chat_vlm_labels_cover_the_answer_only(model_type: str) -> None:
+    """Training rows are the generation prompt token for token, then the caption and
+    <|im_end|>; only those are labelled (not the system or user turn, image tokens, padding)."""
+    cap = build_tiny_captioner("qwen_vl", None, words=WORDS, model_type=model_type)
+    tok = cap.processor.tokenizer
+    images = [EXAMPLES[0].image, EXAMPLES[1].image.resize((48, 32)), EXAMPLES[2].image]
+    styles = ["long", "short", "long"]
+    captions = ["a big red square", "blue", "a green triangle on the left"]
+    prefixes = [cap.prefix(s) for s in styles]
+    batch = cap.adapter.training_inputs(cap.model.config, cap.processor, images, prefixes, captions)
+    image_id = cap.processor.image_token_id
+    grids = batch["image_grid_thw"]
+    for i, caption in enumerate(captions):
+        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        labelled = labels != IGNORE_INDEX
+        assert tok.decode(labels[labelled]) == caption + "<|im_end|>"
+        assert bool((labels[labelled] == ids[labelled]).all())  # teacher forcing, no shift here
+        length = int(mask.sum())
+        assert bool(mask[:length].all()) and not mask[length:].any()  # right padded
+        answer = int(labelled.sum())
+        assert bool(labelled[length - answer : length].all())  # the answer ends the row
+        prompt = cap.input_builder()([images[i]], styles[i])
+        assert ids[: length - answer].tolist() == prompt["input_ids"][0].tolist()
+        text = tok.decode(ids[: length - answer])
+        assert text.startswith("<|im_start|>system\n") and prefixes[i] in text
+        assert text.endswith("<|im_start|>assistant\n")
+        image_tokens = ids == image_id
+        assert int(image_tokens.sum()) == int(grids[i].prod()) // 4  # 2x2 merged patches
+        assert bool((batch["mm_token_type_ids"][i] == image_tokens.long()).all())
+    assert batch["pixel_values"].shape[0] == int(grids.prod(-1).sum())
+    with torch.no_grad():
+        assert torch.isfinite(cap.model(**batch).loss)
+
+
+@pytest.mark.parametrize("model_type", QWEN_VL_TYPES)
+def test_chat_vlm_checkpoint_reloads_and_batches_as_one_by_one(
+    model_type: str, tmp_path: Path
+) -> None:
+    """A saved tiny Qwen-VL is an ordinary checkpoint (the stock processor class, the chat
+    template, the pixel bounds) and loads back without torchvision; its greedy captions of
+    differently sized images, left padded in one batch, equal those made one by one."""
+    build_tiny_captioner("qwen_vl", tmp_path, words=WORDS, model_type=model_type, seed=3)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    stock = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}[model_type]
+    assert saved["processor_class"] == stock
+    assert (tmp_path / "chat_template.jinja").is_file()
+    cap = Captioner.from_pretrained(tmp_path)
+    assert cap.family == "qwen_vl" and cap.model.config.model_type == model_type
+    assert cap.processor.image_processor.size["longest_edge"] == 32 * 32
+    assert "<|im_start|>assistant" in cap.processor.chat_template
+    images = [
+        EXAMPLES[0].image,
+        EXAMPLES[1].image.resize((48, 32)),
+        EXAMPLES[2].image.resize((32, 64)),
+        EXAMPLES[3].image,
+    ]
+    build = cap.input_builder()
+    inputs = build(images, "short")
+    assert bool((inputs["attention_mask"][:, 0] == 0).any())  # some rows are left padded
+    batched = cap.caption(images, "short", max_new_tokens=6)
+    assert batched == [cap.caption([image], "short", max_new_tokens=6)[0] for image in images]
+    # The next-token distributions too, which a random model's argmax may hide.
+    with torch.no_grad():
+        last = cap.model(**inputs).logits[:, -1]
+        alone = torch.cat([cap.model(**build([image], "short")).logits[:, -1] for image in images])
+    torch.testing.assert_close(last, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # the image matters
+
+
+def test_chat_vlm_max_pixels_bounds_the_image_tokens(tmp_path: Path) -> None:
+    """A large image is resized to at most ``max_pixels`` (``size["longest_edge"]``): 32²
+    pixels here, 16 image tokens of 8x8 pixels, whatever the input size."""
+    build_tiny_captioner("qwen_vl", tmp_path, words=WORDS)
+    cap = Captioner.from_pretrained(tmp_path)
+    large = EXAMPLES[0].image.resize((640, 480))
+    inputs = cap.input_builder()([large, EXAMPLES[1].image], "long")
+    tokens = (inputs["input_ids"] == cap.processor.image_token_id).sum(1).tolist()
+    grids = inputs["image_grid_thw"]
+    assert tokens == (grids.prod(-1) // 4).tolist()
+    height, width = (int(v) * 4 for v in grids[0, 1:])  # 4 px ViT patches
+    assert height * width <= 32 * 32 and tokens[0] <= 16
+    assert abs(width / height - 640 / 480) < 0.5  # the aspect ratio roughly kept
+    assert tokens[1] == 16  # 32 px is left as it is
+    assert len(cap.caption([large], "long", max_new_tokens=4)) == 1
 
 
 def test_training_batch_takes_a_prompt_per_example(trained: Trained) -> None:

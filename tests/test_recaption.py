@@ -97,8 +97,21 @@ def test_recaption_shard_captions_every_decodable_row(shards_root, captioner, wo
     assert [row["key"] for row in table.to_pylist()] == sorted(rows)
 
 
-def test_prepare_batch_runs_without_the_weights(shards_root, captioner) -> None:
+@pytest.fixture(scope="module")
+def chat_captioner(tmp_path_factory: pytest.TempPathFactory) -> Captioner:
+    """A tiny Qwen2.5-VL: its processor (chat template, image-only) goes to the workers."""
+    directory = tmp_path_factory.mktemp("chat_captioner")
+    words = sorted({w for text in vocabulary_texts() for w in text.lower().split()})
+    build_tiny_captioner("qwen_vl", directory, words=words, hidden_size=32)
+    return Captioner.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("family_fixture", ["captioner", "chat_captioner"])
+def test_prepare_batch_runs_without_the_weights(
+    shards_root, family_fixture: str, request: pytest.FixtureRequest
+) -> None:
     """The worker-side collate pickles without the model and builds the caption inputs."""
+    captioner: Captioner = request.getfixturevalue(family_fixture)
     records = list(iter_shard(shards_root, SHARD))[:4]  # record 2 does not decode
     prepare = pickle.loads(pickle.dumps(PrepareBatch(captioner.input_builder())))
     assert "model" not in vars(prepare.build)

@@ -12,10 +12,9 @@ from recorded import record_recaptions
 
 from recap_dagster.assets.inputs import base_t2i_model
 from recap_dagster.assets.latents import t2i_latents
-from recap_dagster.captioner.recaption import output_parts
 from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoints
 from recap_dagster.assets.training_corpus import training_corpus
-from recap_dagster.captioner.recaption import SCHEMA
+from recap_dagster.captioner.recaption import SCHEMA, output_parts
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.corpus.shard_groups import groups_of

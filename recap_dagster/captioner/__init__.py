@@ -1,6 +1,6 @@
-"""RECAP's captioner (steps 1 and 2): one interface over BLIP, GIT, PaliGemma, Florence-2,
-its fine-tune, recaptioning a shard (``recaption``) and caption quality (``quality``).
-Plain Python, no Dagster.
+"""RECAP's captioner (steps 1 and 2): one interface over BLIP, GIT, PaliGemma, Florence-2 and
+Qwen-VL chat models, its fine-tune, recaptioning a shard (``recaption``) and caption quality
+(``quality``). Plain Python, no Dagster.
 
 ``Captioner`` loads any supported checkpoint with ``from_pretrained``, captions batches in a
 style selected by a fixed text prefix, and computes the caption-only LM loss that

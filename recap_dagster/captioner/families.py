@@ -7,7 +7,7 @@ Every family answers the same three questions:
 * where the prompt ends in what ``generate`` returns, so only the continuation is decoded.
 
 The behaviour follows the installed transformers 5 sources
-(``models/{blip,git,paligemma,florence2}``).
+(``models/{blip,git,paligemma,florence2,qwen2_vl,qwen2_5_vl}``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from transformers import (
+    AutoProcessor,
     BlipForConditionalGeneration,
     Florence2ForConditionalGeneration,
     GitForCausalLM,
@@ -26,6 +27,10 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
 )
 
 IGNORE_INDEX = -100
@@ -43,6 +48,14 @@ class Family(ABC):
     model_class: ClassVar[type[PreTrainedModel]]
     #: Module path of the image encoder inside the model (``model.get_submodule``).
     vision_tower: ClassVar[str]
+
+    def model_class_for(self, model_type: str) -> type[PreTrainedModel]:
+        """The class that loads a checkpoint of ``model_type`` (one of :attr:`model_types`)."""
+        return self.model_class
+
+    def load_processor(self, path_or_id: str, model_type: str, **hub: Any) -> ProcessorMixin:
+        """The processor of a checkpoint of ``model_type`` (``hub``: ``revision``)."""
+        return AutoProcessor.from_pretrained(path_or_id, **hub)
 
     @abstractmethod
     def generation_inputs(
@@ -297,8 +310,174 @@ class Florence2Family(Family):
         }
 
 
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without its video processor, so it works without torchvision.
+
+    transformers takes a processor's parts from its ``__init__`` signature. The stock class's
+    ``video_processor`` part cannot be built without torchvision, not even as ``None``: its
+    class check looks up ``VideoProcessorMixin``, which transformers exports only with
+    torchvision, and ``AutoProcessor`` loads the video processor eagerly
+    (huggingface/transformers#48558). This signature leaves the part out; captioning needs
+    images only. ``processor_config.json`` names the stock class, so where torchvision is
+    installed ``AutoProcessor`` loads a saved folder as an ordinary Qwen-VL processor.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "processor_class": Qwen2VLProcessor.__name__}
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video part (see :class:`ImageOnlyQwen2VLProcessor`)."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "processor_class": Qwen2_5_VLProcessor.__name__}
+
+
+class ChatVLMFamily(Family):
+    """Qwen2-VL and Qwen2.5-VL: chat models; the style prefix is the user's request, the
+    caption the assistant's answer.
+
+    Prompts are rendered by the processor's chat template from one user turn holding the
+    image and the prefix, with the generation prompt (``<|im_start|>assistant\\n``) appended.
+    The processor expands the template's single ``<|image_pad|>`` into one token per merged
+    patch group (``image_grid_thw.prod() // merge_size**2``), so rows of differently sized
+    images differ in length; generation rows are LEFT padded, so every row's prompt ends at
+    the last column, ``prompt_length`` is the input width, and the 3-D (M-RoPE) positions,
+    which ``get_rope_index`` computes from the attention mask, skip the padding.
+
+    Training rows are that same prompt, token for token, followed by the caption's tokens and
+    ``<|im_end|>`` (tokenised apart, so the label mask is exact), right padded; labels cover
+    only the caption and ``<|im_end|>``, which is what stops generation. The system turn the
+    template adds, the user turn, the image tokens and the padding are -100.
+    ``mm_token_type_ids`` (1 on image tokens) goes to the model in both cases: without it
+    ``get_rope_index`` is skipped and image tokens get 1-D text positions.
+
+    Follows ``models/qwen2_vl`` and ``models/qwen2_5_vl`` of transformers 5 (processing, the
+    PIL image processor's ``smart_resize``, ``get_rope_index``); image size is bounded by the
+    image processor's ``size`` (``shortest_edge``/``longest_edge`` = min/max pixels). The
+    processor loads without its video part (:class:`ImageOnlyQwen2VLProcessor`). LLaVA-style
+    models are not served: their templates, end-of-turn tokens and towers differ per model.
+    """
+
+    name = "qwen_vl"
+    model_types = ("qwen2_5_vl", "qwen2_vl")
+    model_class = Qwen2_5_VLForConditionalGeneration
+    vision_tower = "model.visual"
+    #: The token that closes a chat turn: the end of every answer.
+    end_of_turn = "<|im_end|>"
+
+    _model_classes: ClassVar[dict[str, type[PreTrainedModel]]] = {
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+    }
+    _processor_classes: ClassVar[dict[str, type[ProcessorMixin]]] = {
+        "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+        "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    }
+
+    def model_class_for(self, model_type):
+        return self._model_classes[model_type]
+
+    def load_processor(self, path_or_id, model_type, **hub):
+        return self._processor_classes[model_type].from_pretrained(path_or_id, **hub)
+
+    @staticmethod
+    def prompt(processor: ProcessorMixin, prefix: str) -> str:
+        """The chat-template text of one user turn (the image, then ``prefix``), ready for
+        the assistant's answer."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prefix}]}
+        ]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _end_id(self, processor: ProcessorMixin) -> int:
+        tok = processor.tokenizer
+        end = tok.convert_tokens_to_ids(self.end_of_turn)
+        if end is None or end == tok.unk_token_id:
+            raise ValueError(f"the tokenizer has no {self.end_of_turn} token")
+        return end
+
+    def _pad_id(self, processor: ProcessorMixin) -> int:
+        pad = processor.tokenizer.pad_token_id
+        return self._end_id(processor) if pad is None else pad
+
+    def _prompts(
+        self, processor: ProcessorMixin, images: Sequence[Image.Image], prefixes: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        inputs = processor(
+            images=list(images),
+            text=[self.prompt(processor, p) for p in prefixes],
+            padding="longest",
+            padding_side="left",
+            return_tensors="pt",
+        )
+        return dict(inputs)
+
+    def generation_inputs(self, config, processor, images, prefix):
+        return self._prompts(processor, images, [prefix] * len(images))
+
+    def training_inputs(self, config, processor, images, prefixes, captions):
+        prompts = self._prompts(processor, images, prefixes)
+        end = self._end_id(processor)
+        rows: list[list[int]] = []
+        label_rows: list[list[int]] = []
+        type_rows: list[list[int]] = []
+        for ids, mask, types, caption in zip(
+            prompts["input_ids"],
+            prompts["attention_mask"],
+            prompts["mm_token_type_ids"],
+            captions,
+            strict=True,
+        ):
+            keep = mask.bool()
+            prompt = ids[keep].tolist()
+            answer = [*_text_ids(processor, caption), end]
+            rows.append(prompt + answer)
+            label_rows.append([IGNORE_INDEX] * len(prompt) + answer)
+            type_rows.append(types[keep].tolist() + [0] * len(answer))
+        batch = _pad_right(rows, label_rows, self._pad_id(processor))
+        token_types = torch.zeros_like(batch["input_ids"])
+        for i, row in enumerate(type_rows):
+            token_types[i, : len(row)] = torch.tensor(row)
+        batch["mm_token_type_ids"] = token_types
+        batch["pixel_values"] = prompts["pixel_values"]
+        batch["image_grid_thw"] = prompts["image_grid_thw"]
+        return batch
+
+    def prompt_length(self, inputs):
+        return inputs["input_ids"].shape[1]  # left padded: every prompt ends at the last column
+
+    def generate_kwargs(self, config, processor):
+        # The answer ends with <|im_end|>; base (non-chat) checkpoints end text with the
+        # tokenizer's eos (<|endoftext|>), so both stop generation.
+        ends = [self._end_id(processor), processor.tokenizer.eos_token_id]
+        return {
+            "eos_token_id": list(dict.fromkeys(e for e in ends if e is not None)),
+            "pad_token_id": self._pad_id(processor),
+        }
+
+
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (BlipFamily(), GitFamily(), PaliGemmaFamily(), Florence2Family())
+    f.name: f
+    for f in (BlipFamily(), GitFamily(), PaliGemmaFamily(), Florence2Family(), ChatVLMFamily())
 }
 
 

@@ -1,4 +1,5 @@
-"""The :class:`Captioner`: one interface over BLIP, GIT, PaliGemma and Florence-2 checkpoints."""
+"""The :class:`Captioner`: one interface over BLIP, GIT, PaliGemma, Florence-2 and Qwen-VL
+checkpoints."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoProcessor,
     GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -155,8 +155,8 @@ class Captioner:
             kwargs["dtype"] = dtype
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = adapter.model_class.from_pretrained(path_or_id, **kwargs)
-        processor = AutoProcessor.from_pretrained(path_or_id, **hub)
+        model = adapter.model_class_for(config.model_type).from_pretrained(path_or_id, **kwargs)
+        processor = adapter.load_processor(path_or_id, config.model_type, **hub)
         stored = _read_captioner_file(path_or_id)
         loaded_dtype = next(model.parameters()).dtype
         model.to(resolve_device(device))
