@@ -1,13 +1,19 @@
 """Recaptioning throughput: the asset's code path vs a bare batched ``model.generate`` loop.
 
     .venv/bin/python benchmarks/recaption_throughput.py [--captioner DIR] [--images 1000]
+        [--processes 1 2]
 
 Both sides caption the same images in both styles with the same batch size and generation
 settings. The asset path streams the shard (DataLoader workers decode the images and build
 the processor's inputs while the model generates), writes the parquet atomically and records
 per-row status; the bare loop gets already-decoded batches and runs the processor and
-``model.generate`` on them. Prints images/s and the ratio. Run it on an otherwise idle
-machine: with two torch threads on two cores, any other job takes the worker's share.
+``model.generate`` on them. Prints images/s and the ratio.
+
+Then a group of 4 shards (``--images`` in all) is recaptioned as the asset does it
+(``recaption_group``) by 1 process, then by 2 (spawned, as one per GPU; on this CPU each takes
+one of the two cores): images/s over the wall clock, model loads and process starts
+included, and over the captioning alone. Run it on an otherwise idle machine: with two torch
+threads on two cores, any other job takes the worker's share.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ import time
 import torch
 
 from recap_dagster.captioner import Captioner
-from recap_dagster.captioner.recaption import GenerationSettings, recaption_shard
+from recap_dagster.captioner.recaption import (
+    GenerationSettings,
+    RecaptionJob,
+    recaption_group,
+    recaption_shard,
+)
+from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld
@@ -56,6 +68,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--processes", type=int, nargs="*", default=[1, 2])
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="recap-bench-")
@@ -103,6 +116,41 @@ def main() -> None:
     print(f"asset code path : {asset:8.1f} images/s (both styles)")
     print(f"bare generate   : {bare:8.1f} images/s (both styles)")
     print(f"ratio           : {asset / bare:8.3f}")
+    if args.processes:
+        compare_processes(args, work, captioner, settings)
+
+
+def compare_processes(
+    args: argparse.Namespace, work: str, captioner: Captioner, settings: GenerationSettings
+) -> None:
+    """A 4-shard group recaptioned by each of ``args.processes`` process counts."""
+    paths = generate_miniworld(
+        f"{work}/mw4",
+        MiniworldConfig(
+            shards=4, images_per_shard=args.images // 4, pretrain_images=16, human_heldout=4
+        ),
+    )
+    shards = [info.key for info in list_shards(paths.corpus)]
+    checkpoint = f"{work}/forced"  # what each process loads, min_new_tokens included
+    captioner.save_pretrained(checkpoint)
+    print(f"group of {len(shards)} shards, {args.images // 4 * len(shards)} rows")
+    for processes in args.processes:
+        job = RecaptionJob(
+            checkpoint=checkpoint,
+            captioner_version="bench",
+            shards_root=paths.corpus,
+            storage_root=f"{work}/processes-{processes}",
+            settings=settings,
+            reuse_finished_shards=False,
+        )
+        start = time.perf_counter()
+        result = recaption_group(job, shards, [torch.device("cpu")] * processes)
+        wall = time.perf_counter() - start
+        images = result.captioned.captioned
+        print(
+            f"{processes} process(es): {images / wall:8.1f} images/s wall (loads included), "
+            f"{result.captioned.images_per_second:8.1f} images/s captioning"
+        )
 
 
 if __name__ == "__main__":
