@@ -4,7 +4,8 @@ Every GPU asset (pool ``gpu``) carries it: dagster-k8s's ``k8s_job_executor`` re
 give the step's pod its GPUs and a toleration for the GPU node pool's taint; the local
 executors ignore it. Environment, read when the code location loads:
 
-- ``RECAP_K8S_GPUS_PER_STEP`` (default 1): GPUs each GPU step's pod requests;
+- ``RECAP_K8S_GPUS_PER_STEP`` (default 1): GPUs each GPU step's pod requests (recaptioning
+  and the latent cache run one process on each, ``processes: 0``);
 - ``RECAP_K8S_TRAINING_GPUS`` (default: GPUs per step): GPUs of the ``sd_checkpoints``
   pod, where the trainer runs one process per GPU (``processes: 0``, the default);
 - ``RECAP_K8S_GPU_NODE_SELECTOR`` (optional, ``key=value[,key=value]``): node labels of
