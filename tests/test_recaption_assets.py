@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
@@ -328,8 +329,11 @@ def _kill_test_setup(root: Path, base_captioner: str) -> None:
         shutil.copytree(base_captioner, out, dirs_exist_ok=True)
 
 
-def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult:
-    """One run over the group of every shard (the subprocess entry point runs this too)."""
+def _recaption_all(
+    root: Path, miniworld_root: str, processes: int = 1
+) -> dg.ExecuteInProcessResult:
+    """One run over the group of every shard by ``processes`` processes (the subprocess
+    entry point runs this too)."""
     resources = {
         "sources": miniworld_sources(miniworld_root, str(root / "laion")),
         "storage": StorageResource(root=str(root / "storage")),
@@ -340,7 +344,12 @@ def _recaption_all(root: Path, miniworld_root: str) -> dg.ExecuteInProcessResult
     }
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
-        return _recaption(instance, resources, GROUP)
+        config = RECAPTION_CONFIG["ops"]["recaptioned_shards"]["config"]
+        run_config = {"ops": {"recaptioned_shards": {"config": {**config, "processes": processes}}}}
+        selection = dg.AssetSelection.assets(recaptioned_shards)
+        return _materialize(
+            instance, resources, selection, run_config=run_config, partition_key=GROUP
+        )
 
 
 def _outputs(root: Path) -> dict[str, list[dict]]:
@@ -351,9 +360,10 @@ def _outputs(root: Path) -> dict[str, list[dict]]:
 def test_killed_recaptioning_run_resumes_to_the_same_output(
     miniworld_paths, base_captioner, tmp_path: Path
 ) -> None:
-    """SIGKILL a group's run once its first shard is written; no partial file is ever
-    visible under a shard's name; run again: it keeps the finished shards, writes the rest,
-    and the output equals an uninterrupted run's."""
+    """SIGKILL a group's run of 2 processes (spawned, as on 2 GPUs) once its first shard is
+    written: its processes die with it and no partial file is ever visible under a shard's
+    name; run again: it keeps the finished shards, writes the rest, and the output equals
+    an uninterrupted one-process run's."""
     import signal
     import subprocess
     import sys
@@ -363,7 +373,7 @@ def test_killed_recaptioning_run_resumes_to_the_same_output(
     for root in (killed, whole):
         _kill_test_setup(root, base_captioner)
     worker = subprocess.Popen(
-        [sys.executable, __file__, "recaption", str(killed), str(miniworld_paths.root)],
+        [sys.executable, __file__, "recaption", str(killed), str(miniworld_paths.root), "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -375,8 +385,11 @@ def test_killed_recaptioning_run_resumes_to_the_same_output(
             assert worker.poll() is None, worker.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no shard written"
             time.sleep(0.01)
+        spawned = psutil.Process(worker.pid).children(recursive=True)
         worker.send_signal(signal.SIGKILL)
         worker.wait()
+        _, alive = psutil.wait_procs(spawned, timeout=60)
+        assert not alive, alive  # the run's processes died with it
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -384,10 +397,11 @@ def test_killed_recaptioning_run_resumes_to_the_same_output(
     assert 1 <= len(finished) < len(KILL_SHARDS), sorted(finished)
     assert all(len(rows) == IMAGES_PER_KILL_SHARD for rows in finished.values())
 
-    resumed = _recaption_all(killed, str(miniworld_paths.root))
+    resumed = _recaption_all(killed, str(miniworld_paths.root), processes=2)
     assert resumed.success
     metadata = resumed.asset_materializations_for_node("recaptioned_shards")[0].metadata
     assert metadata["shards_kept"].value == sorted(finished)
+    assert metadata["processes"].value == 2
     assert metadata["images_per_second"].value > 0  # of the shards it captioned, not kept ones
     assert "| kept |" in metadata["per_shard"].value
     assert _recaption_all(whole, str(miniworld_paths.root)).success
@@ -399,4 +413,4 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["recaption"]:
-        _recaption_all(Path(sys.argv[2]), sys.argv[3])
+        _recaption_all(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

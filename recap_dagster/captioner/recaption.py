@@ -26,7 +26,12 @@ from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
 from recap_dagster.corpus.reading import LaionRecord
 from recap_dagster.storage.root import Storage
-from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
+from recap_dagster.training.per_device import (
+    DeviceShare,
+    Emit,
+    dataloader_worker_init,
+    run_per_device,
+)
 
 # Bump when a change here changes what is written for the same inputs: Dagster then shows
 # every recaptioned group as stale (the asset's code_version).
@@ -278,6 +283,7 @@ def recaption_shards(
         batch_size=None,
         collate_fn=PrepareBatch(captioner.input_builder()),
         num_workers=settings.num_workers,
+        worker_init_fn=dataloader_worker_init,
         prefetch_factor=2 if settings.num_workers > 0 else None,
         pin_memory=captioner.device.type == "cuda",
     )

@@ -26,7 +26,12 @@ from torch.utils.data import DataLoader
 from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
 from recap_dagster.storage.fingerprint import model_fingerprint
 from recap_dagster.storage.root import Storage
-from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
+from recap_dagster.training.per_device import (
+    DeviceShare,
+    Emit,
+    dataloader_worker_init,
+    run_per_device,
+)
 
 LATENTS_DIR = "t2i_latents"
 FORMAT_VERSION = "1"
@@ -253,6 +258,7 @@ def encode_shards(
         batch_size=None,
         collate_fn=ToPixels(resolution),
         num_workers=num_workers,
+        worker_init_fn=dataloader_worker_init,
         prefetch_factor=2 if num_workers > 0 else None,
         pin_memory=next(vae.parameters()).device.type == "cuda",
     )

@@ -4,15 +4,19 @@ Recaptioning and the latent cache read shards and write one output file per shar
 no collective. Each process loads the model on its own GPU, works through its share of the
 shards (round-robin, so every process gets as many as the others, give or take one) and
 writes every finished shard itself: the writes are atomic, so a killed process leaves whole
-files that a retry keeps. Progress events and each process's result come back over one
-queue; the caller relays the events as they arrive (the Dagster run's log) and merges the
-results. With one device the work runs here, in this process, with nothing spawned.
+files that a retry keeps, and the processes die with the one that spawned them. Progress
+events and each process's result come back over one queue; the caller relays the events as
+they arrive (the Dagster run's log) and merges the results. With one device the work runs
+here, in this process, with nothing spawned.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue as queue_module
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -56,8 +60,31 @@ def _ignore(event: dict[str, Any]) -> None:
     del event
 
 
-def _run_share(rank: int, run: _Run[Any], results: Any) -> None:
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel kill this process when its parent dies (Linux). A run worker killed
+    with SIGKILL must not leave its GPU processes running, and an orphaned DataLoader worker
+    never exits by itself: it waits for ever to hand a batch to a reader that is gone.
+    ``parent``: the pid the parent had, to catch one that died before the request."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def dataloader_worker_init(worker_id: int) -> None:
+    """A DataLoader's ``worker_init_fn``: the worker dies with the process it feeds."""
+    del worker_id
+    die_with_parent()
+
+
+def _run_share(rank: int, run: _Run[Any], results: Any, parent: int) -> None:
     """A spawned process: its share, with events and its result sent to the parent."""
+    die_with_parent(parent)
     share = run.shares[rank]
     if torch.device(share.device).type == "cpu":
         # Processes sharing the CPU split its cores instead of each taking all of them.
@@ -86,7 +113,7 @@ def run_per_device(
     results_queue = torch.multiprocessing.get_context("spawn").Queue()
     processes = torch.multiprocessing.start_processes(
         _run_share,
-        args=(_Run(work, tuple(shares)), results_queue),
+        args=(_Run(work, tuple(shares)), results_queue, os.getpid()),
         nprocs=len(shares),
         join=False,
         start_method="spawn",
