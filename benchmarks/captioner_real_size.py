@@ -29,10 +29,10 @@ Deviations from the published checkpoints, as there is no hub here:
 * weights are random: captions are gibberish and losses meaningless; only seconds and
   memory mean anything (``min_new_tokens`` makes every caption 8 tokens long).
 
-The Qwen2.5-VL row needs a ``qwen2_5_vl`` family in ``recap_dagster.captioner.families``
-and a tiny processor builder for it; without them it reports the meta-device figures and
-"family not supported in this tree". Run one heavy family at a time on an otherwise idle
-machine (the 3B builds write 6-8 GB to the temporary directory):
+A family the tree does not support (no ``family_for_model_type`` for its model type, or no
+tiny processor builder) gets its meta-device figures and "family not supported in this
+tree". Run one heavy family at a time on an otherwise idle machine (the 3B builds write
+6-8 GB to the temporary directory):
 
     .venv/bin/python benchmarks/captioner_real_size.py --skip-steps   # estimates, seconds
     .venv/bin/python benchmarks/captioner_real_size.py [--families blip-large ...] [--out r.json]
@@ -356,13 +356,13 @@ SPECS: dict[str, RealSize] = {
     ),
     "qwen2.5-vl-3b": RealSize(
         repo="Qwen/Qwen2.5-VL-3B-Instruct",
-        family="qwen2_5_vl",
+        family="qwen_vl",
         config_class=Qwen2_5_VLConfig,
         model_class=Qwen2_5_VLForConditionalGeneration,
         config=QWEN2_5_VL_3B,
         image_size=IMAGE_PX,  # no fixed resolution: within min_pixels..max_pixels
-        patch_size=14,
-        image_tokens=(IMAGE_PX // 28) ** 2,  # 14 px patches merged 2x2
+        patch_size=28,  # pixels per image token: 14 px ViT patches merged 2x2
+        image_tokens=(IMAGE_PX // 28) ** 2,
         activation_gib=4.0,  # ViT 1024 patches x 32 layers + 36 layers x ~280 tokens
         special_ids=_qwen2_5_vl_ids,
     ),
@@ -490,7 +490,7 @@ def phase_build(spec: RealSize, directory: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     start = time.perf_counter()
     # In the published dtype (config.dtype) directly: no fp32 copy of a 3B model first.
-    model = adapter.model_class._from_config(config)
+    model = adapter.model_class_for(config.model_type)._from_config(config)
     build_s = time.perf_counter() - start
     built_dtype = next(model.parameters()).dtype
     start = time.perf_counter()
