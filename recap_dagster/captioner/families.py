@@ -310,8 +310,8 @@ class Florence2Family(Family):
         }
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without its video processor, so it works without torchvision.
+class _ImageOnlyProcessor:
+    """A Qwen-VL processor without its video processor, so it works without torchvision.
 
     transformers takes a processor's parts from its ``__init__`` signature. The stock class's
     ``video_processor`` part cannot be built without torchvision, not even as ``None``: its
@@ -322,21 +322,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     installed ``AutoProcessor`` loads a saved folder as an ordinary Qwen-VL processor.
     """
 
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "processor_class": Qwen2VLProcessor.__name__}
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without its video part (see :class:`ImageOnlyQwen2VLProcessor`)."""
+    stock: ClassVar[type[ProcessorMixin]]
 
     def __init__(
         self,
@@ -345,10 +331,22 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "processor_class": Qwen2_5_VLProcessor.__name__}
+        return {**super().to_dict(), "processor_class": self.stock.__name__}  # type: ignore[misc]
+
+
+class ImageOnlyQwen2VLProcessor(_ImageOnlyProcessor, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` for images only (see :class:`_ImageOnlyProcessor`)."""
+
+    stock = Qwen2VLProcessor
+
+
+class ImageOnlyQwen2_5_VLProcessor(_ImageOnlyProcessor, Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` for images only (see :class:`_ImageOnlyProcessor`)."""
+
+    stock = Qwen2_5_VLProcessor
 
 
 class ChatVLMFamily(Family):
