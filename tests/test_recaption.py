@@ -8,7 +8,6 @@ import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -32,6 +31,7 @@ from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.shard_writer import ShardRecord, write_shard
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
+from recap_dagster.storage.root import Storage
 
 SHARD = "00000"
 
@@ -246,30 +246,35 @@ def test_each_worker_reads_only_its_share(group_root, monkeypatch: pytest.Monkey
     ]
 
 
-def _outputs(root: Path) -> dict[str, list[dict]]:
+def _outputs(root: str) -> dict[str, list[dict]]:
+    store = Storage(root)
     return {
-        path.stem: pq.read_table(path).to_pylist()
-        for path in sorted((root / OUTPUT_DIR).glob("*.parquet"))
+        name.removesuffix(".parquet"): store.read_parquet(OUTPUT_DIR, name).to_pylist()
+        for name in sorted(store.listdir(OUTPUT_DIR))
     }
 
 
-def test_two_processes_write_what_one_writes(group_root, captioner_dir, tmp_path: Path) -> None:
-    """A group recaptioned by 2 CPU processes (spawned, as on 2 GPUs) writes the same files
-    as one process, and a rerun keeps every shard."""
+def test_two_processes_write_what_one_writes(
+    group_root, captioner_dir, tmp_path: Path, s3_env: str
+) -> None:
+    """A group recaptioned by 2 CPU processes (spawned, as on 2 GPUs) into S3 (the loopback
+    server) writes the same files as one process writes locally, and a rerun keeps every
+    shard."""
     settings = GenerationSettings(
         batch_size=2, num_workers=1, max_new_tokens_short=4, max_new_tokens_long=6
     )
+    roots = {1: str(tmp_path / "p1"), 2: f"{s3_env}/p2"}
     results = {}
     # Each of 2 processes on this 2-core machine runs 1 thread; so does the baseline, since
     # another thread count sums in another order and a random model's near-ties can flip.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    for processes in (1, 2):
+    for processes, root in roots.items():
         job = RecaptionJob(
             checkpoint=str(captioner_dir),
             captioner_version="v1",
             shards_root=group_root,
-            storage_root=str(tmp_path / f"p{processes}"),
+            storage_root=root,
             settings=settings,
         )
         events: list[dict] = []
@@ -279,7 +284,7 @@ def test_two_processes_write_what_one_writes(group_root, captioner_dir, tmp_path
         assert sorted(e["shard"] for e in events if "shard" in e) == GROUP
         assert {e["rank"] for e in events} == set(range(processes))
     torch.set_num_threads(threads)
-    one, two = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
+    one, two = _outputs(roots[1]), _outputs(roots[2])
     assert sorted(one) == GROUP and one == two
     assert [line["rank"] for line in results[2].per_shard] == [0, 1, 0, 1]  # round-robin
     for result in results.values():
@@ -287,4 +292,4 @@ def test_two_processes_write_what_one_writes(group_root, captioner_dir, tmp_path
         assert result.kept == []
     again = recaption_group(job, GROUP, [torch.device("cpu")] * 2)
     assert again.kept == GROUP and again.captioned.rows == 0
-    assert _outputs(tmp_path / "p2") == two
+    assert _outputs(roots[2]) == two
