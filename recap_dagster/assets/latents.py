@@ -105,7 +105,8 @@ def t2i_latents(
     base = local_model_dir(models.base_t2i)
     vae_version = latent_cache.latent_vae_version(base)
     resolution = latent_cache.training_resolution(base)
-    on = devices.process_devices(compute.torch_device(), config.processes)
+    # Never more processes than shards: a process loads the whole model.
+    on = devices.process_devices(compute.torch_device(), config.processes)[: max(1, len(shards))]
     job = latent_cache.LatentJob(
         base_model=base,
         storage_root=store.root,

@@ -108,7 +108,8 @@ def recaptioned_shards(
         repetition_penalty=config.repetition_penalty,
     )
     shards = shards_of_groups(sources.shards_root, context.partition_keys)
-    on = devices.process_devices(compute.torch_device(), config.processes)
+    # Never more processes than shards: a process loads the whole model.
+    on = devices.process_devices(compute.torch_device(), config.processes)[: max(1, len(shards))]
     with store.local_dir(*CHECKPOINT_PARTS) as checkpoint:
         version = read_checkpoint_version(checkpoint)
         job = core.RecaptionJob(

@@ -464,9 +464,13 @@ class ChatVLMFamily(Family):
         return inputs["input_ids"].shape[1]  # left padded: every prompt ends at the last column
 
     def generate_kwargs(self, config, processor):
-        # The answer ends with <|im_end|>; base (non-chat) checkpoints end text with the
-        # tokenizer's eos (<|endoftext|>), so both stop generation.
-        ends = [self._end_id(processor), processor.tokenizer.eos_token_id]
+        # The answer ends with <|im_end|>; base (non-chat) checkpoints end text with
+        # <|endoftext|> (the instruct tokenizers' eos is <|im_end|>), so both stop it, as the
+        # published generation configs' eos lists do.
+        tok = processor.tokenizer
+        text_end = tok.convert_tokens_to_ids("<|endoftext|>")
+        text_end = None if text_end == tok.unk_token_id else text_end
+        ends = [self._end_id(processor), tok.eos_token_id, text_end]
         return {
             "eos_token_id": list(dict.fromkeys(e for e in ends if e is not None)),
             "pad_token_id": self._pad_id(processor),

@@ -9,6 +9,7 @@ counted apart: nothing is dropped silently, and a dead URL is not a decoding fai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -76,15 +77,17 @@ COLUMN_DESCRIPTIONS = {
 
 
 #: Longest repeated word n-gram in 3,000 miniworld human captions of each style: 6 (long, 2
-#: of them), 4 (short, 1). A guard of 8 never touches captions like those, and stops a loop
-#: ("a hat on top of a hat on top of ...") within two turns of it.
+#: of them), 4 (short, 1). In the miniworld a word is a token, so a guard of 8 tokens never
+#: touches captions like those and stops a loop ("a hat on top of a hat on top of ...")
+#: within two turns of it; with a real BPE tokenizer 8 tokens are 5-6 words.
 DEFAULT_NO_REPEAT_NGRAM_SIZE = 8
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How captions are generated. What changes the captions is recorded in every row
-    (:meth:`record`); ``batch_size`` and ``num_workers`` change only the speed."""
+    """How captions are generated. What decides the captions is recorded in every row
+    (:meth:`record`); ``batch_size`` and ``num_workers`` are not decoding settings (other
+    batches sum in another order, which can at most flip a greedy near-tie)."""
 
     batch_size: int = 64
     num_workers: int = 1
@@ -225,9 +228,12 @@ class PrepareBatch:
 
     def __call__(self, batch: ShardBatch) -> PreparedBatch:
         decoded = [r for r in batch.records if r.status == STATUS_OK and r.image is not None]
-        images = [r.image for r in decoded]
-        inputs = {style: self.build(images, style) for style in STYLES} if images else {}
-        return PreparedBatch(batch, decoded, inputs)
+        inputs = {s: self.build([r.image for r in decoded], s) for s in STYLES} if decoded else {}
+        # The decoded images stay here: only the model inputs cross to the main process.
+        records = [dataclasses.replace(r, image=None) for r in batch.records]
+        keep = {r.key for r in decoded}
+        batch = dataclasses.replace(batch, records=records)
+        return PreparedBatch(batch, [r for r in records if r.key in keep], inputs)
 
 
 def _caption_batch(
@@ -418,7 +424,8 @@ def recaption_share(job: RecaptionJob, share: DeviceShare, emit: Emit) -> ShareR
     ):
         store.write_parquet(table, *output_parts(shard))
         result.captioned.merge(stats)
-        result.sample = table.slice(0, 8)
+        # take, not slice: a slice pickles the whole table's buffers.
+        result.sample = table.take(list(range(min(8, table.num_rows))))
         done(shard, stats, round(stats.images_per_second, 1))
     # Shards overlap when several workers read them: the share's speed is over its wall time.
     result.captioned.seconds = time.perf_counter() - start

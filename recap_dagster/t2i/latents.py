@@ -9,6 +9,7 @@ never reads the latents of another VAE.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -224,6 +225,11 @@ class PixelBatch:
     pixels: torch.Tensor | None  # (N, 3, R, R) in [-1, 1]; None when nothing decoded
     skipped: int  # rows of the batch without a decodable image
 
+    def pin_memory(self) -> PixelBatch:
+        """Page-locked pixels (the DataLoader calls this with ``pin_memory``)."""
+        pinned = None if self.pixels is None else self.pixels.pin_memory()
+        return PixelBatch(self.batch, self.keys, pinned, self.skipped)
+
 
 @dataclass(frozen=True)
 class ToPixels:
@@ -235,6 +241,8 @@ class ToPixels:
         decodable = [r for r in batch.records if r.image is not None]
         images = pixels([r.image for r in decodable], self.resolution) if decodable else None
         skipped = len(batch.records) - len(decodable)
+        # Only the pixels cross to the main process, not the decoded full-size images.
+        batch = dataclasses.replace(batch, records=[])
         return PixelBatch(batch, [r.key for r in decodable], images, skipped)
 
 

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import queue as queue_module
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
 import torch.multiprocessing
+from torch.multiprocessing.spawn import ProcessException
 
 Result = TypeVar("Result")
 #: Receives a progress event (a JSON-able dict) from any process.
@@ -82,15 +85,58 @@ def dataloader_worker_init(worker_id: int) -> None:
     die_with_parent()
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` this process's current GPU: otherwise every CUDA context a library
+    opens without naming a device (the DataLoader's pin-memory thread) lands on GPU 0."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any exception type may refuse pickling
+        return None
+    return exc
+
+
 def _run_share(rank: int, run: _Run[Any], results: Any, parent: int) -> None:
-    """A spawned process: its share, with events and its result sent to the parent."""
+    """A spawned process: its share, with events and its result (or its error, the
+    exception itself where it pickles, so the parent can judge it) sent to the parent."""
     die_with_parent(parent)
     share = run.shares[rank]
-    if torch.device(share.device).type == "cpu":
+    device = torch.device(share.device)
+    use_device(device)
+    if device.type == "cpu":
         # Processes sharing the CPU split its cores instead of each taking all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // share.processes))
-    result = run.work(share, lambda event: results.put(("event", rank, event)))
+    try:
+        result = run.work(share, lambda event: results.put(("event", rank, event)))
+    except BaseException as exc:
+        results.put(("error", rank, (traceback.format_exc(), _picklable(exc))))
+        raise
     results.put(("result", rank, result))
+
+
+class ProcessFailed(RuntimeError):
+    """A device process raised; its traceback is the message, its exception the cause."""
+
+
+def _raise_failed(rank: int, payload: Any, shares: Sequence[DeviceShare]) -> None:
+    text, exc = payload
+    raise ProcessFailed(f"process {rank} on {shares[rank].device} failed:\n{text}") from exc
+
+
+def _raise_reported(results_queue: Any, shares: Sequence[DeviceShare]) -> None:
+    """Raise the error a failed process put on the queue, if it is there (events before it
+    are dropped: the step is failing)."""
+    while True:
+        try:
+            kind, rank, payload = results_queue.get(timeout=5.0)
+        except queue_module.Empty:
+            return
+        if kind == "error":
+            _raise_failed(rank, payload, shares)
 
 
 def run_per_device(
@@ -102,13 +148,15 @@ def run_per_device(
     """``work(share, emit)`` for each device's share of ``shards``, one process per device
     (spawned, so CUDA starts clean in each); the results in rank order.
 
-    ``work`` must be picklable (a module-level function, or a ``functools.partial`` of one
-    with picklable arguments). A process that raises stops the others and the error is
-    raised here with its traceback; what the processes wrote before stays written.
+    Never more processes than shards. ``work`` must be picklable (a module-level function,
+    or a ``functools.partial`` of one with picklable arguments). A process that raises
+    stops the others; :class:`ProcessFailed` is raised here from its exception (so a
+    network error stays recognisable as one) and what the processes wrote stays written.
     """
-    shares = share_shards(shards, devices)
+    shares = share_shards(shards, devices[: max(1, len(shards))])
     on_event = on_event or _ignore
     if len(shares) == 1:
+        use_device(torch.device(shares[0].device))
         return [work(shares[0], on_event)]
     results_queue = torch.multiprocessing.get_context("spawn").Queue()
     processes = torch.multiprocessing.start_processes(
@@ -119,19 +167,36 @@ def run_per_device(
         start_method="spawn",
     )
     results: dict[int, Result] = {}
-    while len(results) < len(shares):
-        try:
-            kind, rank, payload = results_queue.get(timeout=1.0)
-        except queue_module.Empty:
-            # Raises when a process failed (the others are stopped); True when all ended.
-            if processes.join(timeout=0) and results_queue.empty():
-                missing = sorted(set(range(len(shares))) - set(results))
-                raise RuntimeError(f"processes {missing} ended without a result") from None
-            continue
-        if kind == "event":
-            on_event(payload)
-        else:
-            results[rank] = payload
-    while not processes.join():
-        pass
+    try:
+        while len(results) < len(shares):
+            try:
+                kind, rank, payload = results_queue.get(timeout=1.0)
+            except queue_module.Empty:
+                try:
+                    ended = processes.join(timeout=0)  # True when all ended
+                except ProcessException:
+                    # The failed process reported its error before it exited.
+                    _raise_reported(results_queue, shares)
+                    raise
+                if ended and results_queue.empty():
+                    missing = sorted(set(range(len(shares))) - set(results))
+                    raise RuntimeError(f"processes {missing} ended without a result") from None
+                continue
+            if kind == "event":
+                on_event(payload)
+            elif kind == "error":
+                _raise_failed(rank, payload, shares)
+            else:
+                results[rank] = payload
+        while not processes.join():
+            pass
+    except BaseException:
+        # An error here or in one process (or an interrupted step) stops them all: none
+        # may keep a GPU or write on behind a retry.
+        for process in processes.processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes.processes:
+            process.join()
+        raise
     return [results[rank] for rank in range(len(shares))]

@@ -1,0 +1,51 @@
+"""One process per device: shares, results in rank order, and a failing process's error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recap_dagster.orchestration.retries import is_transient
+from recap_dagster.training.per_device import (
+    DeviceShare,
+    Emit,
+    ProcessFailed,
+    run_per_device,
+    share_shards,
+)
+
+CPU = torch.device("cpu")
+
+
+def _echo(share: DeviceShare, emit: Emit) -> tuple[int, tuple[str, ...]]:
+    emit({"rank": share.rank})
+    return share.rank, share.shards
+
+
+def _network_error_on_rank_1(share: DeviceShare, emit: Emit) -> int:
+    if share.rank == 1:
+        raise ConnectionError(f"connection reset reading {share.shards[0]}")
+    return share.rank
+
+
+def test_shares_are_round_robin_and_never_more_than_the_shards() -> None:
+    shares = share_shards(["a", "b", "c"], [CPU, CPU])
+    assert [(s.rank, s.processes, s.shards) for s in shares] == [
+        (0, 2, ("a", "c")),
+        (1, 2, ("b",)),
+    ]
+    events: list[dict] = []
+    assert run_per_device(_echo, ["a"], [CPU] * 4, events.append) == [(0, ("a",))]
+    assert events == [{"rank": 0}]  # one shard: one process, run here
+
+
+def test_two_processes_return_in_rank_order_and_a_failure_keeps_its_cause() -> None:
+    events: list[dict] = []
+    results = run_per_device(_echo, ["a", "b", "c"], [CPU, CPU], events.append)
+    assert results == [(0, ("a", "c")), (1, ("b",))]
+    assert sorted(e["rank"] for e in events) == [0, 1]
+    with pytest.raises(ProcessFailed, match="process 1 on cpu failed") as failed:
+        run_per_device(_network_error_on_rank_1, ["a", "b"], [CPU, CPU])
+    assert isinstance(failed.value.__cause__, ConnectionError)
+    assert "connection reset reading b" in str(failed.value)
+    assert is_transient(failed.value)  # the step's retry policy still sees a network error
