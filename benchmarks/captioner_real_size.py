@@ -81,6 +81,7 @@ from recap_dagster.captioner.families import family_for_model_type  # noqa: E402
 from recap_dagster.captioner.finetune import CaptionExample, FineTuneConfig, fine_tune  # noqa: E402
 from recap_dagster.captioner.model import STYLE_PREFIXES  # noqa: E402
 from recap_dagster.miniworld.tiny_captioner import build_tiny_processor  # noqa: E402
+from recap_dagster.training.devices import dtype_name  # noqa: E402
 
 GIB = 2**30
 MARGIN_GIB = 4.0  # left to the other processes on the machine
@@ -500,7 +501,7 @@ def phase_build(spec: RealSize, directory: Path) -> dict[str, Any]:
     return {
         "build_s": build_s,
         "save_s": save_s,
-        "built_dtype": str(built_dtype).removeprefix("torch."),
+        "built_dtype": dtype_name(built_dtype),
         "checkpoint_gb": size / 1e9,
     }
 
@@ -515,7 +516,7 @@ def phase_step(spec: RealSize, directory: Path) -> dict[str, Any]:
         "step_s": time.perf_counter() - start,
         "step_load_s": load_s,
         "loaded_dtype": captioner.load_options["loaded_dtype"],
-        "master_dtype": str(captioner.dtype).removeprefix("torch."),
+        "master_dtype": dtype_name(captioner.dtype),
         "loss": losses[0],
     }
 
@@ -530,7 +531,7 @@ def phase_caption(spec: RealSize, directory: Path) -> dict[str, Any]:
     return {
         "caption_s": time.perf_counter() - start,
         "caption_load_s": load_s,
-        "caption_dtype": str(captioner.dtype).removeprefix("torch."),
+        "caption_dtype": dtype_name(captioner.dtype),
         "captions": captions,
     }
 

@@ -26,6 +26,7 @@ from recap_dagster.resources import (
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i.model import local_model_dir
 from recap_dagster.training import devices
+from recap_dagster.training.per_device import used_devices
 
 VAE_VERSION_TAG = "recap/vae_version"
 
@@ -105,8 +106,7 @@ def t2i_latents(
     base = local_model_dir(models.base_t2i)
     vae_version = latent_cache.latent_vae_version(base)
     resolution = latent_cache.training_resolution(base)
-    # Never more processes than shards: a process loads the whole model.
-    on = devices.process_devices(compute.torch_device(), config.processes)[: max(1, len(shards))]
+    on = used_devices(devices.process_devices(compute.torch_device(), config.processes), shards)
     job = latent_cache.LatentJob(
         base_model=base,
         storage_root=store.root,

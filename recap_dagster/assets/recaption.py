@@ -31,6 +31,7 @@ from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
 from recap_dagster.training import devices
+from recap_dagster.training.per_device import used_devices
 
 
 class _RecaptionConfig(dg.Config):
@@ -108,8 +109,7 @@ def recaptioned_shards(
         repetition_penalty=config.repetition_penalty,
     )
     shards = shards_of_groups(sources.shards_root, context.partition_keys)
-    # Never more processes than shards: a process loads the whole model.
-    on = devices.process_devices(compute.torch_device(), config.processes)[: max(1, len(shards))]
+    on = used_devices(devices.process_devices(compute.torch_device(), config.processes), shards)
     with store.local_dir(*CHECKPOINT_PARTS) as checkpoint:
         version = read_checkpoint_version(checkpoint)
         job = core.RecaptionJob(
@@ -118,7 +118,7 @@ def recaptioned_shards(
             shards_root=sources.shards_root,
             storage_root=store.root,
             settings=settings,
-            dtype=str(compute.torch_dtype()).removeprefix("torch."),
+            dtype=compute.torch_dtype(),
             max_pixels=sources.max_image_pixels,
             reuse_finished_shards=config.reuse_finished_shards,
         )
@@ -132,6 +132,7 @@ def recaptioned_shards(
         )
     total, captioned = result.total, result.captioned
     generation = result.generation
+    record = json.loads(generation)
     per_shard = [
         [line["shard"], line["rows"], line["not_delivered"], line["undecodable"]]
         + [line["images_per_second"], line["rank"], line["uri"]]
@@ -151,11 +152,11 @@ def recaptioned_shards(
         "failure_fraction": round(total.failure_fraction, 5),
         "images_per_second": round(captioned.images_per_second, 2),
         "captioner_version": version,
-        "generation": dg.MetadataValue.json(json.loads(generation)),
+        "generation": dg.MetadataValue.json(record),
         "speed_settings": dg.MetadataValue.json(
             {"batch_size": settings.batch_size, "num_workers": settings.num_workers}
         ),
-        "dtype": result.dtype,
+        "dtype": record["dtype"],
         **total.length_summary(),
         "per_shard": dg.MetadataValue.md(
             markdown_table(

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from recap_dagster.captioner.families import Family, family_for_model_type
+from recap_dagster.training.devices import dtype_name
 
 #: Default fixed conditioning prefixes, one per caption style (RECAP's "short" and "long").
 #: Plain lowercase words so that tiny locally built vocabularies cover them.
@@ -166,7 +167,7 @@ class Captioner:
             "source": path_or_id,
             "revision": revision,
             "attn_implementation": attn_implementation,
-            "loaded_dtype": str(loaded_dtype).removeprefix("torch."),
+            "loaded_dtype": dtype_name(loaded_dtype),
         }
         return captioner
 

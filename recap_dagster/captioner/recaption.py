@@ -13,26 +13,26 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 from recap_dagster.captioner.model import Captioner, CaptionInputs
-from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
+from recap_dagster.corpus.dataset import (
+    ShardBatch,
+    ShardBatches,
+    completed_shards,
+    shard_batch_loader,
+)
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
 from recap_dagster.corpus.reading import LaionRecord
 from recap_dagster.storage.root import Storage
-from recap_dagster.training.per_device import (
-    DeviceShare,
-    Emit,
-    dataloader_worker_init,
-    run_per_device,
-)
+from recap_dagster.training.devices import dtype_name
+from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
 # Bump when a change here changes what is written for the same inputs: Dagster then shows
 # every recaptioned group as stale (the asset's code_version).
@@ -130,7 +130,7 @@ class GenerationSettings:
             }
             for style in STYLES
         }
-        record = {"dtype": str(captioner.dtype).removeprefix("torch."), "styles": styles}
+        record = {"dtype": dtype_name(captioner.dtype), "styles": styles}
         return json.dumps(record, sort_keys=True)
 
 
@@ -167,6 +167,15 @@ class RecaptionStats:
     def failure_fraction(self) -> float:
         """Delivered images that could not be captioned, over delivered images."""
         return self.undecodable / self.delivered if self.delivered else 0.0
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[Mapping[str, Any]]) -> RecaptionStats:
+        """The counts of output rows (their delivered, status and caption columns)."""
+        stats = cls()
+        for row in rows:
+            stats.rows += 1
+            stats.add_row(row["delivered"], row["status"], row["recap_short"], row["recap_long"])
+        return stats
 
     def add_row(self, delivered: bool, status: str, short: str | None, long: str | None) -> None:
         """Count one output row: captioned, or by why it has no captions."""
@@ -284,44 +293,33 @@ def recaption_shards(
     one shard per worker is held in memory.
     """
     settings = settings or GenerationSettings()
-    loader = DataLoader(
+    loader = shard_batch_loader(
         ShardBatches(shards_root, shards, settings.batch_size, max_pixels=max_pixels),
-        batch_size=None,
-        collate_fn=PrepareBatch(captioner.input_builder()),
-        num_workers=settings.num_workers,
-        worker_init_fn=dataloader_worker_init,
-        prefetch_factor=2 if settings.num_workers > 0 else None,
+        PrepareBatch(captioner.input_builder()),
+        settings.num_workers,
         pin_memory=captioner.device.type == "cuda",
     )
     generation = settings.record(captioner)
-    rows: dict[str, list[dict[str, Any]]] = {}
-    readers_done: dict[str, int] = {}
-    started: dict[str, float] = {}
-    with torch.inference_mode():
+
+    def captioned() -> Iterator[tuple[ShardBatch, tuple[float, list[dict[str, Any]]]]]:
+        """Each batch's output rows, with when its captioning began."""
         for prepared in loader:
-            batch = prepared.batch
-            started.setdefault(batch.shard, time.perf_counter())
+            start = time.perf_counter()
             captions = _caption_batch(captioner, prepared, settings)
-            shard_rows = rows.setdefault(batch.shard, [])
-            shard_rows += [
-                _output_row(r, captions.get(r.key), captioner_version, generation)
-                for r in batch.records
+            records = prepared.batch.records
+            rows = [
+                _output_row(r, captions.get(r.key), captioner_version, generation) for r in records
             ]
-            if not batch.last:
-                continue
-            readers_done[batch.shard] = readers_done.get(batch.shard, 0) + 1
-            if readers_done[batch.shard] < batch.readers:
-                continue
-            shard_rows = rows.pop(batch.shard)
-            stats = RecaptionStats(rows=len(shard_rows))
-            for row in shard_rows:
-                stats.add_row(
-                    row["delivered"], row["status"], row["recap_short"], row["recap_long"]
-                )
-            stats.seconds = time.perf_counter() - started.pop(batch.shard)
+            yield prepared.batch, (start, rows)
+
+    with torch.inference_mode():
+        for shard, parts in completed_shards(captioned()):
+            rows = [row for _, part_rows in parts for row in part_rows]
+            stats = RecaptionStats.of_rows(rows)
+            stats.seconds = time.perf_counter() - parts[0][0]
             # Workers interleave records; img2dataset keys sort in shard order.
-            shard_rows.sort(key=lambda row: row["key"])
-            yield batch.shard, pa.Table.from_pylist(shard_rows, schema=SCHEMA), stats
+            rows.sort(key=lambda row: row["key"])
+            yield shard, pa.Table.from_pylist(rows, schema=SCHEMA), stats
 
 
 def recaption_shard(
@@ -354,7 +352,7 @@ class RecaptionJob:
     shards_root: str
     storage_root: str
     settings: GenerationSettings
-    dtype: str | None = None  # None: the checkpoint's own
+    dtype: torch.dtype | None = None  # None: the checkpoint's own
     max_pixels: int = DEFAULT_MAX_PIXELS
     reuse_finished_shards: bool = True
 
@@ -368,8 +366,7 @@ def output_parts(shard: str) -> tuple[str, str]:
 class ShareResult:
     """What one process did: counts, the per-shard lines, and a few rows to show."""
 
-    generation: str
-    dtype: str
+    generation: str  # the record (GenerationSettings.record), dtype included
     total: RecaptionStats = field(default_factory=RecaptionStats)
     captioned: RecaptionStats = field(default_factory=RecaptionStats)  # not kept shards
     kept: list[str] = field(default_factory=list)
@@ -382,10 +379,8 @@ def recaption_share(job: RecaptionJob, share: DeviceShare, emit: Emit) -> ShareR
     already wrote with the same generation record, caption the others and write each one
     (atomically) as soon as it is complete."""
     store = Storage(job.storage_root)
-    dtype = None if job.dtype is None else getattr(torch, job.dtype)
-    captioner = Captioner.from_pretrained(job.checkpoint, device=share.device, dtype=dtype)
-    generation = job.settings.record(captioner)
-    result = ShareResult(generation, str(captioner.dtype).removeprefix("torch."))
+    captioner = Captioner.from_pretrained(job.checkpoint, device=share.device, dtype=job.dtype)
+    result = ShareResult(job.settings.record(captioner))
     emit({"rank": share.rank, "device": share.device, "shards": len(share.shards)})
 
     def done(shard: str, stats: RecaptionStats, speed: float | str) -> None:
@@ -407,7 +402,7 @@ def recaption_share(job: RecaptionJob, share: DeviceShare, emit: Emit) -> ShareR
         kept = None
         if job.reuse_finished_shards and store.exists(*output_parts(shard)):
             existing = store.read_parquet(*output_parts(shard))
-            kept = finished_stats(existing, job.captioner_version, generation)
+            kept = finished_stats(existing, job.captioner_version, result.generation)
         if kept is None:
             todo.append(shard)
         else:
@@ -441,9 +436,9 @@ def recaption_group(
     """A group's shards recaptioned by one process per device (:func:`run_per_device`);
     the processes' results merged, per-shard lines in shard order."""
     results = run_per_device(partial(recaption_share, job), shards, devices, on_event)
-    merged = ShareResult(results[0].generation, results[0].dtype)
+    merged = ShareResult(results[0].generation)
     for result in results:
-        if (result.generation, result.dtype) != (merged.generation, merged.dtype):
+        if result.generation != merged.generation:
             raise RuntimeError("the processes generated with different settings")
         merged.total.merge(result.total)
         merged.captioned.merge(result.captioned)
@@ -471,10 +466,8 @@ def finished_stats(
         generation
     }:
         return None
-    stats = RecaptionStats(rows=table.num_rows)
-    for row in table.select(["delivered", "status", "recap_short", "recap_long"]).to_pylist():
-        stats.add_row(row["delivered"], row["status"], row["recap_short"], row["recap_long"])
-    return stats
+    columns = ["delivered", "status", "recap_short", "recap_long"]
+    return RecaptionStats.of_rows(table.select(columns).to_pylist())
 
 
 def validate_recaptions(

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.utils.data
 from PIL import Image
 
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS
 from recap_dagster.corpus.reading import LaionRecord, Select, iter_shard_selected
+from recap_dagster.training.per_device import dataloader_worker_init
+
+#: What a consumer makes of one ShardBatch (captioned rows, encoded latents).
+Part = TypeVar("Part")
 
 # --------------------------------------------------------------------------------- torch
 
@@ -105,3 +109,39 @@ class ShardBatches(ShardDataset):
 def collate_records(batch: list[LaionRecord]) -> list[LaionRecord]:
     """DataLoader collate_fn: keep the batch as a list of records (PIL images stay PIL)."""
     return list(batch)
+
+
+def shard_batch_loader(
+    dataset: ShardBatches,
+    collate_fn: Callable[[ShardBatch], Any],
+    num_workers: int,
+    *,
+    pin_memory: bool,
+) -> torch.utils.data.DataLoader:
+    """The one DataLoader of a shard group: ``collate_fn`` turns each :class:`ShardBatch`
+    into model inputs in the workers, which prefetch while the model runs and die with the
+    process they feed."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        worker_init_fn=dataloader_worker_init,
+        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=pin_memory,
+    )
+
+
+def completed_shards(parts: Iterable[tuple[ShardBatch, Part]]) -> Iterator[tuple[str, list[Part]]]:
+    """``(shard, its parts in arrival order)`` as each shard completes: once every worker
+    that read it has sent its last batch. Holds only the parts of shards in progress."""
+    pending: dict[str, list[Part]] = {}
+    readers_done: dict[str, int] = {}
+    for batch, part in parts:
+        pending.setdefault(batch.shard, []).append(part)
+        if not batch.last:
+            continue
+        readers_done[batch.shard] = readers_done.get(batch.shard, 0) + 1
+        if readers_done[batch.shard] == batch.readers:
+            del readers_done[batch.shard]
+            yield batch.shard, pending.pop(batch.shard)

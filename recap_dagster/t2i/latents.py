@@ -22,17 +22,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch.utils.data import DataLoader
 
-from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
+from recap_dagster.corpus.dataset import (
+    ShardBatch,
+    ShardBatches,
+    completed_shards,
+    shard_batch_loader,
+)
 from recap_dagster.storage.fingerprint import model_fingerprint
 from recap_dagster.storage.root import Storage
-from recap_dagster.training.per_device import (
-    DeviceShare,
-    Emit,
-    dataloader_worker_init,
-    run_per_device,
-)
+from recap_dagster.training.devices import dtype_name
+from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
 LATENTS_DIR = "t2i_latents"
 FORMAT_VERSION = "1"
@@ -216,6 +216,10 @@ def has_latent_shard(storage: Storage, vae_version: str, shard: str) -> bool:
     return storage.exists(LATENTS_DIR, vae_version, latent_file(shard))
 
 
+#: A batch's posterior mean and std.
+LatentPair = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class PixelBatch:
     """One DataLoader item: a shard's batch of decodable images as pixels, made in a worker."""
@@ -261,46 +265,30 @@ def encode_shards(
     of the shards in progress (at most one per worker). Latents are in key order, the
     shard's own order, however the workers split it.
     """
-    loader = DataLoader(
+    loader = shard_batch_loader(
         ShardBatches(shards_root, shards, batch_size),
-        batch_size=None,
-        collate_fn=ToPixels(resolution),
-        num_workers=num_workers,
-        worker_init_fn=dataloader_worker_init,
-        prefetch_factor=2 if num_workers > 0 else None,
+        ToPixels(resolution),
+        num_workers,
         pin_memory=next(vae.parameters()).device.type == "cuda",
     )
-    parts: dict[str, list[tuple[list[str], torch.Tensor, torch.Tensor]]] = {}
-    skipped: dict[str, int] = {}
-    readers_done: dict[str, int] = {}
-    for item in loader:
-        shard = item.batch.shard
-        skipped[shard] = skipped.get(shard, 0) + item.skipped
-        shard_parts = parts.setdefault(shard, [])
-        if item.pixels is not None:
-            shard_parts.append((item.keys, *encode(vae, item.pixels)))
-        if not item.batch.last:
-            continue
-        readers_done[shard] = readers_done.get(shard, 0) + 1
-        if readers_done[shard] < item.batch.readers:
-            continue
-        done = parts.pop(shard)
-        if not done:
+
+    def encoded() -> Iterator[tuple[ShardBatch, tuple[list[str], LatentPair | None, int]]]:
+        """Each batch's keys, (mean, std) (None: no image in it) and rows skipped."""
+        for item in loader:
+            pair = None if item.pixels is None else encode(vae, item.pixels)
+            yield item.batch, (item.keys, pair, item.skipped)
+
+    for shard, parts in completed_shards(encoded()):
+        keys = [key for part_keys, _, _ in parts for key in part_keys]
+        if not keys:
             raise ValueError(f"shard {shard} has no decodable image")
-        keys = [key for part_keys, _, _ in done for key in part_keys]
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        mean = torch.cat([m for _, m, _ in done])[order]
-        std = torch.cat([s for _, _, s in done])[order]
+        pairs = [pair for _, pair, _ in parts if pair is not None]
+        mean = torch.cat([m for m, _ in pairs])[order]
+        std = torch.cat([s for _, s in pairs])[order]
         meta = {"shard": shard, "resolution": str(resolution)}
-        yield shard, LatentShard([keys[i] for i in order], mean, std, meta), skipped.pop(shard)
-
-
-def encode_shard(
-    vae, shards_root: str, shard: str, resolution: int, batch_size: int = 64
-) -> tuple[LatentShard, int]:
-    """The latents of every decodable image of ``shard`` and the count of rows without one."""
-    ((_, data, skipped),) = encode_shards(vae, shards_root, [shard], resolution, batch_size)
-    return data, skipped
+        skipped = sum(part_skipped for _, _, part_skipped in parts)
+        yield shard, LatentShard([keys[i] for i in order], mean, std, meta), skipped
 
 
 def cache_latents(
@@ -334,7 +322,7 @@ def cache_latents(
             vae, shards_root, todo, resolution, batch_size, num_workers
         ):
             data.mean, data.std = data.mean.to(dtype), data.std.to(dtype)
-            data.meta["dtype"] = str(dtype).removeprefix("torch.")
+            data.meta["dtype"] = dtype_name(dtype)
             stats.bytes_written += write_latent_shard(storage, vae_version, shard, data)
             stats.rows += len(data.keys)
             stats.skipped += skipped

@@ -16,6 +16,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name settings and records use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Inference dtype: ``auto`` is bfloat16 on CUDA with bf16 support, float32 otherwise."""
     if name == "auto":

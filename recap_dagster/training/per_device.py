@@ -48,10 +48,18 @@ class _Run(Generic[Result]):
     shares: tuple[DeviceShare, ...]
 
 
-def share_shards(shards: Sequence[str], devices: Sequence[torch.device]) -> list[DeviceShare]:
-    """Round-robin shares: process ``r`` of ``n`` takes shards ``r, r+n, ...``."""
+def used_devices(devices: Sequence[torch.device], shards: Sequence[str]) -> list[torch.device]:
+    """The devices a group's run uses: never more than it has shards, since each process
+    loads the whole model."""
     if not devices:
         raise ValueError("no device to run on")
+    return list(devices[: max(1, len(shards))])
+
+
+def share_shards(shards: Sequence[str], devices: Sequence[torch.device]) -> list[DeviceShare]:
+    """Round-robin shares of the :func:`used_devices`: process ``r`` of ``n`` takes shards
+    ``r, r+n, ...``."""
+    devices = used_devices(devices, shards)
     count = len(devices)
     return [
         DeviceShare(rank, count, str(device), tuple(shards[rank::count]))
@@ -153,7 +161,7 @@ def run_per_device(
     stops the others; :class:`ProcessFailed` is raised here from its exception (so a
     network error stays recognisable as one) and what the processes wrote stays written.
     """
-    shares = share_shards(shards, devices[: max(1, len(shards))])
+    shares = share_shards(shards, devices)
     on_event = on_event or _ignore
     if len(shares) == 1:
         use_device(torch.device(shares[0].device))
