@@ -2,7 +2,8 @@
 
 ``RECAP_WORKDIR`` (default ``./.recap``) holds the generated miniworld, the storage root
 and the local Dagster home. ``RECAP_STORAGE_ROOT`` and ``RECAP_SHARDS_ROOT`` point storage
-and the LAION source elsewhere, e.g. at ``s3://`` prefixes.
+and the LAION source elsewhere, e.g. at ``s3://`` prefixes. ``RECAP_SENSOR_INTERVAL_SECONDS``
+sets the sensors' minimum interval.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def run_config_path() -> str:
     """The deployment's run-config file (Dagster's ``ops:`` shape): the asset config
     defaults the launchpad shows and every run uses (empty: the paper's recipes)."""
     return os.environ.get("RECAP_RUN_CONFIG", "")
+
+
+def sensor_interval(default: int) -> int:
+    """A sensor's minimum seconds between ticks: ``RECAP_SENSOR_INTERVAL_SECONDS`` for every
+    sensor of the project when set (tests shorten them; a deployment over a huge bucket may
+    lengthen them), else the sensor's own ``default``."""
+    return int(os.environ.get("RECAP_SENSOR_INTERVAL_SECONDS", default))
 
 
 def dagster_home() -> Path:

@@ -29,6 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# The sensors' minimum interval under test (the sensor daemon itself loops every 5 s).
+TEST_SENSOR_INTERVAL_SECONDS = 2
 INSTALL_HINT = (
     "install Debian's Chromium (apt-get update && apt-get install -y --no-install-recommends "
     "chromium) and the test extra (pip install -e '.[test]', which brings playwright); "
@@ -69,8 +71,12 @@ def dagster_webserver_for(
 def dagster_dev(
     dagster_home: Path, env: dict[str, str], log: Path, target: list[str]
 ) -> Iterator[str]:
-    """Run ``dagster dev`` (webserver + daemon) on ``target`` (e.g. ``["-f", file]``)."""
-    with _serving("dagster", ["dev", *target], dagster_home, env, log) as url:
+    """Run ``dagster dev`` (webserver + daemon) on ``target`` (e.g. ``["-f", file]``), with
+    the test intervals: sensors every ``TEST_SENSOR_INTERVAL_SECONDS`` (unless ``env`` sets
+    another) and the backfill loop of ``fast_dagster_dev``."""
+    env = {"RECAP_SENSOR_INTERVAL_SECONDS": str(TEST_SENSOR_INTERVAL_SECONDS), **env}
+    args = [str(Path(__file__).with_name("fast_dagster_dev.py")), "dev", *target]
+    with _serving("python", args, dagster_home, env, log) as url:
         yield url
 
 

@@ -18,7 +18,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["RECAP_WORKDIR"] = str(tmp_path / "recap")
     env["DAGSTER_HOME"] = str(tmp_path / "home")
-    (tmp_path / "home").mkdir()
+    (tmp_path / "home").mkdir(exist_ok=True)
     shutil.copy(ROOT / "dagster.yaml", tmp_path / "home" / "dagster.yaml")
     return env
 
@@ -60,8 +60,33 @@ def test_instance_yaml_matches_the_issue(tmp_path: Path) -> None:
             settings = instance.get_settings("concurrency")
             assert settings["pools"]["default_limit"] == 1
             assert not instance.get_settings("telemetry")["enabled"]
+            assert instance.run_coordinator.dequeue_interval_seconds == 1
     finally:
         del os.environ["DAGSTER_HOME"]
+
+
+def test_sensor_intervals_come_from_the_environment(tmp_path: Path) -> None:
+    """The sensors tick at their own minimum interval unless RECAP_SENSOR_INTERVAL_SECONDS
+    sets one for all (the tests' dagster dev uses 2 s)."""
+    code = (
+        "from recap_dagster.orchestration import automation as a; "
+        "print(a.laion_shard_sensor.minimum_interval_seconds, "
+        "a.gpu_pool_watchdog.minimum_interval_seconds)"
+    )
+
+    def intervals(setting: str | None) -> str:
+        env = _env(tmp_path)
+        env.pop("RECAP_SENSOR_INTERVAL_SECONDS", None)
+        if setting is not None:
+            env["RECAP_SENSOR_INTERVAL_SECONDS"] = setting
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("\n")[-2]
+
+    assert intervals(None) == "60 15"
+    assert intervals("2") == "2 2"
 
 
 def test_definitions_contents() -> None:

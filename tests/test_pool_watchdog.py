@@ -121,15 +121,16 @@ def test_sigkilled_run_worker_frees_the_pool_for_the_next_run(
         waiter_run = _pending(instance)[0]
         with watching_pool(instance, said.append, every_seconds=1.0):
             # A live holder is left alone; the waiting run is told who holds the pool.
-            time.sleep(3)
+            def told() -> list:
+                events = instance.all_logs(waiter_run, of_type=dg.DagsterEventType.ENGINE_EVENT)
+                return [e for e in events if "waited since" in e.message]
+
+            # The sweep that told it saw the holder alive and did not free its slot.
+            _wait_for(told, "the waiting run to be told", 30)
             assert instance.get_run_by_id(holder_run).status == dg.DagsterRunStatus.STARTED
             assert _holders(instance) == [holder_run]
-            told = [
-                e
-                for e in instance.all_logs(waiter_run, of_type=dg.DagsterEventType.ENGINE_EVENT)
-                if "waited since" in e.message
-            ]
-            assert told and told[0].level == logging.INFO, told
+            told = told()
+            assert told[0].level == logging.INFO, told
             assert f"held by run {holder_run[:8]} (step gpu_step, STARTED) since" in (
                 told[0].message
             )
@@ -232,6 +233,16 @@ def test_a_dead_looking_run_of_another_machine_keeps_its_slot(
             holder.kill()
 
 
+def _watchdog_ticks(instance: dg.DagsterInstance, after: float) -> list:
+    """The gpu_pool_watchdog sensor's ticks since ``after`` (a timestamp)."""
+    return [
+        tick
+        for state in instance.all_instigator_state()
+        if state.name == "gpu_pool_watchdog"
+        for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id, after=after)
+    ]
+
+
 def _run_events(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEventType) -> list:
     return list(instance.all_logs(run_id, of_type=kind))
 
@@ -271,7 +282,9 @@ def test_ui_launched_run_killed_under_dagster_dev_frees_the_pool(
         # why); it is launched once the slot is free.
         status = lambda run_id: instance.get_run_by_id(run_id).status  # noqa: E731
         _wait_for(lambda: status(waiter) == dg.DagsterRunStatus.QUEUED, "the queued run", 60)
-        time.sleep(16)  # longer than the sensor's interval: a live holder is left alone
+        # Two watchdog ticks with the holder alive and the waiter queued: it is left alone.
+        queued_at = time.time()
+        _wait_for(lambda: len(_watchdog_ticks(instance, queued_at)) >= 2, "two watchdog ticks")
         assert status(waiter) == dg.DagsterRunStatus.QUEUED
         assert status(holder) == dg.DagsterRunStatus.STARTED and _holders(instance) == [holder]
 
@@ -287,7 +300,8 @@ def test_ui_launched_run_killed_under_dagster_dev_frees_the_pool(
         _wait_for(lambda: step_started(waiter), "the second run's step", timeout=90)
         recovered_in = step_started(waiter) - killed_at
         print(f"dagster dev: kill -> next gpu step started: {recovered_in:.1f} s")
-        # The sensor's 15 s interval, the daemon's sensor loop, and Dagster's claim back-off.
+        # The sensor's interval (2 s here, 15 s by default), the daemon's 5-s sensor loop, and
+        # Dagster's claim back-off.
         assert recovered_in < 60
         _wait_for(lambda: status(waiter) == dg.DagsterRunStatus.SUCCESS, "success", 60)
     # dagster dev's code server outlived the worker it started: it saw the worker die and

@@ -91,8 +91,13 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
     with dg.instance_for_test() as instance:
         groups = groups_of(shards)
         instance.add_dynamic_partitions(shard_group_partitions.name, groups)
+        # The fixture's base (the quick recipe): found in the cache, not trained again.
         observed = dg.materialize(
-            [*ASSETS], selection=[base_t2i_model.key], instance=instance, resources=resources
+            [*ASSETS],
+            selection=[base_t2i_model.key],
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"base_t2i_model": {"config": {"recipe": "quick"}}}},
         )
         assert observed.success
         assert all(e.passed for e in record_recaptions(instance, resources, groups).values())

@@ -44,7 +44,7 @@ def _wait(condition, what: str, timeout: float, page=None) -> None:
             if page is not None:
                 screenshot(page, f"FAILED_scratch_{what.replace(' ', '_')}")
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(3)
+        time.sleep(0.5)
 
 
 def _materialized(instance: dg.DagsterInstance, key: str) -> bool:

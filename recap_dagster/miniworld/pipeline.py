@@ -1,9 +1,10 @@
 """The main job: the whole RECAP graph on the miniworld, launched through the instance.
 
 It does what a user does in the UI, with the same run config (``RECAP_RUN_CONFIG``, the
-profile's file): serve the workspace with ``dagster dev``, backfill the ``miniworld``
-group (the inputs), let the ``laion_shard_sensor`` register the shard groups, then
-backfill every asset ("Materialize all"). The backfill daemon runs everything in
+profile's file): serve the workspace with ``dagster dev``, materialize the ``miniworld``
+group (the inputs; unpartitioned, so one run as the group page's "Materialize all"
+launches), let the ``laion_shard_sensor`` register the shard groups, then backfill every
+asset ("Materialize all" on the global lineage). The backfill daemon runs everything in
 dependency order (one recaptioning run per shard group, one training-and-evaluation run
 per caption variant); this process reports where it is and prints the report at the end.
 Everything it did stays visible in ``./dev ui`` afterwards.
@@ -30,6 +31,9 @@ from recap_dagster.orchestration.launcher import (
     LaunchError,
     dagster_dev,
     follow_backfill,
+    follow_run,
+    of_backfill,
+    of_run,
 )
 from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
@@ -129,10 +133,27 @@ def run_backfill(
         detail += f"; {progress.error}"
     summary.add(step, time.perf_counter() - start, detail)
     if not progress.succeeded:
-        for line in client.failures(backfill_id):
+        for line in client.failures(of_backfill(backfill_id)):
             summary.lines.append(f"  failed: {line}")
     summary.succeeded &= progress.succeeded
     return progress.succeeded
+
+
+def run_assets(
+    client: DagsterGraphQL, summary: PipelineSummary, step: str, keys: list[str]
+) -> bool:
+    """Materialize the unpartitioned ``keys`` in one run, follow it to its end and record
+    the outcome (with why it failed) in ``summary``."""
+    start = time.perf_counter()
+    run_id = client.launch_run(keys)
+    _say(f"{step}: run {run_id[:8]} of {len(keys)} assets launched")
+    status = follow_run(client, run_id, _say)
+    summary.add(step, time.perf_counter() - start, f"run {run_id[:8]}: {status}")
+    succeeded = status == "SUCCESS"
+    if not succeeded:
+        summary.lines.extend(f"  failed: {line}" for line in client.failures(of_run(run_id)))
+    summary.succeeded &= succeeded
+    return succeeded
 
 
 def _read_report(
@@ -172,7 +193,7 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
         _say(f"Dagster UI at {url} (log {log}); run config {run_config}")
         client = DagsterGraphQL(url)
         client.wait_for_location()
-        if not run_backfill(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
+        if not run_assets(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
             return summary
         start = time.perf_counter()
         _say("waiting for the laion_shard_sensor to register the shard groups ...")

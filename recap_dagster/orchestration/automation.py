@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from recap_dagster import settings
 from recap_dagster.assets.latents import t2i_latents
 from recap_dagster.assets.recaption import RECAPTION_GATE, recaptioned_shards
 from recap_dagster.corpus.discovery import (
@@ -141,7 +142,7 @@ def new_shard_run_requests(
 
 @dg.sensor(
     job=recaption_job,
-    minimum_interval_seconds=60,
+    minimum_interval_seconds=settings.sensor_interval(60),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists the LAION source root, adds the group of each newly completed shard as "
     "a partition and, once a captioner checkpoint exists, requests one recaptioning run per "
@@ -246,7 +247,7 @@ def recaption_backfill_schedule(context: dg.ScheduleEvaluationContext):
 
 
 @dg.sensor(
-    minimum_interval_seconds=15,
+    minimum_interval_seconds=settings.sensor_interval(15),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the gpu pool: frees the slots of runs that ended or whose worker died "
     "(SIGKILL, OOM, lost machine), marking such runs failed, and tells each waiting run which "

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TERMINAL_RUN_STATES = {"SUCCESS", "FAILURE", "CANCELED"}
 TERMINAL_BACKFILL_STATES = {
     "COMPLETED",
     "COMPLETED_SUCCESS",
@@ -151,9 +152,28 @@ query Backfill($id: String!) {
 }
 """
 
+_LAUNCH_RUN = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+
+_RUN_STATUS = """
+query Status($runId: ID!) {
+  runOrError(runId: $runId) { __typename ... on Run { status } ... on PythonError { message } }
+}
+"""
+
 _RUNS = """
-query Runs($tags: [ExecutionTag!]) {
-  runsOrError(filter: {tags: $tags, statuses: [STARTED]}) {
+query Runs($filter: RunsFilter!) {
+  runsOrError(filter: $filter) {
     ... on Runs { results { runId startTime assetSelection { path }
       tags { key value } } }
   }
@@ -161,14 +181,6 @@ query Runs($tags: [ExecutionTag!]) {
 """
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"  # a run of a partition range
-
-_FAILED_RUNS = """
-query Failed($tags: [ExecutionTag!]) {
-  runsOrError(filter: {tags: $tags, statuses: [FAILURE]}) {
-    ... on Runs { results { runId tags { key value } } }
-  }
-}
-"""
 
 _FAILURES = """
 query Failures($runId: ID!) {
@@ -231,6 +243,29 @@ class DagsterGraphQL:
                 raise LaunchError(f"code location not loaded within {timeout:.0f} s")
             time.sleep(1)
 
+    def launch_run(self, keys: Sequence[str]) -> str:
+        """One run of the unpartitioned ``keys`` (what the UI's "Materialize all" launches for
+        them: no backfill, so no wait for the backfill daemon's 30-s loop); its run id."""
+        entries = self.query(_LOCATION_QUERY)["workspaceOrError"]["locationEntries"]
+        location = next(e for e in entries if (e["locationOrLoadError"] or {}).get("repositories"))
+        selector = {
+            "repositoryLocationName": location["name"],
+            "repositoryName": location["locationOrLoadError"]["repositories"][0]["name"],
+            "jobName": ASSET_JOB,
+            "assetSelection": [{"path": key.split("/")} for key in keys],
+        }
+        params = {"selector": selector, "mode": "default", "runConfigData": {}}
+        result = self.query(_LAUNCH_RUN, {"params": params})["launchRun"]
+        if result["__typename"] != "LaunchRunSuccess":
+            raise LaunchError(f"run of {list(keys)} not launched: {result}")
+        return result["run"]["runId"]
+
+    def run_status(self, run_id: str) -> str:
+        data = self.query(_RUN_STATUS, {"runId": run_id})["runOrError"]
+        if data["__typename"] != "Run":
+            raise LaunchError(f"run {run_id}: {data}")
+        return data["status"]
+
     def launch_backfill(self, keys: Sequence[str], title: str) -> str:
         """Backfill every partition of ``keys`` (the UI's "Materialize all" on them)."""
         params = {
@@ -277,12 +312,16 @@ class DagsterGraphQL:
                 results.append((check["name"], status, evaluation.get("description") or ""))
         return results
 
-    def failures(self, backfill_id: str, limit: int = 20) -> list[str]:
-        """Why the backfill's failed runs failed: one line per failed blocking check (its
-        description names the shard) and per failed step (its own error message: for a
-        read the gate refused, the check, the shard group and the shard)."""
-        backfill_tag = [{"key": "dagster/backfill", "value": backfill_id}]
-        runs = self.query(_FAILED_RUNS, {"tags": backfill_tag})["runsOrError"].get("results", [])
+    def _runs(self, runs: RunsFilter, status: str) -> list[dict]:
+        query_filter = {**runs, "statuses": [status]}
+        return self.query(_RUNS, {"filter": query_filter})["runsOrError"].get("results", [])
+
+    def failures(self, runs: RunsFilter, limit: int = 20) -> list[str]:
+        """Why the failed runs of ``runs`` (a backfill's: ``of_backfill``) failed: one line
+        per failed blocking check (its description names the shard) and per failed step
+        (its own error message: for a read the gate refused, the check, the shard group and
+        the shard)."""
+        runs = self._runs(runs, "FAILURE")
         lines = []
         for run in runs[:limit]:
             tags = {t["key"]: t["value"] for t in run["tags"]}
@@ -304,12 +343,10 @@ class DagsterGraphQL:
                 lines.append(f"{where} (run {run['runId'][:8]}): {' '.join(message.split())}")
         return lines
 
-    def running_steps(self, backfill_id: str, cursors: dict[str, str]) -> list[str]:
-        """One line per started run of the backfill: its assets and newest log message."""
-        backfill_tag = [{"key": "dagster/backfill", "value": backfill_id}]
-        runs = self.query(_RUNS, {"tags": backfill_tag})["runsOrError"].get("results", [])
+    def running_steps(self, runs: RunsFilter, cursors: dict[str, str]) -> list[str]:
+        """One line per started run of ``runs``: its step and newest log message."""
         lines = []
-        for run in runs:
+        for run in self._runs(runs, "STARTED"):
             run_id = run["runId"]
             tags = {t["key"]: t["value"] for t in run["tags"]}
             logs = self.query(_LOGS, {"runId": run_id, "after": cursors.get(run_id)})
@@ -325,6 +362,20 @@ class DagsterGraphQL:
             last = _one_line(cursors.get(run_id + "/last", ""))
             lines.append(f"{where} (run {run_id[:8]}): {last}")
         return lines
+
+
+#: A GraphQL ``RunsFilter``: which runs to look at.
+RunsFilter = dict
+#: The job of every asset ("Materialize" in the UI launches it with an asset selection).
+ASSET_JOB = "__ASSET_JOB"
+
+
+def of_backfill(backfill_id: str) -> RunsFilter:
+    return {"tags": [{"key": "dagster/backfill", "value": backfill_id}]}
+
+
+def of_run(run_id: str) -> RunsFilter:
+    return {"runIds": [run_id]}
 
 
 def _one_line(text: str, width: int = 150) -> str:
@@ -395,7 +446,7 @@ def follow_backfill(
         now = time.monotonic()
         if progress.done:
             return progress
-        lines = client.running_steps(backfill_id, cursors)
+        lines = client.running_steps(of_backfill(backfill_id), cursors)
         if lines != last_lines or now - last_report >= report_every:
             done, total = progress.counts(weights)
             elapsed = now - start
@@ -413,3 +464,22 @@ def follow_backfill(
                 say(f"  running: {line}")
             last_report, last_lines = now, lines
         time.sleep(every)
+
+
+def follow_run(
+    client: DagsterGraphQL, run_id: str, say: Callable[[str], None], *, every: float = 1.0
+) -> str:
+    """Poll the run until it ends, telling ``say`` its newest step message whenever it
+    changes; its final status."""
+    start = time.monotonic()
+    cursors: dict[str, str] = {}
+    last_lines: list[str] = []
+    while (status := client.run_status(run_id)) not in TERMINAL_RUN_STATES:
+        lines = client.running_steps(of_run(run_id), cursors)
+        if lines and lines != last_lines:
+            say(f"run {run_id[:8]} {status.lower()}, elapsed {_duration(time.monotonic() - start)}")
+            for line in lines:
+                say(f"  running: {line}")
+            last_lines = lines
+        time.sleep(every)
+    return status
