@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from recap_dagster.evaluation import human
 from recap_dagster.evaluation.world import EvalPrompt
@@ -26,14 +26,20 @@ COLOURS = {"alttext": (200, 40, 40), "recap_short": (40, 160, 40), "recap_mix": 
 def write_images(store: Storage, variants=VARIANTS, prompts=PROMPTS) -> None:
     """Each variant's image of every prompt (seed 0), as ``evaluate_variant`` saves them."""
     for variant in variants:
-        images = [
-            Image.new("RGB", (32, 32), tuple(c // (1 + i) for c in COLOURS[variant]))
-            for i in range(len(prompts))
-        ]
+        images = [_image(COLOURS[variant], i) for i in range(len(prompts))]
         human.save_generated_images(
             store, variant, images, prompts, list(range(len(prompts))), [0] * len(prompts),
             checkpoint_version=f"{variant}-v1", limit=100,
         )  # fmt: skip
+
+
+def _image(colour: tuple[int, int, int], n: int) -> Image.Image:
+    """A 32 px image of a shape, its colour the variant's and its size the prompt's."""
+    image = Image.new("RGB", (32, 32), (245, 245, 245))
+    box = (4 + n, 4 + n, 27 - n, 27 - n)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if n % 2 == 0 else draw.rectangle)(box, fill=colour)
+    return image
 
 
 def make_task(root: Path | str, prompts: int = 3) -> tuple[Storage, dict]:
