@@ -15,7 +15,13 @@ from transformers.utils import logging as transformers_logging
 from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
-from recap_dagster.assets.human_eval import HUMAN_EVAL_SOURCES, human_eval_report, human_eval_task
+from recap_dagster.assets.human_eval import (
+    HUMAN_EVAL_SOURCES,
+    human_eval_report,
+    human_eval_task,
+    observe_ratings_job,
+    observe_ratings_schedule,
+)
 from recap_dagster.assets.inputs import (
     INPUT_ASSETS,
     observe_inputs_job,
@@ -64,7 +70,7 @@ RECAP_ASSETS = [
     human_eval_report,
     recap_report,
 ]
-JOBS = [recaption_job, asset_checks_job, shard_group_checks_job]
+JOBS = [recaption_job, asset_checks_job, shard_group_checks_job, observe_ratings_job]
 ASSET_CHECKS = [
     *human_captions_checks,
     recaptioned_shards_checks,
@@ -133,6 +139,7 @@ def recap_definitions(
         sensors=[laion_shard_sensor, gpu_pool_watchdog],
         schedules=[
             recaption_backfill_schedule,
+            observe_ratings_schedule,
             *([observe_inputs_schedule] if observe_inputs else []),
         ],
         resources=resources,

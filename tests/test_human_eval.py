@@ -164,7 +164,12 @@ def _answer_some(store: Storage, task: dict) -> list[tuple[str, str, str]]:
 
 
 def test_assets_from_the_task_to_recap_report(tmp_path: Path) -> None:
-    from recap_dagster.assets.human_eval import human_eval_report, human_eval_task, human_ratings
+    from recap_dagster.assets.human_eval import (
+        human_eval_report,
+        human_eval_task,
+        human_ratings,
+        observe_ratings_job,
+    )
     from recap_dagster.assets.t2i import recap_report
     from recap_dagster.resources import StorageResource
 
@@ -172,17 +177,14 @@ def test_assets_from_the_task_to_recap_report(tmp_path: Path) -> None:
     for variant, objects in (("alttext", 0.2), ("recap_mix", 0.3)):
         report = json.dumps(_metric_report(objects))
         store.write_text(report, "reports", "metrics", f"{variant}.json")
-    observe = dg.define_asset_job("observe_ratings", selection=[human_ratings.key])
-    defs = dg.Definitions(
-        assets=[human_ratings, human_eval_task, human_eval_report, recap_report],
-        jobs=[observe],
-        resources={"storage": StorageResource(root=str(tmp_path))},
-    )
-    assets = [human_ratings, human_eval_task, human_eval_report, recap_report]
     resources = {"storage": StorageResource(root=str(tmp_path))}
+    assets = [human_ratings, human_eval_task, human_eval_report, recap_report]
+    # The job the deployments' schedule runs.
+    observe = dg.Definitions(assets=assets, jobs=[observe_ratings_job], resources=resources)
 
     def observed_version(instance: dg.DagsterInstance) -> str:
-        assert defs.resolve_job_def("observe_ratings").execute_in_process(instance=instance).success
+        job = observe.resolve_job_def("observe_human_ratings")
+        assert job.execute_in_process(instance=instance).success
         record = instance.get_latest_data_version_record(human_ratings.key)
         return record.event_log_entry.asset_observation.tags["dagster/data_version"]
 
@@ -219,6 +221,9 @@ def test_assets_from_the_task_to_recap_report(tmp_path: Path) -> None:
         assert rows[variant]["win_rate"] == pytest.approx(rate)
     assert report_meta["unrated"].value == expected["unrated"] == 15 - 10
     assert report_meta["raters"].value == 2 and report_meta["ratings"].value == 16
+    assert "### Per category" in store.read_text("reports", "human_eval.md")
+    categories = {r.data["category"] for r in report_meta["per_category"].records}
+    assert categories == {item["category"] for item in task["items"].values()}
     recap = result.asset_materializations_for_node("recap_report")[0].metadata
     assert "win rate vs alttext" in recap["human_evaluation"].value
     assert "## Human evaluation" in store.read_text("reports", "recap_report.md")

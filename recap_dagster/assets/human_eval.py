@@ -113,7 +113,11 @@ def human_eval_report(
     if task is None:
         raise ValueError("no rating task: materialize human_eval_task first")
     report = human_stats.human_report(task, human.read_answers(store, task))
-    markdown = human_stats.human_markdown(report)
+    markdown = "\n\n".join(
+        part
+        for part in (human_stats.human_markdown(report), human_stats.category_markdown(report))
+        if part
+    )
     store.write_text(json.dumps(report, indent=2), *human_stats.REPORT_PARTS)
     store.write_text(markdown, *human_stats.MARKDOWN_PARTS)
     context.log.info("\n" + markdown)
@@ -133,5 +137,18 @@ def human_eval_report(
     )
 
 
-HUMAN_EVAL_ASSETS = [human_eval_task, human_eval_report]
 HUMAN_EVAL_SOURCES = [human_ratings]
+
+#: Observes the answers: a new answer makes human_eval_report (and recap_report) stale.
+observe_ratings_job = dg.define_asset_job(
+    "observe_human_ratings",
+    selection=dg.AssetSelection.keys(human_ratings.key),
+    description="Observe the raters' answers to the current rating task.",
+)
+observe_ratings_schedule = dg.ScheduleDefinition(
+    job=observe_ratings_job,
+    cron_schedule="*/15 * * * *",
+    # Off until a study runs: between studies there is nothing new to observe.
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Observes the raters' answers every 15 minutes; turn it on for a study.",
+)

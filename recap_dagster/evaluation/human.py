@@ -154,7 +154,8 @@ def build_task(indexes: dict[str, dict], settings: TaskSettings) -> dict:
                 used.add(candidate)
                 return candidate
 
-    for key in sorted(k for k in common if k[0] in set(sample)):
+    sampled = set(sample)
+    for key in sorted(k for k in common if k[0] in sampled):
         first = by_variant[BASELINE][key]
         item_id = f"p{key[0]:05d}_s{key[1]}"
         items[item_id] = {

@@ -233,6 +233,22 @@ def _interval(value: object, low: object, high: object) -> str:
     return f"{value:.1%} [{low:.1%}, {high:.1%}]"
 
 
+def category_markdown(report: dict) -> str:
+    """Success and win rates per category and variant (empty when nothing is rated)."""
+    rows = [
+        [row["category"], row["variant"],
+         _interval(row["success_rate"], row["success_low"], row["success_high"]),
+         "-" if row["variant"] == BASELINE
+         else _interval(row["win_rate"], row["win_low"], row["win_high"])]
+        for row in report.get("per_category", [])
+        if row["success_ratings"] or row["pair_ratings"]
+    ]  # fmt: skip
+    if not rows:
+        return ""
+    header = ["category", "variant", "success rate (95% CI)", f"win rate vs {BASELINE}"]
+    return "### Per category\n\n" + markdown_table(header, rows)
+
+
 def human_markdown(report: dict | None) -> str:
     """The human study as the paper shows it: a row per variant, success rate and win rate
     against alttext with 95% intervals; says so when nothing was rated yet."""
