@@ -5,6 +5,7 @@ resuming, and the report's figures equal to those counted by hand from their ans
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from browser import REPO, chromium_page, screenshot
 from rating_task import expected_figures, make_task, wilson
 
 from recap_dagster.evaluation import human, human_stats
+from recap_dagster.evaluation.report import build_report
 from recap_dagster.orchestration.launcher import LaunchError, serve
 
 KEYS = {"yes": "y", "no": "n", "left": "1", "right": "2", "tie": "t"}
@@ -28,11 +30,17 @@ def policy(question: dict, n: int) -> str:
 
 
 def markdown_page(markdown: str) -> str:
-    """The report's markdown (headings, paragraphs, one pipe table) as a small HTML page."""
+    """The report's markdown (headings, paragraphs, pipe tables, inline images) as a small
+    HTML page."""
     parts = []
     for block in markdown.split("\n\n"):
-        if block.startswith("## "):
-            parts.append(f"<h2>{html.escape(block[3:])}</h2>")
+        heading = re.match(r"^(#{1,3}) (.*)$", block)
+        image = re.match(r"^!\[([^]]*)\]\((data:image/png;base64,[A-Za-z0-9+/=]+)\)$", block)
+        if heading:
+            level = len(heading.group(1))
+            parts.append(f"<h{level}>{html.escape(heading.group(2))}</h{level}>")
+        elif image:
+            parts.append(f'<img alt="{html.escape(image.group(1))}" src="{image.group(2)}">')
         elif block.startswith("|"):
             lines = [line.strip("|").split(" | ") for line in block.splitlines()]
             head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
@@ -48,6 +56,15 @@ def markdown_page(markdown: str) -> str:
         "td,th{border:1px solid #999;padding:.3rem .7rem}table{border-collapse:collapse}"
     )
     return f"<html><head><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def metric_report(objects: float, fid: float) -> dict:
+    """A variant's automatic metrics (what metric_reports writes), for the RECAP report."""
+    overall = {"fid": fid, "fid_features": "random-conv", "object_accuracy": objects,
+               "count_error": 1.2 - objects, "position_accuracy": objects / 2}  # fmt: skip
+    curve = [{"step": s, "fid": fid + 100 / s, "object_accuracy": objects * s / 400}
+             for s in (100, 200, 400)]  # fmt: skip
+    return {"overall": overall, "per_category": {}, "curve": curve}
 
 
 def test_two_raters_rate_in_chromium_and_the_report_counts_them(tmp_path: Path) -> None:
@@ -142,7 +159,12 @@ def test_two_raters_rate_in_chromium_and_the_report_counts_them(tmp_path: Path) 
             assert report["unrated"] == expected["unrated"]
             assert report["ratings"] == len(given) and report["raters"] == ["ann", "bob"]
 
-            page.set_content(markdown_page(human_stats.human_markdown(report)))
+            # The RECAP report as recap_report builds it: Table 1, then the human study.
+            automatic = {"alttext": metric_report(0.4, 30.0), "recap_short": metric_report(
+                0.45, 28.0), "recap_mix": metric_report(0.5, 27.0)}  # fmt: skip
+            built = build_report(automatic, report)
+            assert "win rate vs alttext" in built.human_markdown in built.markdown
+            page.set_content(markdown_page(built.markdown))
             report_shot = screenshot(page, "human_eval_report", full_page=True)
     except LaunchError as err:  # the server did not start: say why
         pytest.fail(f"{err}:\n{log.read_text() if log.exists() else ''}")

@@ -279,8 +279,8 @@ def human_markdown(report: dict | None) -> str:
         "Success: share of images rated as showing the prompt (Wilson 95% interval). Win "
         f"rate: against {BASELINE}'s image for the same prompt and seed, a tie counting "
         "half (0.5 = on par); 95% bootstrap interval over prompts and raters.",
-        "Agreement on the success question (Fleiss' kappa, "
-        f"{agree.get('success_items', 0)} questions with 2+ raters): "
+        "Agreement on the success question (Fleiss' kappa over the "
+        f"{agree.get('success_items', 0)} question(s) two or more raters answered): "
         + ("n/a" if kappa is None else f"{kappa:.2f}")
         + ".",
     ]
