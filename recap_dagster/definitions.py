@@ -15,6 +15,13 @@ from transformers.utils import logging as transformers_logging
 from recap_dagster.assets.captioner import captioner_checkpoint
 from recap_dagster.assets.corpus import laion_shards
 from recap_dagster.assets.human_captions import human_captions, human_captions_checks
+from recap_dagster.assets.human_eval import (
+    HUMAN_EVAL_SOURCES,
+    human_eval_report,
+    human_eval_task,
+    observe_ratings_job,
+    observe_ratings_schedule,
+)
 from recap_dagster.assets.inputs import (
     INPUT_ASSETS,
     observe_inputs_job,
@@ -59,9 +66,11 @@ RECAP_ASSETS = [
     training_corpus,
     sd_checkpoints,
     metric_reports,
+    human_eval_task,
+    human_eval_report,
     recap_report,
 ]
-JOBS = [recaption_job, asset_checks_job, shard_group_checks_job]
+JOBS = [recaption_job, asset_checks_job, shard_group_checks_job, observe_ratings_job]
 ASSET_CHECKS = [
     *human_captions_checks,
     recaptioned_shards_checks,
@@ -114,7 +123,8 @@ def recap_definitions(
     # Owners by group and links to the defining source on every asset page.
     # (Observed source assets take neither: they are SourceAssets, not specs.)
     owned = [corpus, *RECAP_ASSETS, *(i for i in inputs if isinstance(i, dg.AssetsDefinition))]
-    sources = [i for i in inputs if not isinstance(i, dg.AssetsDefinition)]
+    # The raters' answers are observed in every deployment (they are people's, not built).
+    sources = [*(i for i in inputs if not isinstance(i, dg.AssetsDefinition)), *HUMAN_EVAL_SOURCES]
     assets = [
         *sources,
         *(
@@ -129,6 +139,7 @@ def recap_definitions(
         sensors=[laion_shard_sensor, gpu_pool_watchdog],
         schedules=[
             recaption_backfill_schedule,
+            observe_ratings_schedule,
             *([observe_inputs_schedule] if observe_inputs else []),
         ],
         resources=resources,

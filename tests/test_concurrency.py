@@ -397,6 +397,8 @@ RETRIED_ASSETS = {
     "t2i_latents",
     "sd_checkpoints",
     "metric_reports",
+    "human_eval_task",
+    "human_eval_report",
     "recap_report",
 }
 

@@ -10,6 +10,7 @@ import dagster as dg
 import pyarrow as pa
 from recorded import record_recaptions
 
+from recap_dagster.assets.human_eval import human_eval_report, human_eval_task
 from recap_dagster.assets.inputs import base_t2i_model
 from recap_dagster.assets.latents import t2i_latents
 from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoints
@@ -162,12 +163,19 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
 
         result = dg.materialize(
             [*ASSETS, *ASSET_CHECKS],
-            selection=[recap_report.key],
+            # The human evaluation's task from the variants' saved images, its (empty) report.
+            selection=[human_eval_task.key, human_eval_report.key, recap_report.key],
             instance=instance,
             resources=resources,
         )
         assert result.success
+        task = result.asset_materializations_for_node("human_eval_task")[0].metadata
+        variants = task["variants"].value.split(", ")
+        assert variants[0] == "alttext" and set(variants) == set(CAPTION_VARIANTS)
+        assert task["items"].value > 0
+        assert task["questions"].value == task["items"].value * (2 * len(CAPTION_VARIANTS) - 1)
         metadata = result.asset_materializations_for_node("recap_report")[0].metadata
+        assert "No human ratings yet" in metadata["human_evaluation"].value
         table = metadata["table"]  # typed: numbers sort as numbers in the UI
         rows = {r.data["variant"]: r.data for r in table.records}
         assert set(rows) == set(CAPTION_VARIANTS)

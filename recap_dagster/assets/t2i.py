@@ -14,6 +14,7 @@ from recap_dagster.assets.run_config import config_from_settings, settings_from_
 from recap_dagster.assets.training_corpus import training_corpus
 from recap_dagster.captioner.recaption import OUTPUT_DIR as RECAPTIONED_DIR
 from recap_dagster.evaluation import evaluate as evaluation
+from recap_dagster.evaluation import human_stats
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
@@ -251,11 +252,13 @@ def metric_reports(
 
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
-    deps=[metric_reports],
+    # By key: assets/human_eval.py builds on metric_reports from this module.
+    deps=[metric_reports, dg.AssetKey("human_eval_report")],
     group_name="evaluation",
     kinds={"markdown"},
     description="All variants side by side like the paper's Table 1 (with deltas against "
-    "alttext) and metric-versus-steps curves like its Figure 5.",
+    "alttext), the human study beside them (or that nothing is rated yet) and "
+    "metric-versus-steps curves like its Figure 5.",
 )
 @retry_only_transient
 def recap_report(
@@ -269,7 +272,12 @@ def recap_report(
     }
     if "alttext" not in reports:
         raise ValueError("recap_report needs the alttext metric report as its baseline")
-    built = report_core.build_report(reports)
+    human = (
+        json.loads(store.read_text(*human_stats.REPORT_PARTS))
+        if store.exists(*human_stats.REPORT_PARTS)
+        else None
+    )
+    built = report_core.build_report(reports, human)
     store.write_text(built.markdown, "reports", "recap_report.md")
     store.write_text(json.dumps(built.table, indent=2), "reports", "recap_report.json")
     for name, png in built.figures.items():
@@ -283,6 +291,8 @@ def recap_report(
                 "\n\n".join(markdown_image(png, name) for name, png in built.figures.items())
             ),
             "variants": len(reports),
+            "human_evaluation": dg.MetadataValue.md(built.human_markdown),
+            "human_ratings": (human or {}).get("ratings", 0),
             **{f"mix_vs_alttext_{k}": v for k, v in built.mix_deltas.items()},
         }
     )

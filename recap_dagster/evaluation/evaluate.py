@@ -2,8 +2,8 @@
 
 The ``metric_reports`` asset's work: read the real reference images FID compares against,
 generate images for the world's evaluation prompts from every snapshot of the variant,
-have the world grade them, and write the variant's metric report (JSON) and its per-category
-sample grids under the storage root.
+have the world grade them, and write the variant's metric report (JSON), its per-category
+sample grids and its final images (for the human evaluation) under the storage root.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from PIL import Image
 
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.evaluation import report as report_core
+from recap_dagster.evaluation.human import save_generated_images
 from recap_dagster.evaluation.metrics import MetricReport, evaluate_generations
 from recap_dagster.evaluation.world import EvalPrompt, World
 from recap_dagster.storage.root import Storage
@@ -44,6 +45,11 @@ class EvalSettings:
         "",
         "Path to torch-fidelity's Inception weights for standard FID; empty: an offline "
         "random-conv extractor (compare variants with each other only).",
+    )
+    rating_images: int = setting(
+        400,
+        "Final images saved as PNG (the first N prompt x seed pairs) for the human "
+        "evaluation's rating task; 0: none.",
     )
 
 
@@ -122,6 +128,17 @@ def evaluate_variant(
     grids = report_core.category_grids(final_images, repeated)
     for category, png in grids.items():
         store.write_bytes(png, *REPORT_DIR, f"{variant}_{category}.png")
+    # Same prompts and seeds for every variant: the human evaluation pairs these images.
+    save_generated_images(
+        store,
+        variant,
+        final_images,
+        repeated,
+        [i // settings.seeds_per_prompt for i in range(len(repeated))],
+        seeds,
+        checkpoint_version=snapshots[-1]["version"],
+        limit=settings.rating_images,
+    )
     payload = {
         "variant": variant,
         "world": world.name,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from recap_dagster.evaluation.human_stats import human_markdown
 from recap_dagster.evaluation.metrics import MetricReport
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.evaluation.world import EvalPrompt
@@ -126,10 +127,12 @@ class BuiltReport:
     markdown: str
     figures: dict[str, bytes] = field(default_factory=dict)
     mix_deltas: dict[str, float] = field(default_factory=dict)
+    human_markdown: str = ""  # the human study's table, or that nothing is rated yet
 
 
-def build_report(reports: dict[str, dict]) -> BuiltReport:
-    """Table 1 (values and relative deltas vs alttext) and Figure 5 curves."""
+def build_report(reports: dict[str, dict], human: dict | None = None) -> BuiltReport:
+    """Table 1 (values and relative deltas vs alttext), the human study beside it
+    (``human``: the human_eval_report's figures; None: not built yet) and Figure 5 curves."""
     base = reports[BASELINE]["overall"]
     columns = [c for c in COLUMNS if any(c[0] in r["overall"] for r in reports.values())]
     table = {v: {m: r["overall"].get(m) for m, _, _ in columns} for v, r in reports.items()}
@@ -167,6 +170,7 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
             if delta is not None:
                 mix_deltas[metric] = round(delta, 4)
     fid_features = base.get("fid_features", "")
+    human_section = human_markdown(human)
     markdown = "\n\n".join(
         [
             "# RECAP report",
@@ -174,11 +178,12 @@ def build_report(reports: dict[str, dict]) -> BuiltReport:
             "accuracy +7%, counting error -8%, position accuracy +8% for RECAP).",
             table_markdown,
             f"FID features: {fid_features}.",
+            human_section,
             "## Metrics vs training steps (paper, Figure 5)",
             *(markdown_image(png, name) for name, png in figures.items()),
         ]
     )
-    return BuiltReport(table, rows, table_markdown, markdown, figures, mix_deltas)
+    return BuiltReport(table, rows, table_markdown, markdown, figures, mix_deltas, human_section)
 
 
 @dataclass

@@ -57,13 +57,16 @@ def serve(
     log: Path,
     port: int = 0,
     timeout: float = 180,
+    address_flags: tuple[str, str] = ("-h", "-p"),
+    ready_path: str = "/server_info",
 ) -> Iterator[str]:
-    """Run a Dagster server (``dagster dev``, ``dagster-webserver``) on loopback until it
+    """Run a server (``dagster dev``, ``dagster-webserver``, ``recap-dagster rate`` with
+    ``address_flags=("--host", "--port")`` and its ``ready_path``) on loopback until it
     answers; yield its URL; stop it and everything it started on exit."""
     port = port or free_port()
     executable = Path(sys.executable).with_name(program)
     command = [str(executable) if executable.exists() else program, *args]
-    command += ["-h", "127.0.0.1", "-p", str(port)]
+    command += [address_flags[0], "127.0.0.1", address_flags[1], str(port)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         # Its own session: stopping it ends the webserver, the daemon and the code server.
@@ -78,7 +81,7 @@ def serve(
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
-        while not _answers(f"{url}/server_info"):
+        while not _answers(f"{url}{ready_path}"):
             if process.poll() is not None:
                 raise LaunchError(f"{program} exited with {process.returncode}; see {log}")
             if time.monotonic() > deadline:
