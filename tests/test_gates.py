@@ -154,6 +154,7 @@ def test_sensor_and_schedule_runs_stop_at_the_failed_check(world) -> None:
     assert "1 held back by checks" in skipped.skip_message
 
 
+@pytest.mark.slow
 def test_a_ui_backfill_ends_failed_naming_check_group_and_shard(
     miniworld_paths,
     base_captioner,  # noqa: F811

@@ -249,6 +249,7 @@ def _run_events(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEvent
 
 # SQLite only: the PostgreSQL profile uses the same launcher and sweep, and its pool
 # recovery is tested above (measured under dagster dev too: README).
+@pytest.mark.slow
 @pytest.mark.parametrize("instance", ["sqlite"], indirect=True)
 def test_ui_launched_run_killed_under_dagster_dev_frees_the_pool(
     instance: dg.DagsterInstance, tmp_path: Path

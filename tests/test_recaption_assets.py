@@ -357,6 +357,7 @@ def _outputs(root: Path) -> dict[str, list[dict]]:
     return {p.stem: pq.read_table(p).to_pylist() for p in sorted(out.glob("*.parquet"))}
 
 
+@pytest.mark.slow
 def test_killed_recaptioning_run_resumes_to_the_same_output(
     miniworld_paths, base_captioner, tmp_path: Path
 ) -> None:

@@ -190,6 +190,7 @@ def _schedule_tick(instance: dg.DagsterInstance) -> list[str]:
     return sorted(r.partition_key for r in requests)
 
 
+@pytest.mark.slow
 def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
     miniworld_paths, base_t2i, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -408,6 +408,7 @@ def test_two_processes_match_one_with_twice_the_micro_batch(world, tmp_path: Pat
                          tmp_path / "p2" / "snapshots" / FINAL, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_from_s3_with_an_empty_local_disk(
     world, tmp_path: Path, s3_env: str
 ) -> None:

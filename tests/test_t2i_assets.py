@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+import pytest
 from recorded import record_recaptions
 
 from recap_dagster.assets.human_eval import human_eval_report, human_eval_task
@@ -77,6 +78,7 @@ def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
     return shards
 
 
+@pytest.mark.slow
 def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: Path) -> None:
     resources = {
         "sources": miniworld_sources(str(miniworld_paths.root)),

@@ -184,6 +184,10 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
         "RECAP_WORKDIR": str(settings.workdir()),
         "DAGSTER_HOME": str(home),
         "RECAP_RUN_CONFIG": str(run_config),
+        # The miniworld's shards are a local folder, cheap to list: the sensor looks every
+        # 5 s (the sensor daemon's own loop) instead of every minute, so the shard groups
+        # are registered seconds after the corpus is written.
+        "RECAP_SENSOR_INTERVAL_SECONDS": "5",
     }
     instance = dg.DagsterInstance.get()
     # Create the gpu pool's slots now: Dagster creates them at the first claim, and two
