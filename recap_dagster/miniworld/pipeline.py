@@ -174,6 +174,24 @@ def _read_report(
     )
 
 
+def _materialize_all(
+    client: DagsterGraphQL, instance: dg.DagsterInstance, summary: PipelineSummary
+) -> None:
+    """The miniworld's inputs in one run, then, once the sensor registered the shard
+    groups, a backfill of everything else; the report's table into ``summary``."""
+    client.wait_for_location()
+    if not run_assets(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
+        return
+    start = time.perf_counter()
+    _say("waiting for the laion_shard_sensor to register the shard groups ...")
+    groups = _wait_for_shard_groups(instance)
+    summary.add("laion_shard_groups", time.perf_counter() - start, f"{len(groups)} group(s)")
+    if run_backfill(
+        client, summary, "RECAP (materialize all)", _keys(exclude_group=MINIWORLD_GROUP)
+    ):
+        _read_report(instance, client, summary)
+
+
 def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> PipelineSummary:
     """Run the main job; ``seed`` is the training seed of the captioner and text-to-image
     fine-tunes (the miniworld and the cached base models do not depend on it)."""
@@ -197,16 +215,8 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
     workspace = settings.PROJECT_ROOT / "workspace.yaml"
     with dagster_dev(workspace, env, log, port=port) as url:
         _say(f"Dagster UI at {url} (log {log}); run config {run_config}")
-        client = DagsterGraphQL(url)
-        client.wait_for_location()
-        if not run_assets(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
-            return summary
-        start = time.perf_counter()
-        _say("waiting for the laion_shard_sensor to register the shard groups ...")
-        groups = _wait_for_shard_groups(instance)
-        summary.add("laion_shard_groups", time.perf_counter() - start, f"{len(groups)} group(s)")
-        if run_backfill(
-            client, summary, "RECAP (materialize all)", _keys(exclude_group=MINIWORLD_GROUP)
-        ):
-            _read_report(instance, client, summary)
+        _materialize_all(DagsterGraphQL(url), instance, summary)
+        stopping = time.perf_counter()
+        _say("stopping dagster dev ...")
+    summary.add("stop dagster dev", time.perf_counter() - stopping, "webserver, daemon")
     return summary

@@ -73,7 +73,8 @@ def serve(
         process = subprocess.Popen(
             command,
             cwd=cwd,
-            env={**os.environ, **env},
+            # Unbuffered: the log shows what the server did up to now (and up to a kill).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
