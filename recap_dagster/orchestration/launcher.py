@@ -48,6 +48,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _interruptible() -> None:
+    """Run in the child before exec: SIGINT back to its default. A shell starts background
+    jobs (CI steps, ``cmd &``) with SIGINT ignored, and ``dagster dev`` makes SIGTERM do
+    what SIGINT does, so it would ignore our SIGTERM and take the 30-s kill instead."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def serve(
     program: str,
@@ -78,6 +85,7 @@ def serve(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_interruptible,
         )
     url = f"http://127.0.0.1:{port}"
     try:
