@@ -43,9 +43,9 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     assert "recap-miniworld pipeline (quick, seed 1) succeeded" in out
     # It said where it was: progress, elapsed and left, and what each running step logs.
     assert "Dagster UI at http://127.0.0.1:" in out
-    # 16 asset partitions: 8 assets outside the miniworld group, unpartitioned or one
-    # partition per variant (metric_reports, sd_checkpoints: 2 each), 10 in all; and
-    # recaptioned_shards and t2i_latents, one per shard group of the quick corpus's 3.
+    # 16 asset partitions: 6 unpartitioned assets outside the miniworld group, 4 variants
+    # each of sd_checkpoints and metric_reports, and recaptioned_shards and t2i_latents for
+    # the quick corpus's one shard group.
     assert re.search(
         r"\d+/16 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
         r"0:\d\d:\d\d left",
