@@ -5,10 +5,12 @@ captioner passes; captioners that loop or write one caption for both styles fail
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from recap_dagster.captioner import Captioner
 from recap_dagster.captioner.caption_facts import (
@@ -25,12 +27,13 @@ from recap_dagster.captioner.caption_facts import (
 )
 from recap_dagster.captioner.recaption import (
     SCHEMA,
+    STYLES,
     GenerationSettings,
     RecaptionStats,
     recaption_shard,
     validate_recaptions,
 )
-from recap_dagster.corpus.human_captions import clip_token_counter
+from recap_dagster.corpus.human_captions import clip_token_counter, load_human_captions
 from recap_dagster.corpus.reading import count_rows, iter_shard
 
 SHARD = "00000"
@@ -125,68 +128,116 @@ def _checks(table: pa.Table, miniworld_paths, count) -> dict[str, tuple[bool, st
     return validate_recaptions(table, expected, count, 0.05, CaptionCheckThresholds())
 
 
-def test_the_fine_tuned_captioners_shard_passes(finetuned_captioner, miniworld_paths, count):
-    table, stats = _recaption(
-        Captioner.from_pretrained(finetuned_captioner), miniworld_paths, count
-    )
-    assert table.schema == SCHEMA
+def _failed(results: dict[str, tuple[bool, str]]) -> set[str]:
+    return {name for name, (ok, _) in results.items() if not ok}
+
+
+def _scripted(
+    captioner: Captioner, monkeypatch: pytest.MonkeyPatch, write: Callable[[str, int], str]
+) -> None:
+    """Make the model's ``generate`` write ``write(style, row)`` for each row (the style
+    told by the prompt), then its end token unless the text fills ``max_new_tokens``;
+    decoding, cap detection, trimming, facts and checks run as they do for any captioner."""
+    tokenizer = captioner.processor.tokenizer
+    build = captioner.input_builder()
+    prompts = {s: build([Image.new("RGB", (8, 8))], s)["input_ids"][0].tolist() for s in STYLES}
+    rows_seen = dict.fromkeys(STYLES, 0)
+
+    def generate(**kwargs):  # type: ignore[no-untyped-def]
+        config, ids = kwargs["generation_config"], kwargs["input_ids"]
+        style = next(s for s, prompt in prompts.items() if ids[0].tolist() == prompt)
+        end = (
+            config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+        )
+        rows = []
+        for _ in range(len(ids)):
+            text = write(style, rows_seen[style])
+            rows_seen[style] += 1
+            new = tokenizer(text, add_special_tokens=False)["input_ids"][: config.max_new_tokens]
+            rows.append(new + [end] if len(new) < config.max_new_tokens else new)
+        width = max(map(len, rows))
+        body = [row + [config.pad_token_id] * (width - len(row)) for row in rows]
+        prompt = ids[:, : captioner.adapter.prompt_length(kwargs)]
+        return torch.cat([prompt, torch.tensor(body, dtype=ids.dtype)], dim=1)
+
+    monkeypatch.setattr(captioner.model, "generate", generate)
+
+
+@pytest.fixture(scope="module")
+def human(miniworld_paths) -> list[dict[str, str]]:
+    """The miniworld's human captions: what a good fine-tuned captioner writes like."""
+    return load_human_captions(miniworld_paths.human_captions).select(["short", "long"]).to_pylist()
+
+
+def test_captions_written_like_the_human_ones_pass(
+    finetuned_captioner, miniworld_paths, count, human, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A captioner writing each image a human-like short and long caption of its own passes
+    every check: no false alarms on the captions RECAP fine-tunes towards."""
+    captioner = Captioner.from_pretrained(finetuned_captioner)
+    _scripted(captioner, monkeypatch, lambda style, row: human[row][style])
+    table, _ = _recaption(captioner, miniworld_paths, count)
     results = _checks(table, miniworld_paths, count)
-    assert all(ok for ok, _ in results.values()), [r for r in results.items() if not r[1][0]]
-    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
-    for row in rows:
-        for style in ("short", "long"):
-            assert row[f"{style}_clip_tokens"] == count([row[f"recap_{style}"]])[0] <= 77
-    summary = stats.facts_summary()
-    assert summary["long_clip_tokens_mean"] > summary["short_clip_tokens_mean"]
-    assert summary["long_clip_tokens_max"] == max(r["long_clip_tokens"] for r in rows)
-    print(  # the figures of the report (pytest -s)
-        {
-            **summary,
-            **{
-                f"{s}_degenerate_rate": statistics.fmean(r[f"{s}_repetition"] > 0.5 for r in rows)
-                for s in ("short", "long")
-            },
-        }
-    )
+    assert set(FACT_CHECKS) <= set(results) and not _failed(results), results
+    rows = table.to_pylist()
+    assert not any(r["short_hit_cap"] or r["long_hit_cap"] for r in rows)  # each one ended
 
 
 def test_a_captioner_that_loops_fails_the_degeneration_check(
     finetuned_captioner, miniworld_paths, count, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Generation replaced by a loop of one phrase to the cap, decoded and fitted as usual."""
+    """Every caption a loop of one phrase up to the cap."""
     captioner = Captioner.from_pretrained(finetuned_captioner)
-    phrase = captioner.processor.tokenizer("a red circle and", add_special_tokens=False)
-    generate = captioner.model.generate
-
-    def looping(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = generate(*args, **kwargs)
-        width = kwargs["generation_config"].max_new_tokens
-        loop = torch.tensor((phrase["input_ids"] * width)[:width]).expand(len(out), -1)
-        return torch.cat([out[:, : captioner.adapter.prompt_length(kwargs)], loop], dim=1)
-
-    monkeypatch.setattr(captioner.model, "generate", looping)
+    phrase = {"short": "red circles and", "long": "blue squares beside"}
+    _scripted(captioner, monkeypatch, lambda style, row: f"{row} {phrase[style]} " * 40)
     table, _ = _recaption(captioner, miniworld_paths, count)
     results = _checks(table, miniworld_paths, count)
     ok, message = results["degeneration_rate"]
-    first_key = min(r["key"] for r in table.to_pylist() if r["status"] == "ok")
-    assert not ok and f"'{first_key}'" in message, message  # names the worst rows
-    assert not results["cap_hit_rate"][0]
-    assert not results["unique_captions"][0]
     rows = table.to_pylist()
+    assert not ok and f"'{rows[0]['key']}'" in message, message  # names the worst rows
+    assert _failed(results) == {"degeneration_rate", "cap_hit_rate"}, results
     assert all(r["long_hit_cap"] and r["long_repetition"] > 0.5 for r in rows)
 
 
 def test_a_captioner_with_one_style_fails_short_differs_from_long(
-    finetuned_captioner, miniworld_paths, count
+    finetuned_captioner, miniworld_paths, count, human, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A captioner whose long prompt is its short one writes the same caption twice."""
+    """Human-like short captions, and the same caption again for the long style."""
     captioner = Captioner.from_pretrained(finetuned_captioner)
-    captioner.prefixes["long"] = captioner.prefixes["short"]
+    _scripted(captioner, monkeypatch, lambda style, row: human[row]["short"])
     table, _ = _recaption(captioner, miniworld_paths, count)
     results = _checks(table, miniworld_paths, count)
     ok, message = results["short_differs_from_long"]
-    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    rows = table.to_pylist()
     assert all(r["recap_short"] == r["recap_long"] for r in rows)
     assert not ok and f"{len(rows)} of {len(rows)} short captions" in message
-    assert not results["style_leakage"][0]  # as long as the (same) long captions
-    assert set(FACT_CHECKS) <= set(results)
+    assert rows[0]["key"] in message
+    # As long as the (same) long captions, so the short style also reads as the long one.
+    assert _failed(results) == {"short_differs_from_long", "style_leakage"}, results
+
+
+def test_the_quick_fine_tuned_captioner_is_caught_collapsing(
+    finetuned_captioner, miniworld_paths, count
+) -> None:
+    """The miniworld's quick fine-tune (40 steps on the toy base) writes one caption for
+    every image, the same in both styles: it ends its captions and does not loop, but the
+    distinctness and style checks see the collapse (the quick profile therefore lets
+    short_differs_from_long only report)."""
+    table, stats = _recaption(
+        Captioner.from_pretrained(finetuned_captioner), miniworld_paths, count
+    )
+    assert table.schema == SCHEMA
+    results = _checks(table, miniworld_paths, count)
+    assert _failed(results) == {"unique_captions", "short_differs_from_long", "style_leakage"}
+    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    for row in rows:
+        for style in STYLES:
+            assert row[f"{style}_clip_tokens"] == count([row[f"recap_{style}"]])[0] <= 77
+    summary = stats.facts_summary()
+    assert summary["long_clip_tokens_max"] == max(r["long_clip_tokens"] for r in rows)
+    assert summary["short_cap_hit_rate"] == summary["long_cap_hit_rate"] == 0.0
+    degenerate = {
+        f"{s}_degenerate_rate": statistics.fmean(r[f"{s}_repetition"] > 0.5 for r in rows)
+        for s in STYLES
+    }
+    print({**summary, **degenerate})  # the figures of the report (pytest -s)
