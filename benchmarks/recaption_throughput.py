@@ -31,6 +31,7 @@ from recap_dagster.captioner.recaption import (
     recaption_group,
     recaption_shard,
 )
+from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
@@ -102,10 +103,16 @@ def main() -> None:
 
     bare_generate(captioner, images[: args.batch_size], settings)  # warm-up
     asset_rates, bare_rates = [], []
+    count = clip_token_counter(paths.tokenizer)
     for _ in range(args.repeats):
         start = time.perf_counter()
         table, stats = recaption_shard(
-            captioner, paths.corpus, "00000", captioner_version="bench", settings=settings
+            captioner,
+            paths.corpus,
+            "00000",
+            captioner_version="bench",
+            count_tokens=count,
+            settings=settings,
         )
         storage.write_parquet(table, "recaptioned", "00000.parquet")
         asset_rates.append(stats.captioned / (time.perf_counter() - start))
@@ -141,6 +148,7 @@ def compare_processes(
             shards_root=paths.corpus,
             storage_root=f"{work}/processes-{processes}",
             settings=settings,
+            tokenizer_path=paths.tokenizer,
             reuse_finished_shards=False,
         )
         start = time.perf_counter()

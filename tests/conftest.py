@@ -76,6 +76,36 @@ def miniworld_paths(tmp_path_factory: pytest.TempPathFactory):
     return generate_miniworld(str(root), config)
 
 
+@pytest.fixture(scope="session")
+def quick_base_captioner(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The miniworld's base captioner, quick recipe, pretrained on that miniworld."""
+    from recap_dagster.miniworld.base_captioner import QUICK_BASE_CAPTIONER, build_base_captioner
+
+    out = tmp_path_factory.mktemp("base") / "captioner"
+    return build_base_captioner(miniworld_paths, out, QUICK_BASE_CAPTIONER)
+
+
+@pytest.fixture(scope="session")
+def finetuned_captioner(
+    quick_base_captioner: str, miniworld_paths, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """That base fine-tuned on the miniworld's human captions with the quick profile's
+    ``captioner_checkpoint`` recipe (as the main job's quick run does), saved."""
+    import torch
+
+    from recap_dagster.captioner import Captioner, FineTuneConfig, fine_tune
+    from recap_dagster.captioner.quality import load_captioned
+    from recap_dagster.miniworld.run_configs import op_settings
+
+    torch.manual_seed(0)
+    captioner = Captioner.from_pretrained(quick_base_captioner)
+    examples = [c.to_example() for c in load_captioned(miniworld_paths.human_captions)]
+    fine_tune(captioner, examples, op_settings(FineTuneConfig, "quick", "captioner_checkpoint"))
+    out = tmp_path_factory.mktemp("finetuned_captioner")
+    captioner.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture
 def learning_rates(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The learning rate of every AdamW step taken while the test runs (first param group)."""

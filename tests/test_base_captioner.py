@@ -31,10 +31,8 @@ WORLD = MiniworldWorld()
 
 
 @pytest.fixture(scope="module")
-def base_dir(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_base_captioner(
-        miniworld_paths, tmp_path_factory.mktemp("base") / "captioner", QUICK_BASE_CAPTIONER
-    )
+def base_dir(quick_base_captioner: str) -> str:
+    return quick_base_captioner
 
 
 def _weights(directory: str) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ OPS_WITH_CONFIG = (
     "base_t2i_model",
     "captioner_checkpoint",
     "recaptioned_shards",
+    "recaptioned_shards_checks",
     "t2i_latents",
     "sd_checkpoints",
     "metric_reports",

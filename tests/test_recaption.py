@@ -26,6 +26,7 @@ from recap_dagster.captioner.recaption import (
 from recap_dagster.corpus import dataset as dataset_module
 from recap_dagster.corpus.dataset import ShardBatch, ShardBatches
 from recap_dagster.corpus.decoding import STATUS_OK
+from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.listing import sample_key
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.miniworld.captions import vocabulary_texts
@@ -69,14 +70,22 @@ def captioner(captioner_dir: Path) -> Captioner:
     return Captioner.from_pretrained(captioner_dir)
 
 
+@pytest.fixture(scope="module")
+def count(miniworld_paths):
+    """Counts CLIP tokens with the miniworld's tokenizer (the text-to-image model's)."""
+    return clip_token_counter(miniworld_paths.tokenizer)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_recaption_shard_captions_every_decodable_row(shards_root, captioner, workers) -> None:
+def test_recaption_shard_captions_every_decodable_row(
+    shards_root, captioner, count, workers
+) -> None:
     source = list(iter_shard(shards_root, SHARD))
     settings = GenerationSettings(
         batch_size=4, max_new_tokens_short=4, max_new_tokens_long=6, num_workers=workers
     )
     table, stats = recaption_shard(
-        captioner, shards_root, SHARD, captioner_version="v1", settings=settings
+        captioner, shards_root, SHARD, captioner_version="v1", count_tokens=count, settings=settings
     )
     assert table.schema == SCHEMA
     assert table.num_rows == stats.rows == len(source)
@@ -92,8 +101,13 @@ def test_recaption_shard_captions_every_decodable_row(shards_root, captioner, wo
         row = rows[record.key]
         if record.status == STATUS_OK and record.image is not None:
             assert row["recap_short"] is not None and row["status"] == STATUS_OK
-        else:  # kept, with why, and no caption
+            for style in ("short", "long"):  # a few words: within 77 tokens, not trimmed
+                assert row[f"{style}_clip_tokens"] == count([row[f"recap_{style}"]])[0]
+                assert row[f"{style}_hit_cap"] in (True, False) and row[f"{style}_trim"] is None
+                assert 0 <= row[f"{style}_repetition"] <= 1
+        else:  # kept, with why, and no caption (nor facts)
             assert row["recap_short"] is None and row["status"] == record.status
+            assert row["short_clip_tokens"] is None and row["long_hit_cap"] is None
     assert [row["key"] for row in table.to_pylist()] == sorted(rows)
 
 
@@ -130,7 +144,7 @@ def test_prepare_batch_runs_without_the_weights(
 
 
 def test_a_finished_shard_is_reused_only_with_the_same_generation_record(
-    shards_root, captioner, captioner_dir
+    shards_root, captioner, captioner_dir, count
 ) -> None:
     """The record holds the dtype and, per style, the prompt and the merged generation config
     (the checkpoint's own generation_config, the family's tokens, the settings); speed-only
@@ -138,7 +152,7 @@ def test_a_finished_shard_is_reused_only_with_the_same_generation_record(
     settings = GenerationSettings(batch_size=4, max_new_tokens_short=4, max_new_tokens_long=6)
     record = settings.record(captioner)
     table, _ = recaption_shard(
-        captioner, shards_root, SHARD, captioner_version="v1", settings=settings
+        captioner, shards_root, SHARD, captioner_version="v1", count_tokens=count, settings=settings
     )
     assert set(table.column("generation").to_pylist()) == {record}
     parsed = json.loads(record)
@@ -257,7 +271,7 @@ def _outputs(root: str) -> dict[str, list[dict]]:
 
 
 def test_two_processes_write_what_one_writes(
-    group_root, captioner_dir, tmp_path: Path, s3_env: str
+    group_root, captioner_dir, miniworld_paths, tmp_path: Path, s3_env: str
 ) -> None:
     """A group recaptioned by 2 CPU processes (spawned, as on 2 GPUs) into S3 (the loopback
     server) writes the same files as one process writes locally, and a rerun keeps every
@@ -278,6 +292,7 @@ def test_two_processes_write_what_one_writes(
             shards_root=group_root,
             storage_root=root,
             settings=settings,
+            tokenizer_path=miniworld_paths.tokenizer,
         )
         events: list[dict] = []
         results[processes] = recaption_group(

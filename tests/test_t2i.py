@@ -30,6 +30,7 @@ from recap_dagster.t2i.stream import (
     CaptionSource,
     DataPosition,
     LatentStream,
+    StreamSpec,
     select_caption,
 )
 from recap_dagster.t2i.train import (
@@ -223,6 +224,7 @@ def test_half_precision_cache_trains_on_the_same_path(world, tmp_path: Path) -> 
     )
     result = train(_job({**world, "cache": cache}, str(tmp_path / "out"), steps=2))
     assert all(np.isfinite(result.losses))
+    assert result.truncated_prompts == 0  # the miniworld's alt texts fit the context
     with pytest.raises(ValueError, match="latent dtype"):
         latent_cache.storage_dtype("int8")
 
@@ -267,6 +269,26 @@ def test_stream_splits_disjointly_and_does_not_depend_on_the_world_size(world) -
     keys = [k for b in one for k in b["keys"]]
     assert len(set(keys[:48])) == 48 and sorted(keys[:48]) == sorted(keys[48:])
     assert keys[:48] != keys[48:]  # each epoch has its own order
+
+
+def test_the_stream_counts_the_prompts_its_tokenizer_truncates(tokenizer_dir: str) -> None:
+    """A prompt over the text encoder's context is cut to it, and counted, not lost silently."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    spec = StreamSpec("unused", "unused", ("00000",), CaptionSource(root="unused"))
+    stream = LatentStream(spec, tokenizer, micro_batch_size=3)
+    long = " ".join(["a red circle at the top left"] * 20)
+    assert len(tokenizer(long).input_ids) > tokenizer.model_max_length
+    zeros = torch.zeros(4, 2, 2)
+    samples = [
+        {"mean": zeros, "std": zeros, "eps": zeros, "noise": zeros,
+         "timesteps": torch.tensor(1), "text": text, "key": f"00000/{i}"}
+        for i, text in enumerate(["a red circle", long, ""])
+    ]  # fmt: skip
+    batch = stream._collate(samples, DataPosition())
+    assert int(batch["truncated"]) == 1
+    assert batch["input_ids"].shape == (3, tokenizer.model_max_length)
 
 
 def test_stream_resumes_exactly_from_a_position(world) -> None:

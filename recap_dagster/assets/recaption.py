@@ -16,6 +16,7 @@ from recap_dagster.assets.inputs import caption_tokenizer
 from recap_dagster.assets.metadata import column_schema, sample_table
 from recap_dagster.assets.run_config import with_run_defaults
 from recap_dagster.captioner import recaption as core
+from recap_dagster.captioner.caption_facts import CaptionCheckThresholds
 from recap_dagster.captioner.recaption import output_parts
 from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.reading import count_rows
@@ -118,6 +119,7 @@ def recaptioned_shards(
             shards_root=sources.shards_root,
             storage_root=store.root,
             settings=settings,
+            tokenizer_path=sources.tokenizer_path,
             dtype=compute.torch_dtype(),
             max_pixels=sources.max_image_pixels,
             reuse_finished_shards=config.reuse_finished_shards,
@@ -158,6 +160,7 @@ def recaptioned_shards(
         ),
         "dtype": record["dtype"],
         **total.length_summary(),
+        **total.facts_summary(),
         "per_shard": dg.MetadataValue.md(
             markdown_table(
                 ["shard", "rows", "not delivered", "undecodable", "images/s", "process", "uri"],
@@ -189,13 +192,60 @@ def _progress_line(event: dict) -> str:
     )
 
 
-class RecaptionCheckConfig(dg.Config):
+_LIMITS = CaptionCheckThresholds()
+
+
+class _RecaptionCheckConfig(dg.Config):
     max_failure_fraction: float = Field(
         default=0.05,
         description="Blocking: at most this fraction of a shard's delivered images may fail to "
         "decode. Rows img2dataset did not deliver (dead URLs, 10-50% of real LAION) don't count.",
     )
+    max_cap_hit_rate: float = Field(
+        default=_LIMITS.max_cap_hit_rate,
+        description="Warning: at most this fraction of a shard's captions, in either style, may "
+        "hit max_new_tokens instead of ending on their own (runaways, captions cut mid-thought).",
+    )
+    max_repetition: float = Field(
+        default=_LIMITS.max_repetition,
+        description="A caption is degenerate when more than this fraction of its word 2- or "
+        "3-grams repeat an earlier one (miniworld human captions: at most 0.25; a loop: near 1).",
+    )
+    max_degenerate_rate: float = Field(
+        default=_LIMITS.max_degenerate_rate,
+        description="Blocking: at most this fraction of a shard's captions, in either style, may "
+        "be degenerate (see max_repetition).",
+    )
+    min_unique_ratio: float = Field(
+        default=_LIMITS.min_unique_ratio,
+        description="Warning: at least this fraction of a shard's captions, per style, must be "
+        "distinct (case and punctuation aside): fewer means one caption for many images.",
+    )
+    max_same_short_long_rate: float = Field(
+        default=_LIMITS.max_same_short_long_rate,
+        description="Blocking: at most this fraction of a shard's rows may have a short caption "
+        "equal to the long one or a word prefix of it (or the reverse): the styles collapsed.",
+    )
+    max_style_leakage_rate: float = Field(
+        default=_LIMITS.max_style_leakage_rate,
+        description="Warning: at most this fraction of a shard's short captions may read as "
+        "long ones: more than one sentence, or at least as many CLIP tokens as the shard's "
+        "median long caption.",
+    )
 
+    def thresholds(self) -> CaptionCheckThresholds:
+        """The caption-fact thresholds as the core takes them."""
+        return CaptionCheckThresholds(
+            max_cap_hit_rate=self.max_cap_hit_rate,
+            max_repetition=self.max_repetition,
+            max_degenerate_rate=self.max_degenerate_rate,
+            min_unique_ratio=self.min_unique_ratio,
+            max_same_short_long_rate=self.max_same_short_long_rate,
+            max_style_leakage_rate=self.max_style_leakage_rate,
+        )
+
+
+RecaptionCheckConfig = with_run_defaults(_RecaptionCheckConfig, "recaptioned_shards_checks")
 
 # name -> (what it judges in validate_recaptions, blocking, description)
 CHECKS = {
@@ -219,6 +269,32 @@ CHECKS = {
         ("long_within_77_tokens",),
         False,
         "Long captions fit CLIP's 77-token context (warning only).",
+    ),
+    "recaptioned_degeneration": (
+        ("degeneration_rate",),
+        True,
+        "Few captions are degenerate: more of their word 2/3-grams repeat than max_repetition.",
+    ),
+    "recaptioned_short_differs_from_long": (
+        ("short_differs_from_long",),
+        True,
+        "Short and long captions differ: few rows where one equals the other or begins it.",
+    ),
+    "recaptioned_cap_hit_rate": (
+        ("cap_hit_rate",),
+        False,
+        "Few captions hit max_new_tokens instead of ending on their own (warning only).",
+    ),
+    "recaptioned_unique_captions": (
+        ("unique_captions",),
+        False,
+        "Most captions of a shard are distinct, per style (warning only).",
+    ),
+    "recaptioned_style_leakage": (
+        ("style_leakage",),
+        False,
+        "Few short captions read as long ones: several sentences, or as many CLIP tokens as "
+        "the shard's median long caption (warning only).",
     ),
 }
 
@@ -259,6 +335,7 @@ def recaptioned_shards_checks(
             count_rows(sources.shards_root, shard),
             counter,
             config.max_failure_fraction,
+            config.thresholds(),
         )
         for name, (judged, _, _) in CHECKS.items():
             failing[name] += [

@@ -174,6 +174,9 @@ def sd_checkpoints(
             "first_step_seconds": run["first_step_seconds"],
             "samples_per_second": run["samples_per_second"],
             "final_loss": run["final_loss"],
+            # Prompts the tokenizer cut to the text encoder's context (0 when the recaptions'
+            # 77-token trimming held): reported, not silent.
+            "truncated_prompts": run["truncated_prompts"],
             "snapshots": dg.MetadataValue.json(snapshots),
             "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "loss")),
             "samples": dg.MetadataValue.md(

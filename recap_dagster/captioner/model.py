@@ -279,13 +279,26 @@ class Captioner:
 
     def generate_from(self, inputs: dict[str, torch.Tensor], **generate_kwargs: Any) -> list[str]:
         """Captions from inputs made by :meth:`input_builder` (greedy unless told otherwise)."""
+        return self.generate_with_ends(inputs, **generate_kwargs)[0]
+
+    def generate_with_ends(
+        self, inputs: dict[str, torch.Tensor], **generate_kwargs: Any
+    ) -> tuple[list[str], list[bool]]:
+        """:meth:`generate_from`'s captions, and per caption whether it hit the
+        ``max_new_tokens`` cap: it filled every new position without an end token, instead
+        of ending on its own (a runaway, or a caption cut mid-thought)."""
         inputs = self._to_device(inputs)
         config, rest = self.generation_config(**generate_kwargs)
         output = self.model.generate(**inputs, **rest, generation_config=config)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return self.adapter.decode(
-            self.processor, sequences[:, self.adapter.prompt_length(inputs) :]
-        )
+        new = sequences[:, self.adapter.prompt_length(inputs) :]
+        ends = config.eos_token_id
+        ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+        ended = torch.isin(new, torch.tensor(ends, device=new.device)).any(dim=1)
+        # Batches stop once every row ended, so only a full-width batch can hold a capped row.
+        full = config.max_new_tokens is not None and new.shape[1] >= config.max_new_tokens
+        hit_cap = [full and not e for e in ended.tolist()]
+        return self.adapter.decode(self.processor, new), hit_cap
 
     # ------------------------------------------------------------------ training
     def loss(

@@ -21,6 +21,13 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from recap_dagster.captioner.caption_facts import (
+    CLIP_CONTEXT,
+    CaptionCheckThresholds,
+    TokenCounter,
+    caption_checks,
+    caption_facts,
+)
 from recap_dagster.captioner.model import Captioner, CaptionInputs
 from recap_dagster.corpus.dataset import (
     ShardBatch,
@@ -29,6 +36,7 @@ from recap_dagster.corpus.dataset import (
     shard_batch_loader,
 )
 from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
+from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.reading import LaionRecord
 from recap_dagster.storage.root import Storage
 from recap_dagster.training.devices import dtype_name
@@ -36,7 +44,7 @@ from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
 # Bump when a change here changes what is written for the same inputs: Dagster then shows
 # every recaptioned group as stale (the asset's code_version).
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 
 STYLES = ("short", "long")
 #: Under the storage root: one parquet file per shard.
@@ -49,6 +57,16 @@ SCHEMA = pa.schema(
         pa.field("alt_text", pa.string()),
         pa.field("recap_short", pa.string()),
         pa.field("recap_long", pa.string()),
+        *(
+            column
+            for style in ("short", "long")
+            for column in (
+                pa.field(f"{style}_clip_tokens", pa.int32()),
+                pa.field(f"{style}_hit_cap", pa.bool_()),
+                pa.field(f"{style}_repetition", pa.float32()),
+                pa.field(f"{style}_trim", pa.string()),
+            )
+        ),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("delivered", pa.bool_(), nullable=False),
@@ -64,6 +82,31 @@ COLUMN_DESCRIPTIONS = {
     "alt_text": "original alt text",
     "recap_short": "RECAP short caption (null when the image did not decode)",
     "recap_long": "RECAP long caption (null when the image did not decode)",
+    **{
+        name: text.format(style=style)
+        for style in ("short", "long")
+        for name, text in (
+            (
+                f"{style}_clip_tokens",
+                "CLIP tokens of the {style} caption as written, start and end included "
+                "(the text encoder's tokenizer; at most 77)",
+            ),
+            (
+                f"{style}_hit_cap",
+                "the {style} caption hit max_new_tokens instead of ending on its own",
+            ),
+            (
+                f"{style}_repetition",
+                "fraction of the {style} caption's word 2- or 3-grams that repeat an earlier "
+                "one (the larger; near 1 for a loop)",
+            ),
+            (
+                f"{style}_trim",
+                "null: the {style} caption is as generated; else it was over 77 CLIP tokens "
+                "and was cut at the last sentence, clause or word boundary that fits",
+            ),
+        )
+    },
     "width": "decoded width in pixels",
     "height": "decoded height in pixels",
     "delivered": "img2dataset delivered an image for this row (false: a failed download)",
@@ -135,6 +178,31 @@ class GenerationSettings:
 
 
 @dataclass
+class StyleFacts:
+    """Running totals of one style's caption facts (see :mod:`caption_facts`)."""
+
+    tokens_sum: int = 0
+    tokens_max: int = 0
+    hit_cap: int = 0
+    trimmed: int = 0
+    repetition_max: float = 0.0
+
+    def add(self, tokens: int, hit_cap: bool, trim: str | None, repetition: float) -> None:
+        self.tokens_sum += tokens
+        self.tokens_max = max(self.tokens_max, tokens)
+        self.hit_cap += bool(hit_cap)
+        self.trimmed += trim is not None
+        self.repetition_max = max(self.repetition_max, repetition)
+
+    def merge(self, other: StyleFacts) -> None:
+        self.tokens_sum += other.tokens_sum
+        self.tokens_max = max(self.tokens_max, other.tokens_max)
+        self.hit_cap += other.hit_cap
+        self.trimmed += other.trimmed
+        self.repetition_max = max(self.repetition_max, other.repetition_max)
+
+
+@dataclass
 class RecaptionStats:
     """Counts of one or more shards. Rows img2dataset did not deliver are counted apart from
     delivered images that could not be decoded: only the latter are our failures."""
@@ -146,6 +214,11 @@ class RecaptionStats:
     undecodable_by_status: dict[str, int] = field(default_factory=dict)
     short_words: list[int] = field(default_factory=list)
     long_words: list[int] = field(default_factory=list)
+    #: Per style, running totals of the caption facts (not per-row lists: a group's counts
+    #: stay a few numbers however many rows it has).
+    facts: dict[str, StyleFacts] = field(
+        default_factory=lambda: {style: StyleFacts() for style in STYLES}
+    )
 
     @property
     def not_delivered(self) -> int:
@@ -170,22 +243,30 @@ class RecaptionStats:
 
     @classmethod
     def of_rows(cls, rows: Iterable[Mapping[str, Any]]) -> RecaptionStats:
-        """The counts of output rows (their delivered, status and caption columns)."""
+        """The counts of output rows (their delivered, status, caption and fact columns)."""
         stats = cls()
         for row in rows:
             stats.rows += 1
-            stats.add_row(row["delivered"], row["status"], row["recap_short"], row["recap_long"])
+            stats.add_row(row)
         return stats
 
-    def add_row(self, delivered: bool, status: str, short: str | None, long: str | None) -> None:
-        """Count one output row: captioned, or by why it has no captions."""
+    def add_row(self, row: Mapping[str, Any]) -> None:
+        """Count one output row: captioned (with its facts), or by why it has no captions."""
+        short, long = row["recap_short"], row["recap_long"]
         if short is not None and long is not None:
             self.captioned += 1
             self.short_words.append(len(short.split()))
             self.long_words.append(len(long.split()))
+            for style in STYLES:
+                self.facts[style].add(
+                    row[f"{style}_clip_tokens"],
+                    row[f"{style}_hit_cap"],
+                    row[f"{style}_trim"],
+                    row[f"{style}_repetition"],
+                )
             return
-        counts = self.undecodable_by_status if delivered else self.not_delivered_by_status
-        counts[status] = counts.get(status, 0) + 1
+        counts = self.undecodable_by_status if row["delivered"] else self.not_delivered_by_status
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
 
     def length_summary(self) -> dict[str, float]:
         """Mean and max caption length in words, per style."""
@@ -194,6 +275,20 @@ class RecaptionStats:
             if lengths:
                 summary[f"{name}_words_mean"] = round(statistics.fmean(lengths), 2)
                 summary[f"{name}_words_max"] = max(lengths)
+        return summary
+
+    def facts_summary(self) -> dict[str, float]:
+        """Per style: mean and max CLIP tokens, cap-hit rate, captions trimmed to 77 CLIP
+        tokens, the largest repetition score."""
+        summary: dict[str, float] = {}
+        if not self.captioned:
+            return summary
+        for style, facts in self.facts.items():
+            summary[f"{style}_clip_tokens_mean"] = round(facts.tokens_sum / self.captioned, 2)
+            summary[f"{style}_clip_tokens_max"] = facts.tokens_max
+            summary[f"{style}_cap_hit_rate"] = round(facts.hit_cap / self.captioned, 4)
+            summary[f"{style}_trimmed"] = facts.trimmed
+            summary[f"{style}_repetition_max"] = round(facts.repetition_max, 3)
         return summary
 
     def merge(self, other: RecaptionStats) -> None:
@@ -208,6 +303,8 @@ class RecaptionStats:
                 mine[status] = mine.get(status, 0) + n
         self.short_words += other.short_words
         self.long_words += other.long_words
+        for style, facts in other.facts.items():
+            self.facts[style].merge(facts)
 
 
 @dataclass
@@ -246,26 +343,43 @@ class PrepareBatch:
 
 
 def _caption_batch(
-    captioner: Captioner, batch: PreparedBatch, settings: GenerationSettings
-) -> dict[str, tuple[str, str]]:
+    captioner: Captioner,
+    batch: PreparedBatch,
+    settings: GenerationSettings,
+    count_tokens: TokenCounter,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Key -> style -> the caption fitted to CLIP's context, with its facts."""
     if not batch.decoded:
         return {}
-    shorts, longs = (
-        captioner.generate_from(batch.inputs[s], **settings.generate_kwargs(s)) for s in STYLES
-    )
-    return {r.key: (s, lo) for r, s, lo in zip(batch.decoded, shorts, longs, strict=True)}
+    per_style = {}
+    for style in STYLES:
+        texts, hit_cap = captioner.generate_with_ends(
+            batch.inputs[style], **settings.generate_kwargs(style)
+        )
+        per_style[style] = caption_facts(texts, hit_cap, count_tokens, CLIP_CONTEXT)
+    return {
+        r.key: {style: per_style[style][i] for style in STYLES} for i, r in enumerate(batch.decoded)
+    }
 
 
 def _output_row(
-    record: LaionRecord, captions: tuple[str, str] | None, captioner_version: str, generation: str
+    record: LaionRecord,
+    captions: dict[str, dict[str, Any]] | None,
+    captioner_version: str,
+    generation: str,
 ) -> dict[str, Any]:
-    short, long = captions or (None, None)
+    facts = {
+        f"{style}_{name}": captions[style][name] if captions else None
+        for style in STYLES
+        for name in ("clip_tokens", "hit_cap", "repetition", "trim")
+    }
     return {
         "key": record.key,
         "url": record.url,
         "alt_text": record.alt_text,
-        "recap_short": short,
-        "recap_long": long,
+        "recap_short": captions["short"]["caption"] if captions else None,
+        "recap_long": captions["long"]["caption"] if captions else None,
+        **facts,
         "width": record.width,
         "height": record.height,
         "delivered": record.delivered,
@@ -282,11 +396,14 @@ def recaption_shards(
     shards: Sequence[str],
     *,
     captioner_version: str,
+    count_tokens: TokenCounter,
     settings: GenerationSettings | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[str, pa.Table, RecaptionStats]]:
     """Caption every decodable image of ``shards`` in both styles; yields each shard's table
-    (one row per source row, in key order) as soon as the shard is complete.
+    (one row per source row, in key order) as soon as the shard is complete. Captions over
+    CLIP's 77 tokens of ``count_tokens`` (the text encoder's tokenizer) are trimmed at a
+    sentence, else clause, boundary and the row says so: training never cuts one silently.
 
     One DataLoader serves all the shards: its workers start once, each reads only its own
     shards, and decode and preprocess the next batches while the model generates. At most
@@ -305,7 +422,7 @@ def recaption_shards(
         """Each batch's output rows, with when its captioning began."""
         for prepared in loader:
             start = time.perf_counter()
-            captions = _caption_batch(captioner, prepared, settings)
+            captions = _caption_batch(captioner, prepared, settings, count_tokens)
             records = prepared.batch.records
             rows = [
                 _output_row(r, captions.get(r.key), captioner_version, generation) for r in records
@@ -328,6 +445,7 @@ def recaption_shard(
     shard: str,
     *,
     captioner_version: str,
+    count_tokens: TokenCounter,
     settings: GenerationSettings | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[pa.Table, RecaptionStats]:
@@ -337,6 +455,7 @@ def recaption_shard(
         shards_root,
         [shard],
         captioner_version=captioner_version,
+        count_tokens=count_tokens,
         settings=settings,
         max_pixels=max_pixels,
     )
@@ -352,6 +471,8 @@ class RecaptionJob:
     shards_root: str
     storage_root: str
     settings: GenerationSettings
+    #: The CLIP tokenizer of the text-to-image model (a directory): counts caption tokens.
+    tokenizer_path: str
     dtype: torch.dtype | None = None  # None: the checkpoint's own
     max_pixels: int = DEFAULT_MAX_PIXELS
     reuse_finished_shards: bool = True
@@ -380,6 +501,7 @@ def recaption_share(job: RecaptionJob, share: DeviceShare, emit: Emit) -> ShareR
     (atomically) as soon as it is complete."""
     store = Storage(job.storage_root)
     captioner = Captioner.from_pretrained(job.checkpoint, device=share.device, dtype=job.dtype)
+    count_tokens = clip_token_counter(job.tokenizer_path)
     result = ShareResult(job.settings.record(captioner))
     emit({"rank": share.rank, "device": share.device, "shards": len(share.shards)})
 
@@ -414,6 +536,7 @@ def recaption_share(job: RecaptionJob, share: DeviceShare, emit: Emit) -> ShareR
         job.shards_root,
         todo,
         captioner_version=job.captioner_version,
+        count_tokens=count_tokens,
         settings=job.settings,
         max_pixels=job.max_pixels,
     ):
@@ -466,8 +589,15 @@ def finished_stats(
         generation
     }:
         return None
-    columns = ["delivered", "status", "recap_short", "recap_long"]
+    columns = ["delivered", "status", "recap_short", "recap_long", *_FACT_COLUMNS]
     return RecaptionStats.of_rows(table.select(columns).to_pylist())
+
+
+_FACT_COLUMNS = [
+    f"{style}_{name}"
+    for style in STYLES
+    for name in ("clip_tokens", "hit_cap", "repetition", "trim")
+]
 
 
 def validate_recaptions(
@@ -475,11 +605,13 @@ def validate_recaptions(
     expected_rows: int,
     count_tokens: Callable[[list[str]], list[int]] | None,
     max_failure_fraction: float = 1.0,
+    thresholds: CaptionCheckThresholds | None = None,
 ) -> dict[str, tuple[bool, str]]:
     """The recaptioned-shard checks as plain results: name -> (passed, description).
 
     ``failure_fraction`` judges delivered images only: a row img2dataset did not deliver (a
-    dead URL) is the source's loss, not a failure of the recaptioner."""
+    dead URL) is the source's loss, not a failure of the recaptioner. With ``thresholds``,
+    the caption-fact checks (:func:`caption_checks`) judge the captioned rows too."""
     results: dict[str, tuple[bool, str]] = {}
     missing = [name for name in SCHEMA.names if name not in table.schema.names]
     results["schema"] = (not missing, f"missing columns: {missing}" if missing else "schema ok")
@@ -489,7 +621,8 @@ def validate_recaptions(
     )
     if missing:
         return results
-    rows = table.select(["key", "delivered", "status", "recap_short", "recap_long"]).to_pylist()
+    columns = ["key", "delivered", "status", "recap_short", "recap_long", *_FACT_COLUMNS]
+    rows = table.select(columns).to_pylist()
     empty = [
         r["key"]
         for r in rows
@@ -517,4 +650,13 @@ def validate_recaptions(
             over == 0,
             f"{over} of {len(counts)} long captions exceed 77 tokens (max {longest})",
         )
+    if thresholds is not None:
+        captioned = [
+            r
+            for r in rows
+            if r["status"] == STATUS_OK
+            and r["recap_short"] is not None
+            and r["recap_long"] is not None
+        ]
+        results.update(caption_checks(captioned, thresholds))
     return results

@@ -137,7 +137,8 @@ class LatentStream(torch.utils.data.IterableDataset):
 
     Each item is a dict of tensors for ``micro_batch_size`` samples (``mean``, ``std``,
     ``eps``, ``noise``, ``timesteps``, ``input_ids``) plus ``position``: the data position
-    after this global micro-batch. Use with ``DataLoader(batch_size=None)``.
+    after this global micro-batch, and ``truncated``: how many of its prompts were longer
+    than the tokenizer's context and lost their tail. Use with ``DataLoader(batch_size=None)``.
     """
 
     def __init__(
@@ -251,16 +252,17 @@ class LatentStream(torch.utils.data.IterableDataset):
 
     def _collate(self, samples: list[dict], position: DataPosition) -> dict:
         texts = [s["text"] for s in samples]
+        limit = self.tokenizer.model_max_length
         ids = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
+            texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
         ).input_ids
+        # Recaptions arrive trimmed to the context; anything still cut here is counted and
+        # reported by the trainer, never lost silently.
+        lengths = [len(row) for row in self.tokenizer(texts, truncation=False).input_ids]
         batch = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "std", "eps", "noise")}
         batch["timesteps"] = torch.stack([s["timesteps"] for s in samples])
         batch["input_ids"] = ids
+        batch["truncated"] = torch.tensor(sum(n > limit for n in lengths))
         batch["keys"] = [s["key"] for s in samples]
         batch["position"] = torch.tensor(position.as_list())
         return batch

@@ -224,6 +224,9 @@ class TrainResult:
     first_step_at: float = 0.0  # wall clock (time.time()) at the end of the first step
     steady_samples_per_second: float = 0.0  # after the first step (no start-up)
     samples: int = 0  # samples trained on by this call (all processes)
+    #: Prompts of this call's batches (all processes) longer than the text encoder's context,
+    #: cut by the tokenizer: recaptions arrive trimmed, so more than 0 needs a look.
+    truncated_prompts: int = 0
 
 
 ProgressFn = Callable[[int, int, float, float], None]  # step, steps, loss, samples/s
@@ -351,6 +354,7 @@ def train(
     first_step_seconds = first_step_at = 0.0
     window_start, window_samples = time.perf_counter(), 0
     samples = 0
+    truncated = torch.zeros((), dtype=torch.long, device=device)
     for step in range(start_step + 1, config.steps + 1):
         step_loss = torch.zeros((), device=device)
         for _ in range(accum):
@@ -383,6 +387,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / accum
             position = DataPosition(*batch["position"].tolist())
+            truncated += batch["truncated"].to(device)
         scheduler.step()
         for ema, model in emas:
             ema.step(accelerator.unwrap_model(model).parameters())
@@ -412,6 +417,7 @@ def train(
         steady = (samples - config.batch_size) / max(time.time() - first_step_at, 1e-9)
     if accelerator.is_main_process:
         store.write_text(json.dumps(snapshots, indent=2), *job.snapshot_parts, SNAPSHOTS_FILE)
+    truncated_prompts = int(accelerator.reduce(truncated, reduction="sum"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
@@ -424,6 +430,7 @@ def train(
         first_step_at=first_step_at,
         steady_samples_per_second=steady,
         samples=samples,
+        truncated_prompts=truncated_prompts,
     )
 
 
@@ -495,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             "steady_samples_per_second": round(result.steady_samples_per_second, 2),
             "samples_per_second": round(result.samples / max(result.seconds, 1e-9), 2),
             "final_loss": result.losses[-1] if result.losses else float("nan"),
+            "truncated_prompts": result.truncated_prompts,
         }
         if rank == 0:
             Storage(job.storage_root).write_text(
