@@ -58,14 +58,14 @@ class ClipConfig:
     images and one of each image's descriptions (InfoNCE over the batch, CLIP's own loss).
     """
 
-    hidden_size: int = 128
-    num_layers: int = 3
+    hidden_size: int = 96
+    num_layers: int = 2
     num_heads: int = 4
-    projection_dim: int = 128
+    projection_dim: int = 96
     patch_size: int = 8
     images: int = 4000
     texts_per_image: int = 2
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 128
     learning_rate: float = 1e-3
     warmup_steps: int = 50
