@@ -14,7 +14,7 @@ from recap_dagster.orchestration.launcher import free_port
 # that needs one sets it); RECAP_WORKDIR and CI's RECAP_MAIN_JOB_* are meant to reach them.
 for _name in (
     "RECAP_RUN_CONFIG", "RECAP_MINIWORLD_DIR", "RECAP_MODELS_DIR", "RECAP_STORAGE_ROOT",
-    "RECAP_SHARDS_ROOT",
+    "RECAP_SHARDS_ROOT", "RECAP_CLIP", "RECAP_HUMAN_CAPTIONS_HELDOUT",
 ):  # fmt: skip
     os.environ.pop(_name, None)
 
