@@ -95,6 +95,8 @@ def production_resources() -> dict:
         "sources": DataSourcesResource(
             shards_root=dg.EnvVar("RECAP_SHARDS_ROOT"),
             human_captions_path=dg.EnvVar("RECAP_HUMAN_CAPTIONS"),
+            # Held-out human captions judge step 1 (references); unset: not judged.
+            human_captions_heldout_path=os.environ.get("RECAP_HUMAN_CAPTIONS_HELDOUT", ""),
             eval_prompts_path=dg.EnvVar("RECAP_EVAL_PROMPTS"),
             tokenizer_path=dg.EnvVar("RECAP_TOKENIZER"),
         ),
@@ -105,6 +107,8 @@ def production_resources() -> dict:
         "models": ModelsResource(
             base_captioner=dg.EnvVar("RECAP_BASE_CAPTIONER"),
             base_t2i=dg.EnvVar("RECAP_BASE_T2I"),
+            # A CLIP-family model (directory or hub id) for CLIP scores; unset: not scored.
+            clip=os.environ.get("RECAP_CLIP", ""),
         ),
     }
 

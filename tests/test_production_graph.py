@@ -73,6 +73,8 @@ def test_every_recap_asset_runs_on_production_inputs(
         "sources": DataSourcesResource(
             shards_root=str(miniworld_paths.corpus),
             human_captions_path=miniworld_paths.human_captions,
+            # Held-out human captions: references for the captioners (no ground truth read).
+            human_captions_heldout_path=miniworld_paths.human_captions_heldout,
             eval_prompts_path=str(prompts),
             tokenizer_path=miniworld_paths.tokenizer,
         ),
@@ -108,7 +110,13 @@ def test_every_recap_asset_runs_on_production_inputs(
         assert base_version.startswith(QUICK_PREFIX)
         observed = instance.get_latest_data_version_record(dg.AssetKey("base_t2i_model"))
         assert observed.event_log_entry.asset_observation.tags[DATA_VERSION] == base_version
-        assert materialize(["human_captions", "captioner_checkpoint"]).success
+        result = materialize(["human_captions", "captioner_checkpoint"])
+        meta = result.asset_materializations_for_node("captioner_checkpoint")[0].metadata
+        # Judged against the held-out human captions with no world and no CLIP model.
+        judged = {(r.data["style"], r.data["captioner"]): r.data
+                  for r in meta["heldout_reference"].records}  # fmt: skip
+        assert set(judged) == {(s, c) for s in ("short", "long") for c in ("base", "fine-tuned")}
+        assert all(row["chrf"] is not None and row["clip_score"] is None for row in judged.values())
         for group in groups:
             assert materialize(["recaptioned_shards", "t2i_latents"], group).success
         assert materialize(["training_corpus"]).success

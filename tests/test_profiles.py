@@ -20,6 +20,7 @@ OPS_WITH_CONFIG = (
     "miniworld_corpus",
     "base_captioner_model",
     "base_t2i_model",
+    "clip_model",
     "captioner_checkpoint",
     "recaptioned_shards",
     "recaptioned_shards_checks",

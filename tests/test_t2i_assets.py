@@ -79,11 +79,14 @@ def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: Path) -> None:
+def test_variants_reports_and_recap_report(
+    miniworld_paths, base_t2i, miniworld_clip: str, tmp_path: Path
+) -> None:
     resources = {
         "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(tmp_path / "storage")),
-        "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i),
+        # The miniworld's own CLIP: the reports carry CLIP score.
+        "models": ModelsResource(base_captioner="unused", base_t2i=base_t2i, clip=miniworld_clip),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
         "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
@@ -156,9 +159,10 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
             ).exists()
             report = json.loads(storage.read_text("reports", "metrics", f"{variant}.json"))
             assert [p["step"] for p in report["curve"]] == [2, 4]
-            assert {"fid", "object_accuracy", "count_error", "position_accuracy"} <= set(
-                report["overall"]
-            )
+            measured = {"fid", "clip_score", "object_accuracy", "count_error", "position_accuracy"}
+            assert measured <= set(report["overall"])
+            metric_meta = result.asset_materializations_for_node("metric_reports")[0].metadata
+            assert 0.0 <= metric_meta["clip_score"].value <= 100.0
             assert set(report["per_category"]) == {
                 "single_object", "two_objects", "counting", "colours", "position"
             }  # fmt: skip
@@ -183,6 +187,7 @@ def test_variants_reports_and_recap_report(miniworld_paths, base_t2i, tmp_path: 
         assert set(rows) == set(CAPTION_VARIANTS)
         types = {c.name: c.type for c in table.schema.columns}
         assert types["fid"] == "float" and types["variant"] == "string"
+        assert types["clip_score"] == "float"
         assert rows["alttext"]["fid_vs_alttext"] is None  # deltas against alttext
         assert isinstance(rows["recap_mix"]["fid_vs_alttext"], float)
         assert storage.exists("reports", "recap_report.md")

@@ -10,6 +10,7 @@ from pydantic import Field
 from recap_dagster.assets.human_captions import OUTPUT_PARTS as HUMAN_CAPTIONS_PARTS
 from recap_dagster.assets.human_captions import human_captions
 from recap_dagster.assets.inputs import base_captioner_model
+from recap_dagster.assets.metadata import typed_table
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.captioner import Captioner, CaptionExample, FineTuneConfig, fine_tune
 from recap_dagster.captioner.quality import (
@@ -18,7 +19,15 @@ from recap_dagster.captioner.quality import (
     quality_table,
     sample_table,
 )
+from recap_dagster.captioner.reference import (
+    COLUMN_NOTES,
+    judge_captioner,
+    judge_references,
+    load_heldout,
+    reference_rows,
+)
 from recap_dagster.corpus.decoding import decode_image
+from recap_dagster.evaluation.agreement import ClipScorer
 from recap_dagster.evaluation.plots import line_plot, markdown_image
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
@@ -110,14 +119,26 @@ def captioner_checkpoint(
         f"from {models.base_captioner} on {len(examples)} human-captioned images, {device}"
     )
     heldout_path = sources.human_captions_heldout_path
+    has_heldout = bool(heldout_path) and Path(heldout_path).is_file()
     # Real data has no held-out ground truth to grade against: then no quality table.
-    heldout = load_captioned(heldout_path) if heldout_path and Path(heldout_path).is_file() else []
+    heldout = load_captioned(heldout_path) if has_heldout else []
     grade = {
         "world": world.get(),
         "batch_size": config.eval_batch_size,
         "max_new_tokens": config.max_new_tokens,
     }
     before = evaluate_captioner(captioner, heldout, **grade) if heldout else None
+    # The human captions of the held-out set are references wherever it exists (no ground
+    # truth needed): the base and the fine-tune are judged against them, and against the
+    # images when a CLIP model is configured.
+    references = load_heldout(heldout_path) if has_heldout else []
+    scorer = ClipScorer(models.clip, device=device) if models.clip and references else None
+    judge = {
+        "scorer": scorer,
+        "batch_size": config.eval_batch_size,
+        "max_new_tokens": config.max_new_tokens,
+    }
+    base_judged = judge_captioner(captioner, references, **judge) if references else None
 
     start = time.perf_counter()
     losses = fine_tune(
@@ -132,6 +153,7 @@ def captioner_checkpoint(
     )
     train_seconds = time.perf_counter() - start
     after = evaluate_captioner(captioner, heldout, **grade) if heldout else None
+    tuned_judged = judge_captioner(captioner, references, **judge) if references else None
 
     samples = (
         sample_table(captioner, heldout[: config.sample_rows], config.max_new_tokens)
@@ -172,6 +194,16 @@ def captioner_checkpoint(
                 if after[style][metric] is not None:
                     metadata[f"{style}_{metric}_after"] = float(after[style][metric])
         metadata["samples"] = dg.MetadataValue.md(samples)
+    if base_judged is not None and tuned_judged is not None:
+        human = judge_references(references, scorer) if scorer is not None else None
+        metadata["heldout_reference"] = typed_table(
+            reference_rows(base_judged, tuned_judged, human), COLUMN_NOTES
+        )
+        metadata["heldout_reference_images"] = len(references)
+        for style in ("short", "long"):
+            for metric in ("bleu", "rouge_l", "chrf", "clip_score"):
+                if tuned_judged[style][metric] is not None:
+                    metadata[f"{style}_{metric}_fine_tuned"] = float(tuned_judged[style][metric])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
 

@@ -215,6 +215,7 @@ MetricReportConfig = config_from_settings(
 def metric_reports(
     context: dg.AssetExecutionContext,
     config: MetricReportConfig,
+    models: ModelsResource,
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
@@ -233,6 +234,7 @@ def metric_reports(
         shards=read_manifest(store).shards,
         device=compute.torch_device(),
         settings=settings_from_config(evaluation.EvalSettings, config),
+        clip_model=models.clip or None,
         log=context.log.info,
     )
     overall = result.report.overall

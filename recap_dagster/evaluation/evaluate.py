@@ -40,7 +40,6 @@ class EvalSettings:
     evaluate_snapshots: bool = setting(
         True, "Also evaluate intermediate snapshots (metric vs steps)."
     )
-    clip_model: str = setting("", "CLIP model (local dir or hub id) for CLIP score; empty: skip.")
     inception_weights: str = setting(
         "",
         "Path to torch-fidelity's Inception weights for standard FID; empty: an offline "
@@ -88,10 +87,12 @@ def evaluate_variant(
     shards: Sequence[str],
     device: str,
     settings: EvalSettings,
+    clip_model: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> VariantEvaluation:
     """Generate and grade images of every snapshot under ``checkpoint_parts/variant``
-    (only the last with ``evaluate_snapshots`` off) and write the variant's report."""
+    (only the last with ``evaluate_snapshots`` off) and write the variant's report.
+    ``clip_model`` (a CLIP-family directory or hub id; None: not scored) adds CLIP score."""
     snapshots = json.loads(store.read_text(*checkpoint_parts, variant, SNAPSHOTS_FILE))
     if not settings.evaluate_snapshots:
         snapshots = snapshots[-1:]
@@ -118,7 +119,8 @@ def evaluate_variant(
             reference,
             world=world,
             inception_weights=settings.inception_weights or None,
-            clip_model=settings.clip_model or None,
+            clip_model=clip_model or None,
+            device=device,
         )
         curve.append({"step": snapshot["step"], **final.overall})
         log(f"{variant} step {snapshot['step']}: {final.overall}")
@@ -146,6 +148,7 @@ def evaluate_variant(
         "per_category": final.per_category,
         "curve": curve,
         "settings": asdict(settings),
+        "clip_model": clip_model or None,
         "checkpoint_version": snapshots[-1]["version"],
     }
     parts = (*REPORT_DIR, f"{variant}.json")

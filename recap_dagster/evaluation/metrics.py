@@ -130,15 +130,20 @@ def frechet_distance(
     return float(metric.compute()), extractor
 
 
-def clip_score(clip_model: str, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
-    """torchmetrics CLIPScore with a CLIP model from a local directory or hub id."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+def clip_score(
+    clip_model: str,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    *,
+    device: str | torch.device | None = None,
+) -> float:
+    """Mean CLIP score of (image, prompt) pairs (:mod:`recap_dagster.evaluation.agreement`,
+    the definition of torchmetrics' CLIPScore) with a CLIP model from a local directory or
+    hub id."""
+    from recap_dagster.evaluation.agreement import ClipScorer
 
-    metric = CLIPScore(model_name_or_path=clip_model)
-    for start in range(0, len(images), 64):
-        batch = images[start : start + 64]
-        metric.update(_to_uint8(batch, batch[0].size[0]), list(prompts[start : start + 64]))
-    return float(metric.compute())
+    scores = ClipScorer(clip_model, device=device).score_pairs(images, prompts)
+    return sum(scores) / len(scores) if scores else float("nan")
 
 
 @dataclass
@@ -161,6 +166,7 @@ def evaluate_generations(
     world: World,
     inception_weights: str | None = None,
     clip_model: str | None = None,
+    device: str | torch.device | None = None,
 ) -> MetricReport:
     """The paper's metrics for images generated from ``prompts``, graded by ``world``."""
     rows = grade_generations(world, images, prompts)
@@ -169,5 +175,7 @@ def evaluate_generations(
         reference, images, inception_weights=inception_weights
     )
     if clip_model:
-        overall["clip_score"] = clip_score(clip_model, images, [p.prompt for p in prompts])
+        overall["clip_score"] = clip_score(
+            clip_model, images, [p.prompt for p in prompts], device=device
+        )
     return MetricReport(overall=overall, per_category=per_category, rows=rows)

@@ -21,6 +21,12 @@ from recap_dagster.miniworld.base_captioner import (
     BaseCaptionerConfig,
     build_base_captioner,
 )
+from recap_dagster.miniworld.clip import (
+    QUICK_CLIP,
+    ClipConfig,
+    build_miniworld_clip,
+    read_clip_manifest,
+)
 from recap_dagster.miniworld.generate import MiniworldConfig, generate_miniworld, read_manifest
 from recap_dagster.miniworld.resources import MiniworldResource
 from recap_dagster.miniworld.t2i_base import build_miniworld_base
@@ -31,6 +37,7 @@ from recap_dagster.storage.fingerprint import content_fingerprint, model_fingerp
 MINIWORLD_GROUP = "miniworld"
 BASE_CAPTIONER_RECIPES = {"default": BaseCaptionerConfig(), "quick": QUICK_BASE_CAPTIONER}
 BASE_T2I_RECIPES = {"default": MINIWORLD_PROFILE, "quick": QUICK_PROFILE}
+CLIP_RECIPES = {"default": ClipConfig(), "quick": QUICK_CLIP}
 
 
 MiniworldCorpusConfig = config_from_settings(
@@ -51,6 +58,7 @@ class _RecipeConfig(dg.Config):
 
 BaseCaptionerRecipe = with_run_defaults(_RecipeConfig, "base_captioner_model")
 BaseT2IRecipe = with_run_defaults(_RecipeConfig, "base_t2i_model")
+ClipRecipe = with_run_defaults(_RecipeConfig, "clip_model")
 
 
 def _recipe(recipes: dict, name: str):
@@ -196,4 +204,45 @@ def base_t2i_model(
     )
 
 
-MINIWORLD_ASSETS = [miniworld_corpus, base_captioner_model, base_t2i_model]
+@dg.asset(
+    deps=["miniworld_corpus", "caption_tokenizer"],
+    group_name=MINIWORLD_GROUP,
+    kinds={"pytorch", "transformers"},
+    description="A tiny CLIP (transformers CLIPModel) trained contrastively on the "
+    "miniworld's images and their true descriptions: the models resource's clip, which "
+    "scores image-text agreement (CLIP score) in the reports (cached by recipe and data).",
+)
+def clip_model(
+    context: dg.AssetExecutionContext,
+    config: ClipRecipe,
+    miniworld: MiniworldResource,
+    models: ModelsResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
+    if not models.clip:
+        raise ValueError("models.clip is empty: the miniworld's CLIP needs a folder to go to")
+    recipe = _recipe(CLIP_RECIPES, config.recipe)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % 100 == 0 or step == recipe.steps:
+            context.log.info(f"CLIP step {step}/{recipe.steps}, loss {loss:.3f}")
+
+    out = build_miniworld_clip(
+        miniworld.root, models.clip, recipe, device=str(compute.torch_device()), on_step=on_step
+    )
+    built = read_clip_manifest(out) or {}
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/uri": dg.MetadataValue.path(out),
+            "recipe": config.recipe,
+            "parameters": built.get("parameters", 0),
+            "final_loss": built.get("final_loss", float("nan")),
+            # True short caption vs another image's, on the held-out human-captioned images.
+            "heldout_retrieval_accuracy": built.get("heldout_retrieval_accuracy", float("nan")),
+            "train_seconds": built.get("seconds", 0.0),
+        },
+        data_version=dg.DataVersion(model_fingerprint(out)),
+    )
+
+
+MINIWORLD_ASSETS = [miniworld_corpus, base_captioner_model, base_t2i_model, clip_model]

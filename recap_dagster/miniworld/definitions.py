@@ -41,6 +41,8 @@ def default_resources() -> dict:
         "models": ModelsResource(
             base_captioner=str(settings.models_dir() / "base_captioner"),
             base_t2i=str(settings.models_dir() / "base_t2i"),
+            # Built by the clip_model asset (miniworld group) before the graph runs.
+            clip=str(settings.models_dir() / "clip"),
         ),
     }
 

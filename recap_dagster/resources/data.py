@@ -19,8 +19,9 @@ class DataSourcesResource(dg.ConfigurableResource):
     )
     human_captions_heldout_path: str = Field(
         default="",
-        description="Optional held-out human captions (same format, with ground-truth scenes) "
-        "for measuring caption quality before and after fine-tuning.",
+        description="Optional held-out human captions (same format) for judging the "
+        "captioner before and after fine-tuning: as references (BLEU, ROUGE-L, chrF; CLIP "
+        "score with models.clip) always, graded by the world where rows carry ground truth.",
     )
     eval_prompts_path: str = Field(
         default="",

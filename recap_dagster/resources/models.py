@@ -16,6 +16,13 @@ class ModelsResource(dg.ConfigurableResource):
         description="Base text-to-image pipeline (Stable Diffusion layout): local directory "
         "or hub id.",
     )
+    clip: str = Field(
+        default="",
+        description="CLIP-family model (transformers CLIPModel + CLIPProcessor layout: local "
+        "directory or hub id) that scores image-text agreement: CLIP score in the "
+        "text-to-image reports and of the captioner's held-out captions. Empty: not scored. "
+        "The miniworld's is built by its clip_model asset.",
+    )
     full_weights_hash: bool = Field(
         default=False,
         description="Version the base models by a SHA-256 of every weights byte (gigabytes per "
