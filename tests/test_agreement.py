@@ -25,6 +25,9 @@ from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.evaluation.agreement import (
     ClipScorer,
+    ShardAgreement,
+    judge_clip_vs_alt_text,
+    read_shard_agreement,
     sample_keys,
     score_shard_sample,
     sentences,
@@ -185,21 +188,59 @@ def test_shard_sample_is_deterministic_and_skips_uncaptioned_rows(
     )
 
 
-def test_group_agreement_metadata(miniworld_paths, random_clip: str, tmp_path: Path) -> None:
+def test_group_agreement_metadata(
+    miniworld_paths, random_clip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = Storage(str(tmp_path))
     shards = [info.key for info in list_shards(miniworld_paths.corpus)]
     for shard in shards:
         table = pa.Table.from_pylist(_recaptioned_rows(miniworld_paths.corpus, shard))
         store.write_parquet(table, *output_parts(shard))
-    meta = agreement_metadata(
-        store, miniworld_paths.corpus, shards, random_clip, sample_rows=4, max_pixels=1 << 20
-    )
+
+    def metadata(fingerprint: str = "captioner-1", clip: str = random_clip) -> dict:
+        return agreement_metadata(
+            store, miniworld_paths.corpus, shards, clip, fingerprint=fingerprint, sample_rows=4,
+            examples_per_band=2, max_pixels=1 << 20,
+        )  # fmt: skip
+
+    meta = metadata()
     table = meta["image_text_agreement"]
     assert [r.data["shard"] for r in table.records] == [*shards, "all"]
     assert table.records[-1].data["n"] == 4 * len(shards)
     assert {"clip_alt_text", "gain_recap_long"} <= set(meta)
-    assert agreement_metadata(store, miniworld_paths.corpus, shards, "", sample_rows=4,
-                              max_pixels=1 << 20) == {}  # fmt: skip
+    # Each shard's scored sample is stored beside its recaptions, with its texts.
+    stored = read_shard_agreement(store, shards[0])
+    assert stored is not None and len(stored[0].rows) == 4
+    assert stored[0].rows[0]["recap_short"] == "a red circle."
+    # The examples: best, median and worst (2 each of 8 rows), every one with its image.
+    examples = meta["examples"].value
+    assert [line.split(" | ")[0] for line in examples.splitlines()[2:]] == (
+        ["| best"] * 2 + ["| median"] * 2 + ["| worst"] * 2
+    )
+    assert examples.count("data:image/png;base64,") == 6 and "(not readable)" not in examples
+    # The same fingerprint reads the stored scores back: no CLIP model is loaded again.
+    monkeypatch.setattr(ClipScorer, "__init__", lambda *a, **k: pytest.fail("scored again"))
+    assert metadata()["image_text_agreement"].records == table.records
+    with pytest.raises(BaseException, match="scored again"):
+        metadata(fingerprint="captioner-2")
+    assert metadata(clip="") == {}
+
+
+def test_clip_judge_names_the_rows_that_lose_to_their_alt_text() -> None:
+    def row(key: str, alt: float, short: float, long: float) -> dict:
+        texts = {"alt_text": f"alt {key}", "recap_short": f"short {key}", "recap_long": "l."}
+        scores = {"clip_alt_text": alt, "clip_recap_short": short, "clip_recap_long": long}
+        return {"key": key, **texts, **scores}
+
+    good = ShardAgreement("00000", [row("a", 20, 25, 22), row("b", 20, 21, 19)])
+    ok, message = judge_clip_vs_alt_text([good], max_deficit=0.0)
+    assert ok and "2 scored rows" in message and "recap_long +0.5" in message
+    bad = ShardAgreement("00001", [row("c", 30, 10, 12), row("d", 30, 29, 28)])
+    ok, message = judge_clip_vs_alt_text([good, bad], max_deficit=0.0)
+    assert not ok and "recap_short: mean CLIP 21.2 vs alt text 25.0" in message
+    assert message.index("00001/c") < message.index("00001/d")  # the worst row first
+    assert judge_clip_vs_alt_text([good, bad], max_deficit=5.0)[0]
+    assert not judge_clip_vs_alt_text([], max_deficit=5.0)[0]
 
 
 def test_miniworld_clip_ranks_true_descriptions_above_wrong_ones(

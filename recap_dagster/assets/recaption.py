@@ -1,11 +1,13 @@
 """``recaptioned_shards``: RECAP step 2, every LAION shard recaptioned in both styles."""
 
+import hashlib
 import json
 from collections.abc import Iterator
 
 import dagster as dg
 from pydantic import Field
 
+from recap_dagster.assets.agreement import agreement_metadata
 from recap_dagster.assets.captioner import (
     CHECKPOINT_PARTS,
     captioner_checkpoint,
@@ -25,12 +27,23 @@ from recap_dagster.corpus.shard_groups import (
     group_shards,
     shards_of_groups,
 )
+from recap_dagster.evaluation.agreement import (
+    DEFAULT_SAMPLE_ROWS,
+    judge_clip_vs_alt_text,
+    read_shard_agreement,
+)
 from recap_dagster.evaluation.plots import markdown_table
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
 from recap_dagster.orchestration.partitions import shard_group_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
-from recap_dagster.resources import ComputeResource, DataSourcesResource, StorageResource
+from recap_dagster.resources import (
+    ComputeResource,
+    DataSourcesResource,
+    ModelsResource,
+    StorageResource,
+)
+from recap_dagster.storage.root import Storage
 from recap_dagster.training import devices
 from recap_dagster.training.per_device import used_devices
 
@@ -59,6 +72,16 @@ class _RecaptionConfig(dg.Config):
         default=1.0, description="generate()'s repetition_penalty (1.0 = none)."
     )
     processes: int = Field(default=0, description=devices.PROCESSES_DESCRIPTION)
+    clip_sample_rows: int = Field(
+        default=DEFAULT_SAMPLE_ROWS,
+        description="Rows of each shard scored for image-text agreement with the CLIP model "
+        "of models.clip (alt text, short and long caption against the image); 0 = none.",
+    )
+    examples_per_band: int = Field(
+        default=3,
+        description="Scored images shown in the 'examples' metadata from each of the best, "
+        "median and worst of the group by the recaptions' CLIP score.",
+    )
     reuse_finished_shards: bool = Field(
         default=True,
         description="Keep a shard's output when this captioner checkpoint already wrote it with "
@@ -98,6 +121,7 @@ def recaptioned_shards(
     compute: ComputeResource,
     sources: DataSourcesResource,
     storage: StorageResource,
+    models: ModelsResource,
 ) -> dg.MaterializeResult:
     store = storage.get()
     settings = core.GenerationSettings(
@@ -172,6 +196,18 @@ def recaptioned_shards(
         metadata["sample"] = sample_table(
             result.sample, ["key", "alt_text", "recap_short", "recap_long"]
         )
+    # Scored after the group is written: a CLIP failure costs the scores, not the captions.
+    metadata |= agreement_metadata(
+        store,
+        sources.shards_root,
+        shards,
+        models.clip,
+        fingerprint=f"{version}|{hashlib.sha256(generation.encode()).hexdigest()[:16]}",
+        sample_rows=config.clip_sample_rows,
+        examples_per_band=config.examples_per_band,
+        device=compute.torch_device(),
+        max_pixels=sources.max_image_pixels,
+    )
     return dg.MaterializeResult(
         metadata=metadata,
         data_version=dg.DataVersion(group_output_version(version, generation, shards)),
@@ -231,6 +267,12 @@ class _RecaptionCheckConfig(dg.Config):
         description="Warning: at most this fraction of a shard's short captions may read as "
         "long ones: more than one sentence, or at least as many CLIP tokens as the shard's "
         "median long caption.",
+    )
+
+    max_clip_deficit: float = Field(
+        default=0.0,
+        description="Warning: each RECAP style's mean CLIP score over the group's scored sample "
+        "(models.clip) may fall at most this many points below the alt text's.",
     )
 
     def thresholds(self) -> CaptionCheckThresholds:
@@ -296,6 +338,13 @@ CHECKS = {
         "Few short captions read as long ones: several sentences, or as many CLIP tokens as "
         "the shard's median long caption (warning only).",
     ),
+    "recaptioned_clip_vs_alt_text": (
+        (),
+        False,
+        "The recaptions agree with their images at least as well as the alt text: each style's "
+        "mean CLIP score over the group's scored sample (models.clip) is not below the alt "
+        "text's by more than max_clip_deficit (warning only: CLIP scores favour short texts).",
+    ),
 }
 
 
@@ -320,6 +369,7 @@ def recaptioned_shards_checks(
     config: RecaptionCheckConfig,
     storage: StorageResource,
     sources: DataSourcesResource,
+    models: ModelsResource,
 ) -> Iterator[dg.AssetCheckResult]:
     store = storage.get()
     counter = clip_token_counter(sources.tokenizer_path)
@@ -343,6 +393,9 @@ def recaptioned_shards_checks(
                 for key, (ok, desc) in results.items()
                 if key in judged and not ok
             ]
+    failing["recaptioned_clip_vs_alt_text"] += _clip_vs_alt_text(
+        store, shards, models.clip, config.max_clip_deficit
+    )
     for name, (_, blocking, _) in CHECKS.items():
         found = failing[name]
         yield dg.AssetCheckResult(
@@ -350,9 +403,25 @@ def recaptioned_shards_checks(
             asset_key=recaptioned_shards.key,
             passed=not found,
             severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
-            description=(f"{len(shards)} shard(s) pass" if not found else "; ".join(found[:10])),
+            description=(
+                "; ".join(found[:10])
+                if found
+                else "not judged: no CLIP model configured (models.clip)"
+                if name == "recaptioned_clip_vs_alt_text" and not models.clip
+                else f"{len(shards)} shard(s) pass"
+            ),
             metadata={"shards_checked": len(shards), "failing": dg.MetadataValue.json(found[:100])},
         )
+
+
+def _clip_vs_alt_text(store: Storage, shards: list[str], clip: str, deficit: float) -> list[str]:
+    """What fails the CLIP check: the group's stored scores judged against the alt text's."""
+    if not clip:
+        return []  # nothing to judge with: the check passes and says so in its metadata
+    stored = {shard: read_shard_agreement(store, shard) for shard in shards}
+    missing = [f"{shard}: no CLIP scores" for shard, found in stored.items() if found is None]
+    ok, description = judge_clip_vs_alt_text([s[0] for s in stored.values() if s], deficit)
+    return missing + ([] if ok else [description])
 
 
 #: The checks whose failure holds a group back from the latent cache and training.

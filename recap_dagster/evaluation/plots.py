@@ -73,6 +73,18 @@ def png_of(image: Image.Image, size: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def thumbnail_png(image: Image.Image, size: int = 128) -> bytes:
+    """PNG of ``image`` fitted into ``size`` px, aspect kept: photos shrink smoothly, tiny
+    images (the miniworld's) grow with nearest-neighbour pixels."""
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    shape = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resized = image.resize(shape, Image.LANCZOS if scale < 1 else Image.NEAREST)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def markdown_image(png: bytes, alt: str = "") -> str:
     """Markdown that embeds ``png`` inline (the Dagster UI renders data-URI images)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
