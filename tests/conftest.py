@@ -138,3 +138,41 @@ def miniworld_clip(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) ->
 
     out = tmp_path_factory.mktemp("clip") / "clip"
     return build_miniworld_clip(str(miniworld_paths.root), str(out), QUICK_CLIP)
+
+
+@pytest.fixture(scope="session")
+def random_clip(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny randomly initialised CLIP (CLIPConfig), saved with save_pretrained."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizerFast,
+    )
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(miniworld_paths.tokenizer)
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={
+            **tiny,
+            "num_attention_heads": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={**tiny, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("random_clip")
+    CLIPModel(config).save_pretrained(out)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(out)
+    return str(out)

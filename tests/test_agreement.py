@@ -47,44 +47,6 @@ from recap_dagster.resources import ComputeResource, ModelsResource, StorageReso
 from recap_dagster.storage.root import Storage
 
 
-@pytest.fixture(scope="module")
-def random_clip(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny randomly initialised CLIP (CLIPConfig), saved with save_pretrained."""
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizerFast,
-    )
-
-    tokenizer = CLIPTokenizerFast.from_pretrained(miniworld_paths.tokenizer)
-    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
-    config = CLIPConfig(
-        text_config={
-            **tiny,
-            "num_attention_heads": 2,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        vision_config={**tiny, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("random_clip")
-    CLIPModel(config).save_pretrained(out)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
-        tokenizer=tokenizer,
-    )
-    processor.save_pretrained(out)
-    return str(out)
-
-
 def _images(count: int, domain: str = "agreement-test") -> tuple[list[Image.Image], list[str]]:
     """Fresh miniworld scenes (a seed domain no model was trained on) and a true short
     caption of each."""

@@ -61,11 +61,11 @@ def base_captioner(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(directory)
 
 
-def _resources(miniworld_paths, base_captioner: str, storage_root: Path) -> dict:
+def _resources(miniworld_paths, base_captioner: str, storage_root: Path, clip: str = "") -> dict:
     return {
         "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(storage_root)),
-        "models": ModelsResource(base_captioner=base_captioner),
+        "models": ModelsResource(base_captioner=base_captioner, clip=clip),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
@@ -112,8 +112,10 @@ def _recaption(instance, resources, group: str, **kwargs) -> dg.ExecuteInProcess
     )
 
 
-def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp_path) -> None:
-    resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage")
+def test_captioner_and_recaptioning_lineage(
+    miniworld_paths, base_captioner, random_clip: str, tmp_path
+) -> None:
+    resources = _resources(miniworld_paths, base_captioner, tmp_path / "storage", random_clip)
     storage = resources["storage"].get()
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_group_partitions.name, [GROUP])
@@ -154,6 +156,17 @@ def test_captioner_and_recaptioning_lineage(miniworld_paths, base_captioner, tmp
             assert not checks[name].passed and "0000000" in checks[name].description
         metadata = result.asset_materializations_for_node("recaptioned_shards")[0].metadata
         assert metadata["long_clip_tokens_max"].value <= 77
+        # A sample of each shard scored with the (random, tiny) CLIP, stored, judged, shown.
+        agreement = metadata["image_text_agreement"].value.records
+        assert [r.data["shard"] for r in agreement] == ["00000", "00001", "all"]
+        assert metadata["gain_recap_short"].value == pytest.approx(
+            metadata["clip_recap_short"].value - metadata["clip_alt_text"].value
+        )
+        assert metadata["examples"].value.count("data:image/png;base64,") == 9
+        assert storage.exists("recaption_agreement", "00001.parquet")
+        clip_check = checks["recaptioned_clip_vs_alt_text"]
+        assert clip_check.severity == dg.AssetCheckSeverity.WARN
+        assert f"{agreement[-1].data['n']} scored rows" in clip_check.description
         assert 0 <= metadata["short_cap_hit_rate"].value <= 1
         for shard in ("00000", "00001"):
             table = pq.read_table(tmp_path / "storage" / "recaptioned" / f"{shard}.parquet")
