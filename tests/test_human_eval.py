@@ -171,13 +171,17 @@ def test_assets_from_the_task_to_recap_report(tmp_path: Path) -> None:
         observe_ratings_job,
     )
     from recap_dagster.assets.t2i import recap_report
-    from recap_dagster.resources import StorageResource
+    from recap_dagster.resources import DataSourcesResource, StorageResource
 
     store, _ = make_task(tmp_path)  # the images; the asset builds the task again
     for variant, objects in (("alttext", 0.2), ("recap_mix", 0.3)):
         report = json.dumps(_metric_report(objects))
         store.write_text(report, "reports", "metrics", f"{variant}.json")
-    resources = {"storage": StorageResource(root=str(tmp_path))}
+    # No training corpus manifest here: the report says it read no recaptioned shard.
+    sources = DataSourcesResource(
+        shards_root=str(tmp_path), human_captions_path="", tokenizer_path=""
+    )
+    resources = {"storage": StorageResource(root=str(tmp_path)), "sources": sources}
     assets = [human_ratings, human_eval_task, human_eval_report, recap_report]
     # The job the deployments' schedule runs.
     observe = dg.Definitions(assets=assets, jobs=[observe_ratings_job], resources=resources)

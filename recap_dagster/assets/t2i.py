@@ -13,8 +13,9 @@ from recap_dagster.assets.metadata import typed_table
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.assets.training_corpus import training_corpus
 from recap_dagster.captioner.recaption import OUTPUT_DIR as RECAPTIONED_DIR
+from recap_dagster.corpus.human_captions import clip_token_counter
+from recap_dagster.evaluation import caption_stats, human_stats
 from recap_dagster.evaluation import evaluate as evaluation
-from recap_dagster.evaluation import human_stats
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
@@ -29,7 +30,7 @@ from recap_dagster.resources import (
     StorageResource,
     WorldResource,
 )
-from recap_dagster.t2i.manifest import read_manifest
+from recap_dagster.t2i.manifest import MANIFEST_PARTS, read_manifest
 from recap_dagster.t2i.model import load_pipeline, local_model_dir
 from recap_dagster.t2i.sample import generate
 from recap_dagster.t2i.train import CODE_VERSION as TRAINER_CODE_VERSION
@@ -267,7 +268,7 @@ def metric_reports(
 )
 @retry_only_transient
 def recap_report(
-    context: dg.AssetExecutionContext, storage: StorageResource
+    context: dg.AssetExecutionContext, storage: StorageResource, sources: DataSourcesResource
 ) -> dg.MaterializeResult:
     store = storage.get()
     reports = {
@@ -282,7 +283,14 @@ def recap_report(
         if store.exists(*human_stats.REPORT_PARTS)
         else None
     )
-    built = report_core.build_report(reports, human)
+    caption_rows: list[dict] = []
+    shards_read = 0
+    if store.exists(*MANIFEST_PARTS):  # the training corpus the fine-tunes read
+        columns, shards_read = caption_stats.corpus_caption_stats(
+            store, read_manifest(store).shards, clip_token_counter(sources.tokenizer_path)
+        )
+        caption_rows = caption_stats.stats_rows(columns, list(reports))
+    built = report_core.build_report(reports, human, caption_rows, shards_read)
     store.write_text(built.markdown, "reports", "recap_report.md")
     store.write_text(json.dumps(built.table, indent=2), "reports", "recap_report.json")
     for name, png in built.figures.items():
@@ -297,6 +305,8 @@ def recap_report(
             ),
             "variants": len(reports),
             "human_evaluation": dg.MetadataValue.md(built.human_markdown),
+            "captions": typed_table(caption_rows, caption_stats.STATS_COLUMNS),
+            "captions_shards_read": shards_read,
             "human_ratings": (human or {}).get("ratings", 0),
             **{f"mix_vs_alttext_{k}": v for k, v in built.mix_deltas.items()},
         }

@@ -128,11 +128,51 @@ class BuiltReport:
     figures: dict[str, bytes] = field(default_factory=dict)
     mix_deltas: dict[str, float] = field(default_factory=dict)
     human_markdown: str = ""  # the human study's table, or that nothing is rated yet
+    captions_markdown: str = ""  # the training captions' figures beside the metrics
 
 
-def build_report(reports: dict[str, dict], human: dict | None = None) -> BuiltReport:
+def captions_markdown(caption_rows: Sequence[dict], table: dict, shards_read: int) -> str:
+    """The training corpus's caption figures per variant (:mod:`caption_stats`) next to
+    the metrics they led to."""
+    if not caption_rows:
+        return "No caption statistics: no recaptioned shard of the training corpus was read."
+    header = ["variant", "captions", "CLIP tokens mean / p95", "over 77", "cap hits",
+              "degenerate", "caption CLIP score", "object acc.", "CLIP score (images)"]  # fmt: skip
+    cells = []
+    for row in caption_rows:
+        metrics = table.get(row["variant"], {})
+        cells.append(
+            [
+                row["variant"],
+                row["captions"],
+                f"{_fmt(row['clip_tokens_mean'])} / {_fmt(row['clip_tokens_p95'])}",
+                *(_fmt(row[k]) for k in ("over_context_rate", "cap_hit_rate", "degenerate_rate")),
+                _fmt(row["caption_clip_score"]),
+                _fmt(metrics.get("object_accuracy"), NOT_GRADED),
+                _fmt(metrics.get("clip_score")),
+            ]
+        )
+    return "\n\n".join(
+        [
+            "## The captions behind the metrics",
+            f"What each fine-tune read, over {shards_read} recaptioned shard(s) of its training "
+            "corpus (rates are fractions of captions; caption CLIP score: the shards' scored "
+            "samples against their images).",
+            markdown_table(header, cells),
+        ]
+    )
+
+
+def build_report(
+    reports: dict[str, dict],
+    human: dict | None = None,
+    caption_rows: Sequence[dict] = (),
+    shards_read: int = 0,
+) -> BuiltReport:
     """Table 1 (values and relative deltas vs alttext), the human study beside it
-    (``human``: the human_eval_report's figures; None: not built yet) and Figure 5 curves."""
+    (``human``: the human_eval_report's figures; None: not built yet), the training
+    captions' figures (``caption_rows``: :func:`caption_stats.stats_rows`) and Figure 5
+    curves."""
     base = reports[BASELINE]["overall"]
     columns = [c for c in COLUMNS if any(c[0] in r["overall"] for r in reports.values())]
     table = {v: {m: r["overall"].get(m) for m, _, _ in columns} for v, r in reports.items()}
@@ -171,6 +211,7 @@ def build_report(reports: dict[str, dict], human: dict | None = None) -> BuiltRe
                 mix_deltas[metric] = round(delta, 4)
     fid_features = base.get("fid_features", "")
     human_section = human_markdown(human)
+    captions_section = captions_markdown(caption_rows, table, shards_read)
     markdown = "\n\n".join(
         [
             "# RECAP report",
@@ -179,11 +220,14 @@ def build_report(reports: dict[str, dict], human: dict | None = None) -> BuiltRe
             table_markdown,
             f"FID features: {fid_features}.",
             human_section,
+            captions_section,
             "## Metrics vs training steps (paper, Figure 5)",
             *(markdown_image(png, name) for name, png in figures.items()),
         ]
     )
-    return BuiltReport(table, rows, table_markdown, markdown, figures, mix_deltas, human_section)
+    return BuiltReport(
+        table, rows, table_markdown, markdown, figures, mix_deltas, human_section, captions_section
+    )
 
 
 @dataclass
