@@ -62,7 +62,7 @@ RUN_CONFIG = {
 
 
 def test_every_recap_asset_runs_on_production_inputs(
-    miniworld_paths, base_t2i: str, tmp_path: Path
+    miniworld_paths, base_t2i: str, random_clip: str, tmp_path: Path
 ) -> None:
     prompts = tmp_path / "evaluation_metadata.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in GENEVAL_PROMPTS))
@@ -79,7 +79,11 @@ def test_every_recap_asset_runs_on_production_inputs(
             tokenizer_path=miniworld_paths.tokenizer,
         ),
         "storage": StorageResource(root=str(tmp_path / "storage")),
-        "models": ModelsResource(base_captioner=str(captioner), base_t2i=base_t2i),
+        # A CLIP-family model from a directory (tiny, random): image-text agreement of the
+        # recaptions, of the held-out captions and of the generated images.
+        "models": ModelsResource(
+            base_captioner=str(captioner), base_t2i=base_t2i, clip=random_clip
+        ),
         "compute": ComputeResource(),
         "world": GenEvalWorldResource(),  # no detector: objects, counts, positions not graded
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
@@ -112,13 +116,20 @@ def test_every_recap_asset_runs_on_production_inputs(
         assert observed.event_log_entry.asset_observation.tags[DATA_VERSION] == base_version
         result = materialize(["human_captions", "captioner_checkpoint"])
         meta = result.asset_materializations_for_node("captioner_checkpoint")[0].metadata
-        # Judged against the held-out human captions with no world and no CLIP model.
+        # Judged against the held-out human captions with no world: references and CLIP.
         judged = {(r.data["style"], r.data["captioner"]): r.data
                   for r in meta["heldout_reference"].records}  # fmt: skip
-        assert set(judged) == {(s, c) for s in ("short", "long") for c in ("base", "fine-tuned")}
-        assert all(row["chrf"] is not None and row["clip_score"] is None for row in judged.values())
+        assert {(s, c) for s in ("short", "long") for c in ("base", "fine-tuned")} <= set(judged)
+        assert all(row["clip_score"] is not None for row in judged.values())
+        assert all(row["chrf"] is not None for (_, c), row in judged.items() if c != "human")
         for group in groups:
-            assert materialize(["recaptioned_shards", "t2i_latents"], group).success
+            result = materialize(["recaptioned_shards", "t2i_latents"], group)
+            meta = result.asset_materializations_for_node("recaptioned_shards")[0].metadata
+            # The caption facts, a CLIP-scored sample and the examples, with no world.
+            assert meta["long_clip_tokens_max"].value <= 77
+            assert "gain_recap_long" in meta and "data:image/png" in meta["examples"].value
+            checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+            assert "scored rows" in checks["recaptioned_clip_vs_alt_text"].description
         assert materialize(["training_corpus"]).success
         for variant in VARIANTS:
             result = materialize(["sd_checkpoints", "metric_reports"], variant)
@@ -129,6 +140,11 @@ def test_every_recap_asset_runs_on_production_inputs(
         table = result.asset_materializations_for_node("recap_report")[0].metadata["table"]
         rows = {r.data["variant"]: r.data for r in table.records}
         assert "recap_mix" in rows and rows["recap_mix"]["object_accuracy"] is None  # not graded
+        assert rows["recap_mix"]["clip_score"] is not None
+        captions = {r.data["variant"]: r.data for r in result.asset_materializations_for_node(
+            "recap_report")[0].metadata["captions"].records}  # fmt: skip
+        assert set(captions) == set(VARIANTS)
+        assert captions["recap_mix"]["rows"] == 2 * captions["alttext"]["rows"] > 0
         # Every input's version is recorded where it was read: a changed one makes it stale.
         tags = instance.get_latest_materialization_event(
             dg.AssetKey("metric_reports")
