@@ -68,6 +68,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
         "reports/recap_fid_vs_steps.png",
     ):
         assert (storage / path).exists(), path
+    assert "## The captions behind the metrics" in (storage / "reports/recap_report.md").read_text()
 
     # Everything went through the real instance: the UI shows these runs and events.
     previous = os.environ.get("DAGSTER_HOME")
@@ -89,6 +90,12 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
             # Launched as backfills through the daemon, as from the UI.
             backfill_runs = [r for r in instance.get_runs() if "dagster/backfill" in r.tags]
             assert len(backfill_runs) >= 7
+            # Each group shows its captions before anything trains on them: a CLIP-scored
+            # sample against the alt text, and the best, median and worst examples.
+            group = instance.get_latest_materialization_event(dg.AssetKey("recaptioned_shards"))
+            meta = group.asset_materialization.metadata
+            assert {"clip_alt_text", "clip_recap_short", "clip_recap_long"} <= set(meta)
+            assert meta["examples"].value.count("data:image/png;base64,") == 9
             report = instance.get_latest_materialization_event(dg.AssetKey("recap_report"))
             assert "dagster/backfill" in instance.get_run_by_id(report.run_id).tags
     finally:
