@@ -76,7 +76,9 @@ def _latest_metadata(instance: dg.DagsterInstance, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> Materialized:
+def materialized(
+    miniworld_paths, random_clip: str, tmp_path_factory: pytest.TempPathFactory
+) -> Materialized:
     """Materialize the captioner half of the graph into a fresh on-disk instance."""
     home = tmp_path_factory.mktemp("dagster_home")
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
@@ -87,7 +89,7 @@ def materialized(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> M
     resources = {
         "sources": miniworld_sources(str(miniworld_paths.root)),
         "storage": StorageResource(root=str(storage_root)),
-        "models": ModelsResource(base_captioner=str(base)),
+        "models": ModelsResource(base_captioner=str(base), clip=random_clip),
         "compute": ComputeResource(),
         "world": MiniworldWorldResource(),
         "miniworld": MiniworldResource(root=str(miniworld_paths.root)),
@@ -230,6 +232,28 @@ def test_partitioned_asset_shows_its_shards(browser, materialized: Materialized)
     for shard in SHARDS:
         per_shard.get_by_text(shard, exact=True).first.wait_for()
     screenshot(page, f"04_recaptioned_shards_partition_{GROUP}")
+
+
+def test_recaption_examples_are_visible(browser) -> None:
+    """The group's best, median and worst images, each with its three texts, before any
+    training reads them."""
+    url, page = browser
+    page.goto(f"{url}/assets/recaptioned_shards?view=events&partition={GROUP}")
+    _metadata_row(page, "examples").get_by_text("[Show Markdown]").click()
+    dialog = page.get_by_role("dialog")
+    images = dialog.locator("img")
+    images.first.wait_for()
+    assert images.count() == 9
+    for band in ("best", "median", "worst"):
+        dialog.get_by_text(band, exact=True).first.wait_for()
+    headers = [h.strip() for h in dialog.locator("th").all_inner_texts()]
+    assert headers == ["band", "image", "key", "alt text", "RECAP short", "RECAP long"], headers
+    page.wait_for_function(
+        "imgs => imgs.every(img => img.complete && img.naturalWidth > 0)",
+        arg=images.element_handles(),
+    )
+    screenshot(page, "07_recaptioned_shards_examples")
+    page.keyboard.press("Escape")
 
 
 def test_table_metadata_is_visible(browser, materialized: Materialized) -> None:
