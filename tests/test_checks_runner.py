@@ -133,7 +133,7 @@ def test_nothing_materialized_reports_every_check_skipped(miniworld_paths, tmp_p
     with dg.instance_for_test() as instance:
         report = run_checks(defs, instance)
         assert report.run_id is None  # nothing to run, so no run was launched
-    assert len(report.outcomes) == 16  # 5 of them the caption-fact checks
+    assert len(report.outcomes) == 17  # 5 caption-fact checks and the CLIP check among them
     assert {o.status for o in report.outcomes} == {SKIPPED}
     assert report.exit_code == 0
     with pytest.raises(ValueError, match="matches no asset check"):
