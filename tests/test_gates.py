@@ -159,6 +159,7 @@ def test_a_ui_backfill_ends_failed_naming_check_group_and_shard(
     miniworld_paths,
     base_captioner,  # noqa: F811
     base_t2i,
+    random_clip: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -171,6 +172,7 @@ def test_a_ui_backfill_ends_failed_naming_check_group_and_shard(
     models.mkdir()
     (models / "base_captioner").symlink_to(base_captioner)
     (models / "base_t2i").symlink_to(base_t2i)
+    (models / "clip").symlink_to(random_clip)  # the miniworld's models.clip
     storage = StorageResource(root=str(work / "storage")).get()
     with storage.atomic_dir(*CHECKPOINT_PARTS) as staging:
         shutil.copytree(base_captioner, staging, dirs_exist_ok=True)
