@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/recaption_quality.py [--profile default] [--workdir DIR]
         [--seed 0]
 
-Materializes, as the main job does and with the profile's run config, the miniworld, its
+Materializes into a local instance under the workdir, as the main job does and with the
+profile's run config, the miniworld, its
 base captioner and its CLIP (cached under the workdir), ``human_captions`` and
 ``captioner_checkpoint``, then ``recaptioned_shards`` with its checks for every shard
 group. Prints per style the caption facts of every recaptioned row (CLIP tokens: mean,
@@ -30,7 +31,12 @@ def main() -> int:
     parser.add_argument("--workdir", default=".recap-quality")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    os.environ["RECAP_WORKDIR"] = str(Path(args.workdir).resolve())
+    workdir = Path(args.workdir).resolve()
+    os.environ["RECAP_WORKDIR"] = str(workdir)
+    # A local instance in the workdir: `dagster-webserver -m recap_dagster.miniworld.definitions`
+    # with the same DAGSTER_HOME and RECAP_WORKDIR shows these runs (the examples, the checks).
+    os.environ["DAGSTER_HOME"] = str(workdir / "dagster_home")
+    (workdir / "dagster_home").mkdir(parents=True, exist_ok=True)
 
     # After RECAP_WORKDIR is set: the miniworld's resources read it.
     from recap_dagster.captioner.caption_facts import words
@@ -59,7 +65,7 @@ def main() -> int:
         )
         return result
 
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.get() as instance:
         materialize(["miniworld_corpus", "base_captioner_model", "clip_model"])
         materialize(["human_captions", "captioner_checkpoint"])
         shards = [info.key for info in list_shards(resources["sources"].shards_root)]

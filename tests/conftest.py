@@ -4,7 +4,8 @@ base text-to-image model."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -76,13 +77,37 @@ def miniworld_paths(tmp_path_factory: pytest.TempPathFactory):
     return generate_miniworld(str(root), config)
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], str]
+) -> str:
+    """``build(directory)``'s result, built once per test run rather than once per xdist
+    worker: the first worker here builds under a file lock in the directory the workers
+    share, the others wait and reuse it (pytest-xdist's recipe for session fixtures). For
+    read-only results only: models loaded with ``from_pretrained``. The miniworld they are
+    built from is generated alike in every worker (the same content hash)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = shared / f"built-{name}.done"
+    with FileLock(str(shared / f"built-{name}.lock")):
+        if not done.exists():
+            target = shared / f"built-{name}"
+            target.mkdir(exist_ok=True)
+            done.write_text(build(target))
+        return done.read_text()
+
+
 @pytest.fixture(scope="session")
 def quick_base_captioner(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The miniworld's base captioner, quick recipe, pretrained on that miniworld."""
     from recap_dagster.miniworld.base_captioner import QUICK_BASE_CAPTIONER, build_base_captioner
 
-    out = tmp_path_factory.mktemp("base") / "captioner"
-    return build_base_captioner(miniworld_paths, out, QUICK_BASE_CAPTIONER)
+    return built_once(
+        tmp_path_factory,
+        "quick_base_captioner",
+        lambda out: build_base_captioner(miniworld_paths, out / "captioner", QUICK_BASE_CAPTIONER),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -97,13 +122,16 @@ def finetuned_captioner(
     from recap_dagster.captioner.quality import load_captioned
     from recap_dagster.miniworld.run_configs import op_settings
 
-    torch.manual_seed(0)
-    captioner = Captioner.from_pretrained(quick_base_captioner)
-    examples = [c.to_example() for c in load_captioned(miniworld_paths.human_captions)]
-    fine_tune(captioner, examples, op_settings(FineTuneConfig, "quick", "captioner_checkpoint"))
-    out = tmp_path_factory.mktemp("finetuned_captioner")
-    captioner.save_pretrained(out)
-    return str(out)
+    def build(out: Path) -> str:
+        torch.manual_seed(0)
+        captioner = Captioner.from_pretrained(quick_base_captioner)
+        examples = [c.to_example() for c in load_captioned(miniworld_paths.human_captions)]
+        settings = op_settings(FineTuneConfig, "quick", "captioner_checkpoint")
+        fine_tune(captioner, examples, settings)
+        captioner.save_pretrained(out)
+        return str(out)
+
+    return built_once(tmp_path_factory, "finetuned_captioner", build)
 
 
 @pytest.fixture
@@ -127,8 +155,11 @@ def base_t2i(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The quick base text-to-image model pretrained on that miniworld's alt text."""
     from recap_dagster.miniworld.t2i_base import build_miniworld_base
 
-    out = tmp_path_factory.mktemp("base_t2i")
-    return build_miniworld_base(str(miniworld_paths.root), str(out), "quick")
+    return built_once(
+        tmp_path_factory,
+        "base_t2i",
+        lambda out: build_miniworld_base(str(miniworld_paths.root), str(out), "quick"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -136,8 +167,11 @@ def miniworld_clip(miniworld_paths, tmp_path_factory: pytest.TempPathFactory) ->
     """The quick miniworld CLIP trained on that miniworld (about 15 s on two cores)."""
     from recap_dagster.miniworld.clip import QUICK_CLIP, build_miniworld_clip
 
-    out = tmp_path_factory.mktemp("clip") / "clip"
-    return build_miniworld_clip(str(miniworld_paths.root), str(out), QUICK_CLIP)
+    return built_once(
+        tmp_path_factory,
+        "miniworld_clip",
+        lambda out: build_miniworld_clip(str(miniworld_paths.root), str(out / "clip"), QUICK_CLIP),
+    )
 
 
 @pytest.fixture(scope="session")

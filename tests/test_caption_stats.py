@@ -65,6 +65,13 @@ def test_caption_figures_per_variant(store: Storage) -> None:
     mix = rows["recap_mix"]  # short and long pooled
     assert mix["rows"] == 6 and mix["clip_tokens_mean"] == pytest.approx(78 / 6, 0.01)
     assert mix["caption_clip_score"] == 27.0
+    # A shard written before the facts columns: its captions are counted and scored here.
+    old = {"key": "c0", "status": "ok", "alt_text": "a cat", "recap_short": "cat " * 6,
+           "recap_long": "A cat.", "short_clip_tokens": None, "short_repetition": None}  # fmt: skip
+    store.write_parquet(pa.Table.from_pylist([old]), *output_parts("00002"))
+    columns, read = corpus_caption_stats(store, ["00002"], _count)
+    short = stats_rows(columns, ["recap_short"])[0]
+    assert read == 1 and short["clip_tokens_mean"] == 8 and short["degenerate_rate"] == 1.0
     # A sample of the shards when there are more than max_shards: the same one each time.
     assert corpus_caption_stats(store, ["00000", "00001"], _count, max_shards=1)[1] == 1
 

@@ -95,7 +95,7 @@ def test_good_then_broken_human_captions(miniworld_paths, tmp_path: Path) -> Non
     # Never materialized: reported, not run, not failing.
     for name in ("recaptioned_schema_and_rows", "recap_mix_beats_alttext"):
         assert SKIPPED in rows[name]
-    assert "5 of 11 checks ran" in good.stdout
+    assert "5 of 17 checks ran" in good.stdout
 
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()

@@ -75,7 +75,13 @@ def test_from_an_empty_instance_to_the_report_in_the_ui(tmp_path: Path) -> None:
         page.get_by_text("base_t2i_model").first.wait_for(timeout=LOAD_TIMEOUT_MS)
         screenshot(page, "scratch_1_miniworld")
         button.click()
-        _wait(lambda: _materialized(instance, "base_t2i_model"), "the miniworld inputs", 600, page)
+        # Every input, the miniworld's CLIP last: the backfill below would build it again.
+        _wait(
+            lambda: all(_materialized(instance, k) for k in ("base_t2i_model", "clip_model")),
+            "the miniworld inputs",
+            600,
+            page,
+        )
 
         # 2. The sensor registers the shard groups (the user sees them on laion_shards).
         _wait(

@@ -109,12 +109,24 @@ def _shard_stats(
         degenerate=sum(repetition_score(t) > DEGENERATE_REPETITION for t in alt),
     )
     for style in ("short", "long"):
+        texts = [r[f"recap_{style}"] or "" for r in rows]
+        # Rows without facts (written before the facts columns existed): count them here.
+        missing = [i for i, r in enumerate(rows) if r.get(f"{style}_clip_tokens") is None]
+        counts = count_tokens([texts[i] for i in missing]) if missing else []
+        counted = dict(zip(missing, counts, strict=True))
+        tokens = [counted.get(i) or r[f"{style}_clip_tokens"] for i, r in enumerate(rows)]
+        repetition = [
+            repetition_score(t)
+            if r.get(f"{style}_repetition") is None
+            else r[f"{style}_repetition"]
+            for r, t in zip(rows, texts, strict=True)
+        ]
         out[f"recap_{style}"] = ColumnStats(
             rows=len(rows),
-            tokens=Counter(r[f"{style}_clip_tokens"] for r in rows),
-            over_context=sum(r[f"{style}_trim"] is not None for r in rows),
-            hit_cap=sum(bool(r[f"{style}_hit_cap"]) for r in rows),
-            degenerate=sum(r[f"{style}_repetition"] > DEGENERATE_REPETITION for r in rows),
+            tokens=Counter(tokens),
+            over_context=sum(r.get(f"{style}_trim") is not None for r in rows),
+            hit_cap=sum(bool(r.get(f"{style}_hit_cap")) for r in rows),
+            degenerate=sum(score > DEGENERATE_REPETITION for score in repetition),
         )
     stored = read_shard_agreement(store, shard)
     if stored is not None:
