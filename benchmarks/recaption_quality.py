@@ -66,7 +66,10 @@ def main() -> int:
         return result
 
     with dg.DagsterInstance.get() as instance:
-        materialize(["miniworld_corpus", "base_captioner_model", "clip_model"])
+        # The miniworld (one multi-asset with its files), base captioner and CLIP; not the
+        # base text-to-image model, which steps 1-2 do not read.
+        inputs = ["miniworld_corpus", "human_caption_file", "eval_prompt_file", "caption_tokenizer"]
+        materialize([*inputs, "base_captioner_model", "clip_model"])
         materialize(["human_captions", "captioner_checkpoint"])
         shards = [info.key for info in list_shards(resources["sources"].shards_root)]
         groups = groups_of(shards)

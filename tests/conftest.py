@@ -21,7 +21,7 @@ for _name in (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end tests first: with the suite spread over both cores
+    """The slow end-to-end tests first: with the suite spread over several workers
     (pytest-xdist, ``./dev test``), the longest start at once instead of ending it alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
