@@ -24,6 +24,7 @@ from recap_dagster.captioner.caption_facts import (
     repetition_score,
     same_or_prefix,
     sentence_count,
+    short_begins_long,
 )
 from recap_dagster.captioner.recaption import (
     SCHEMA,
@@ -64,9 +65,13 @@ def test_repetition_score_of_loops_and_of_plain_captions() -> None:
 def test_sentences_prefixes_and_style_leakage() -> None:
     assert sentence_count("two squares.") == 1 and sentence_count("one. two! three") == 3
     assert sentence_count("a 3.5 cm square") == 1  # not a boundary
-    assert same_or_prefix("A red circle.", "a red circle at the top, left")
+    assert same_or_prefix("A red circle.", "a red circle")
     assert same_or_prefix("a red circle at the top", "A red circle")
+    assert not same_or_prefix("A red circle.", "a red circle at the top, left")
+    assert short_begins_long("A red circle.", "a red circle at the top, left")
+    assert not short_begins_long("a red circle", "a red circle.")
     assert not same_or_prefix("a red circle", "one red circle at the top")
+    assert not short_begins_long("a red circle", "one red circle at the top")
     assert leaks_long_style("a square. a circle.", 5, 30)
     assert leaks_long_style("a square", 30, 30) and not leaks_long_style("a square", 29, 30)
 
@@ -210,7 +215,7 @@ def test_a_captioner_with_one_style_fails_short_differs_from_long(
     ok, message = results["short_differs_from_long"]
     rows = table.to_pylist()
     assert all(r["recap_short"] == r["recap_long"] for r in rows)
-    assert not ok and f"{len(rows)} of {len(rows)} short captions" in message
+    assert not ok and f"{len(rows)} of {len(rows)} long captions equal" in message
     assert rows[0]["key"] in message
     # As long as the (same) long captions, so the short style also reads as the long one.
     assert _failed(results) == {"short_differs_from_long", "style_leakage"}, results

@@ -147,15 +147,23 @@ class CaptionCheckThresholds:
     max_degenerate_rate: float = 0.01
     min_unique_ratio: float = 0.5
     max_same_short_long_rate: float = 0.05
+    max_short_begins_long_rate: float = 0.25
     max_style_leakage_rate: float = 0.1
 
 
 def same_or_prefix(short: str, long: str) -> bool:
-    """The two styles say the same: equal, or one's words begin the other's (case and
-    punctuation aside), so the long style added nothing or the short one is not short."""
+    """The styles collapsed: the captions are equal, or the long one's words begin the
+    short one's (case and punctuation aside): the long style adds nothing."""
     a, b = words(short), words(long)
-    n = min(len(a), len(b))
-    return a[:n] == b[:n]
+    return a[: len(b)] == b
+
+
+def short_begins_long(short: str, long: str) -> bool:
+    """The long caption is the short one continued: the short one's words begin it. Alone
+    that is a fine pair ("a red square." / "a red square at the top left on grey."); most
+    of a shard written so is one style with a tail."""
+    a, b = words(short), words(long)
+    return len(a) < len(b) and b[: len(a)] == a
 
 
 def leaks_long_style(short_text: str, short_tokens: int, median_long_tokens: float) -> bool:
@@ -227,11 +235,14 @@ def caption_checks(
     )
 
     same = [r["key"] for r in rows if same_or_prefix(r["recap_short"], r["recap_long"])]
-    rate = _rate(len(same), n)
+    begins = [r["key"] for r in rows if short_begins_long(r["recap_short"], r["recap_long"])]
+    rate, begins_rate = _rate(len(same), n), _rate(len(begins), n)
     results["short_differs_from_long"] = (
-        rate <= t.max_same_short_long_rate,
-        f"{len(same)} of {n} short captions equal their long one or a prefix of it, or the "
-        f"reverse ({rate:.1%}, limit {t.max_same_short_long_rate:.1%}) {same[:5]}",
+        rate <= t.max_same_short_long_rate and begins_rate <= t.max_short_begins_long_rate,
+        f"{len(same)} of {n} long captions equal their short one or begin it ({rate:.1%}, "
+        f"limit {t.max_same_short_long_rate:.1%}) {same[:5]}; {len(begins)} of {n} long "
+        f"captions continue their short one ({begins_rate:.1%}, limit "
+        f"{t.max_short_begins_long_rate:.1%}) {begins[:5]}",
     )
 
     median_long = statistics.median(r["long_clip_tokens"] or 0 for r in rows) if rows else 0.0
