@@ -401,9 +401,10 @@ def recaptioned_shards_checks(
                 for key, (ok, desc) in results.items()
                 if key in judged and not ok
             ]
-    failing["recaptioned_clip_vs_alt_text"] += _clip_vs_alt_text(
+    clip_failing, clip_found = _clip_vs_alt_text(
         store, shards, models.clip, config.max_clip_deficit
     )
+    failing["recaptioned_clip_vs_alt_text"] += clip_failing
     for name, (_, blocking, _) in CHECKS.items():
         found = failing[name]
         yield dg.AssetCheckResult(
@@ -414,22 +415,24 @@ def recaptioned_shards_checks(
             description=(
                 "; ".join(found[:10])
                 if found
-                else "not judged: no CLIP model configured (models.clip)"
-                if name == "recaptioned_clip_vs_alt_text" and not models.clip
+                else clip_found
+                if name == "recaptioned_clip_vs_alt_text"
                 else f"{len(shards)} shard(s) pass"
             ),
             metadata={"shards_checked": len(shards), "failing": dg.MetadataValue.json(found[:100])},
         )
 
 
-def _clip_vs_alt_text(store: Storage, shards: list[str], clip: str, deficit: float) -> list[str]:
-    """What fails the CLIP check: the group's stored scores judged against the alt text's."""
+def _clip_vs_alt_text(
+    store: Storage, shards: list[str], clip: str, deficit: float
+) -> tuple[list[str], str]:
+    """The CLIP check on the group's stored scores: what fails it, and what it found."""
     if not clip:
-        return []  # nothing to judge with: the check passes and says so in its metadata
+        return [], "not judged: no CLIP model configured (models.clip)"
     stored = {shard: read_shard_agreement(store, shard) for shard in shards}
     missing = [f"{shard}: no CLIP scores" for shard, found in stored.items() if found is None]
     ok, description = judge_clip_vs_alt_text([s[0] for s in stored.values() if s], deficit)
-    return missing + ([] if ok else [description])
+    return missing + ([] if ok else [description]), description
 
 
 #: The checks whose failure holds a group back from the latent cache and training.
