@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -448,6 +449,10 @@ def test_sigkilled_run_resumes_from_s3_with_an_empty_local_disk(
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
         store.fs.invalidate_cache()
         time.sleep(0.2)
+    # The whole tree, as a lost machine loses it: torchrun starts its workers in their
+    # own sessions, so killing its group alone left the trainer running on to step 60.
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     print("killed after", store.listdir(*state))
