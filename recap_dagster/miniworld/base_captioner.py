@@ -60,6 +60,7 @@ from recap_dagster.miniworld.pretrain_tasks import (
     vqa_pair,
 )
 from recap_dagster.miniworld.scenes import Scene, sample_scene
+from recap_dagster.storage.fingerprint import config_key
 from recap_dagster.storage.fs import replace_dir
 from recap_dagster.storage.root import Storage
 from recap_dagster.training.substrate import (
@@ -147,8 +148,7 @@ class BaseCaptionerConfig:
 
     def key(self) -> str:
         """A stable hash of the config (part of the cache key)."""
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return config_key(asdict(self))
 
 
 #: Seconds-long variant for the test suite: same code paths, a toy model and recipe.

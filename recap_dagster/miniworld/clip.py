@@ -19,7 +19,6 @@ image's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from recap_dagster.miniworld.generate import (
     read_manifest,
 )
 from recap_dagster.miniworld.scenes import Scene, render, sample_scene
+from recap_dagster.storage.fingerprint import config_key
 from recap_dagster.storage.fs import replace_dir
 
 # Bump when the same config and data would give a different model (code change).
@@ -74,7 +74,7 @@ class ClipConfig:
 
     def key(self) -> str:
         """A stable hash of the config (part of the cache key)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return config_key(asdict(self))
 
 
 #: Seconds on two CPU cores: the test suite's and the quick profile's.

@@ -48,10 +48,9 @@ prompts, 40 per category):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, replace
 
+from recap_dagster.storage.fingerprint import config_key
 from recap_dagster.t2i.model import TinyT2IConfig
 from recap_dagster.t2i.train import TrainConfig
 
@@ -79,7 +78,7 @@ class T2IProfile:
             "corpus_limit": self.corpus_limit,
             "seed": self.seed,
         }
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return config_key(data)
 
 
 MINIWORLD_PROFILE = T2IProfile(

@@ -235,3 +235,9 @@ def _remote_fingerprint(fs, path: str, uri: str, full: bool, patterns: tuple[str
             raise ValueError(f"{uri}/{rel}: the listing gives no ETag; use full=True")
         digest.update(f"{rel}\0{info['size']}\0{etag}\n".encode())
     return ETAG_PREFIX + digest.hexdigest()[:16]
+
+
+def config_key(data: object) -> str:
+    """A stable 16-hex-digit hash of a JSON-able config (key order aside): the cache key
+    of a recipe's build."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
