@@ -209,3 +209,20 @@ def test_variants_reports_and_recap_report(
         )
         meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
         assert meta["resumed_from_step"].value == 4
+        assert meta["run"].value == "repeat" and not meta["other_runs"].value.records
+
+        # More steps extend the finished run (its state is where it left off).
+        longer = {**SD_CONFIG, "steps": 6}
+        result = dg.materialize(
+            [*ASSETS, *ASSET_CHECKS],
+            selection=[sd_checkpoints.key],
+            partition_key="alttext",
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"sd_checkpoints": {"config": longer}}},
+        )
+        meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
+        assert meta["run"].value == "extend" and meta["extended_from_step"].value == 4
+        assert [(s["step"], s["name"]) for s in meta["snapshots"].value] == [
+            (2, "step-000002"), (4, "step-000004"), (6, "final")
+        ]  # fmt: skip

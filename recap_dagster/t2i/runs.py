@@ -76,7 +76,10 @@ def list_runs(store: Storage, *parent: str) -> list[RunState]:
 
     runs = []
     for name in store.listdir(*parent):
+        steps = Checkpoints(store, *parent, name, fingerprint=name).steps()
         if not store.exists(*parent, name, JOB_FILE):
+            if steps:  # a state from before run manifests: listed, never continued
+                runs.append(RunState(name, "", 0, 0.0, steps, None))
             continue
         started = json.loads(store.read_text(*parent, name, JOB_FILE))
         status = (
@@ -84,7 +87,6 @@ def list_runs(store: Storage, *parent: str) -> list[RunState]:
             if store.exists(*parent, name, STATUS_FILE)
             else {}
         )
-        steps = Checkpoints(store, *parent, name, fingerprint=name).steps()
         runs.append(
             RunState(
                 run_id=name,
