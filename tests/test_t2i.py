@@ -25,6 +25,7 @@ from recap_dagster.miniworld.t2i_profiles import QUICK_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import latents as latent_cache
+from recap_dagster.t2i import runs
 from recap_dagster.t2i.model import TinyT2IConfig, build_pipeline, load_pipeline, save_pipeline
 from recap_dagster.t2i.sample import generate
 from recap_dagster.t2i.stream import (
@@ -372,7 +373,8 @@ def test_resume_matches_uninterrupted_run(world, tmp_path: Path) -> None:
         train(_job(world, str(tmp_path / "b"), **settings), on_progress=kill_at_5)
     fingerprint = _job(world, "", **settings).fingerprint()
     # the snapshot at 4 saved a state too; one kept
-    assert Storage(str(tmp_path / "b")).listdir("state", fingerprint) == ["checkpoint-4"]
+    saved = Storage(str(tmp_path / "b")).listdir("state", fingerprint)
+    assert [name for name in saved if name.startswith("checkpoint-")] == ["checkpoint-4"]
     resumed = train(_job(world, str(tmp_path / "b"), **settings))
     assert resumed.resumed_from == 4 and full.resumed_from is None
     assert resumed.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-8)
@@ -380,6 +382,145 @@ def test_resume_matches_uninterrupted_run(world, tmp_path: Path) -> None:
     _assert_same_weights(tmp_path / "a" / "snapshots" / FINAL, tmp_path / "b" / "snapshots" / FINAL)
     # The same run again is a no-op resume from its final state.
     assert train(_job(world, str(tmp_path / "b"), **settings)).resumed_from == 6
+
+
+def _on_shards(job: TrainJob, shards: list[str]) -> TrainJob:
+    return replace(job, data=replace(job.data, shards=tuple(shards)))
+
+
+class Killed(Exception):
+    """Stands for a preemption at a given step."""
+
+
+def _kill_at(at: int):
+    def progress(step: int, steps: int, loss: float, rate: float) -> None:
+        if step == at:
+            raise Killed
+
+    return progress
+
+
+def test_a_retry_after_new_shards_resumes_its_own_run_and_deletes_nothing(
+    world, tmp_path: Path
+) -> None:
+    """The sensor recaptioned more shards while the run was down: the retry trains on the
+    manifest the run started with and ends where an uninterrupted run ends; the next launch
+    starts a new run on all shards, and the old state stays until asked to go."""
+    first, later = world["shards"][:1], world["shards"]
+    settings = {"steps": 6, "checkpoint_every": 2, "snapshot_every": 3}
+    straight = train(_on_shards(_job(world, str(tmp_path / "a"), **settings), first))
+    root = str(tmp_path / "b")
+    store = Storage(root)
+    started = _on_shards(_job(world, root, **settings), first)
+    assert runs.choose_run(store, started).action == "new"
+    with pytest.raises(Killed):
+        train(started, on_progress=_kill_at(5))
+    retry = runs.choose_run(store, _on_shards(_job(world, root, **settings), later))
+    assert retry.action == "continue" and retry.job.data.shards == tuple(first)
+    assert f"{len(later) - len(first)} shard(s) recaptioned since" in retry.message
+    resumed = train(retry.job)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6, abs=1e-8)
+    _assert_same_weights(tmp_path / "a" / "snapshots" / FINAL, tmp_path / "b" / "snapshots" / FINAL)
+
+    following = runs.choose_run(store, _on_shards(_job(world, root, **settings), later))
+    assert following.action == "new" and following.job.data.shards == tuple(later)
+    assert [r.run_id for r in following.others] == [started.fingerprint()]
+    train(replace(following.job, config=replace(following.job.config, steps=2)))
+    kept = {r.run_id: r for r in runs.list_runs(store, "state")}
+    assert set(kept) == {started.fingerprint(), following.job.fingerprint()}
+    assert kept[started.fingerprint()].finished_step == 6  # nothing pruned it
+    assert runs.remove_runs(store, following.job, [started.fingerprint()]) == [
+        started.fingerprint()
+    ]
+    assert [r.run_id for r in runs.list_runs(store, "state")] == [following.job.fingerprint()]
+    with pytest.raises(ValueError, match="is the one this launch trains"):
+        runs.remove_runs(store, following.job, [following.job.fingerprint()])
+
+
+def test_a_finished_run_extends_with_its_schedule_respanned(
+    world, tmp_path: Path, learning_rates: list[float]
+) -> None:
+    settings = {"lr_scheduler": "cosine", "snapshot_every": 2}
+    store = Storage(str(tmp_path))
+    four = train(_job(world, str(tmp_path), steps=4, **settings))
+    longer = _job(world, str(tmp_path), steps=6, **settings)
+    choice = runs.choose_run(store, longer)
+    assert choice.action == "extend" and "from 4 to 6 steps" in choice.message
+    six = train(choice.job)
+    assert six.resumed_from == 4 and six.extended_from == 4
+    assert six.losses[:4] == four.losses and len(six.losses) == 6
+    assert [(s["step"], s["name"]) for s in six.snapshots] == [
+        (2, "step-000002"), (4, "step-000004"), (6, FINAL)
+    ]  # fmt: skip
+    # the old final is kept under its step, the new one is step 6
+    assert store.dir_complete("snapshots", "step-000004")
+    assert six.snapshots[1]["version"] == four.snapshots[-1]["version"]
+    # cosine over 4 steps, then over 6 from step 4 on
+    over_4 = [1e-3 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    over_6 = [1e-3 * 0.5 * (1 + np.cos(np.pi * k / 6)) for k in (4, 5)]
+    assert learning_rates == pytest.approx(over_4 + over_6)
+    with pytest.raises(ValueError, match="already finished at 6 steps"):
+        runs.choose_run(store, _job(world, str(tmp_path), steps=5, **settings))
+
+
+def test_gradient_checkpointing_and_fused_adamw_train_the_same(world, tmp_path: Path) -> None:
+    settings = {"steps": 3, "micro_batch_size": 4, "snr_gamma": 5.0}
+    plain = train(_job(world, str(tmp_path / "plain"), **settings))
+    checkpointed = train(
+        _job(world, str(tmp_path / "ckpt"), gradient_checkpointing=True, **settings)
+    )
+    fused = train(_job(world, str(tmp_path / "fused"), optimizer="adamw_fused", **settings))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
+    _assert_same_weights(
+        tmp_path / "plain" / "snapshots" / FINAL, tmp_path / "ckpt" / "snapshots" / FINAL, 1e-6
+    )
+    # Settings that only change how a batch is computed keep the run resumable.
+    assert _job(world, "", gradient_checkpointing=True, micro_batch_size=2).fingerprint() == (
+        _job(world, "").fingerprint()
+    )
+    assert _job(world, "", optimizer="adamw_fused").fingerprint() != _job(world, "").fingerprint()
+
+
+def test_micro_batch_zero_picks_one_that_divides_the_batch(world, tmp_path: Path) -> None:
+    result = train(_job(world, str(tmp_path), steps=1, batch_size=24, micro_batch_size=0))
+    assert result.micro_batch_size == 8  # the largest power of two dividing 24 (<= 64)
+
+
+def test_hub_downloads_only_the_diffusers_folders() -> None:
+    """SD 1.5's repository (runwayml/stable-diffusion-v1-5, its file list): single-file
+    checkpoints, fp16 and non-EMA variants, .bin duplicates and the safety checker stay."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from recap_dagster.t2i.model import HUB_IGNORED, HUB_PATTERNS
+
+    repo = [
+        "model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
+        "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors", "README.md",
+        "feature_extractor/preprocessor_config.json", "safety_checker/config.json",
+        "safety_checker/model.safetensors", "safety_checker/pytorch_model.bin",
+        "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+        "text_encoder/pytorch_model.bin", "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.bin",
+    ]  # fmt: skip
+    fetched = set(
+        filter_repo_objects(repo, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED)
+    )
+    assert fetched == {
+        "model_index.json", "feature_extractor/preprocessor_config.json",
+        "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "text_encoder/model.safetensors", "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    }  # fmt: skip
 
 
 def test_half_written_checkpoint_is_ignored(world, tmp_path: Path) -> None:
@@ -429,6 +570,30 @@ def test_two_processes_match_one_with_twice_the_micro_batch(world, tmp_path: Pat
     assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-5, abs=1e-6)
     _assert_same_weights(tmp_path / "p1" / "snapshots" / FINAL,
                          tmp_path / "p2" / "snapshots" / FINAL, atol=1e-5)  # fmt: skip
+
+
+def test_a_two_process_state_resumes_in_one_process(world, tmp_path: Path) -> None:
+    """2 processes x micro-batch 4 to step 3, then 1 process x 4 (2 accumulated micro-batches
+    per step) to step 5: the weights of 1 process x 8 throughout, EMA included."""
+    settings = {"steps": 5, "micro_batch_size": 4, "window_shards": 2, "checkpoint_every": 3,
+                "use_ema": True, "ema_decay": 0.5}  # fmt: skip
+    straight = train(_job(world, str(tmp_path / "one"), **settings))
+    root = tmp_path / "two"
+    job = _job(world, str(root), **settings)
+    proc = _run_command(job, 2, tmp_path, "two")
+    assert proc.wait(timeout=240) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    store = Storage(str(root))
+    # As if both processes were lost after the state at step 3 (odd: a 2-process state
+    # counts 3 micro-steps, which 1 process with 2 per step must not take as mid-step).
+    store.remove_dir(*job.run_parts, "checkpoint-5")
+    store.remove_dir("snapshots", FINAL)
+    os.remove(root / "state" / job.fingerprint() / runs.STATUS_FILE)
+    assert runs.choose_run(store, job).action == "continue"
+    resumed = train(job)
+    assert resumed.resumed_from == 3 and resumed.processes == 1
+    # Within 1e-5: the 2-process steps sum two halves (float reassociation).
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+    _assert_same_weights(tmp_path / "one" / "snapshots" / FINAL, root / "snapshots" / FINAL, 1e-5)
 
 
 @pytest.mark.slow

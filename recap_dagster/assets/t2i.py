@@ -30,6 +30,7 @@ from recap_dagster.resources import (
     StorageResource,
     WorldResource,
 )
+from recap_dagster.t2i import runs
 from recap_dagster.t2i.manifest import MANIFEST_PARTS, read_manifest
 from recap_dagster.t2i.model import load_pipeline, local_model_dir
 from recap_dagster.t2i.sample import generate
@@ -69,6 +70,22 @@ SDFineTuneConfig = config_from_settings(
         Field(default=1, description="DataLoader workers per process (reading, tokenizing)."),
     ),
     sample_prompts=(int, Field(default=16, description="Prompts in the sample grid.")),
+    new_run=(
+        bool,
+        Field(
+            default=False,
+            description="Start a new run on the current manifest even if a run with these "
+            "settings is unfinished (its state is kept, listed under other_runs).",
+        ),
+    ),
+    remove_runs=(
+        list[str],
+        Field(
+            default=[],
+            description="Run ids (from other_runs) whose training states to delete before "
+            "training. Nothing else is ever deleted but a run's own older checkpoints.",
+        ),
+    ),
 )
 
 
@@ -132,7 +149,10 @@ def sd_checkpoints(
         num_workers=config.dataloader_workers,
         snapshot_meta={"variant": variant},
     )
-    context.log.info(f"{variant}: training on {len(shards)} shard(s) with {processes} process(es)")
+    removed = runs.remove_runs(store, job, config.remove_runs) if config.remove_runs else []
+    choice = runs.choose_run(store, job, new_run=config.new_run)
+    job = choice.job
+    context.log.info(f"{variant}: {choice.message}; {processes} process(es)")
     with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
         job_file = write_job(job, tmp)
         # torchrun would set one thread per process; keep the user's setting, else share.
@@ -148,7 +168,7 @@ def sd_checkpoints(
 
     truths = world.get().read_eval_prompts(sources.eval_prompts_path)[: config.sample_prompts]
     with store.local_dir(*SD_DIR, variant, "final") as local:
-        pipe = load_pipeline(local, device=compute.torch_device())
+        pipe = load_pipeline(local, device=compute.torch_device(), dtype=compute.torch_dtype())
     samples = generate(pipe, [t.prompt for t in truths], [SAMPLE_SEED] * len(truths))
     grid = image_grid(samples, columns=8, cell=64)
     store.write_bytes(grid, "reports", f"sd_{variant}_samples.png")
@@ -166,7 +186,16 @@ def sd_checkpoints(
             "dagster/uri": dg.MetadataValue.path(store.uri(*SD_DIR, variant, "final")),
             "variant": variant,
             "version": final_version,
-            "training_shards": len(shards),
+            "training_shards": len(job.data.shards),
+            "shards_waiting_for_next_run": len(set(shards) - set(job.data.shards)),
+            "run_id": job.fingerprint(),
+            "run": choice.action,
+            "run_message": choice.message,
+            "extended_from_step": run["extended_from_step"],
+            "micro_batch_size": run["micro_batch_size"],
+            # Kept until asked for (remove_runs): a retry never deletes another run's state.
+            "other_runs": typed_table([r.row() for r in choice.others]),
+            "removed_runs": dg.MetadataValue.json(removed),
             "training_corpus": corpus.version,
             "steps": train_config.steps,
             "processes": run["processes"],
@@ -234,6 +263,7 @@ def metric_reports(
         shards_root=sources.shards_root,
         shards=read_manifest(store).shards,
         device=compute.torch_device(),
+        dtype=compute.torch_dtype(),
         settings=settings_from_config(evaluation.EvalSettings, config),
         clip_model=models.clip or None,
         log=context.log.info,

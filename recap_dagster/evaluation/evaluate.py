@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
 from PIL import Image
 
 from recap_dagster.corpus.reading import iter_shard
@@ -35,7 +36,9 @@ class EvalSettings:
     guidance_scale: float = setting(5.0, "Classifier-free guidance scale.")
     num_inference_steps: int = setting(20, "Denoising steps per image.")
     seeds_per_prompt: int = setting(1, "Images per prompt (fixed seeds).")
-    batch_size: int = setting(100, "Images per pipeline call.")
+    batch_size: int = setting(
+        100, "Images per pipeline call (the VAE decodes them one at a time: sliced)."
+    )
     reference_images: int = setting(1000, "Real corpus images FID compares against.")
     evaluate_snapshots: bool = setting(
         True, "Also evaluate intermediate snapshots (metric vs steps)."
@@ -86,6 +89,7 @@ def evaluate_variant(
     shards_root: str,
     shards: Sequence[str],
     device: str,
+    dtype: torch.dtype | None = None,
     settings: EvalSettings,
     clip_model: str | None = None,
     log: Callable[[str], None] = lambda message: None,
@@ -104,7 +108,7 @@ def evaluate_variant(
     final_images: list[Image.Image] = []
     for snapshot in snapshots:
         with store.local_dir(*checkpoint_parts, variant, snapshot["name"]) as local:
-            pipe = load_pipeline(local, device=device)
+            pipe = load_pipeline(local, device=device, dtype=dtype)
         images = generate(
             pipe,
             [p.prompt for p in repeated],

@@ -246,6 +246,10 @@ def load_pipeline(
         kwargs["torch_dtype"] = dtype
     pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
+    # Decode one image at a time, and in tiles above the VAE's own size: a batch of 100
+    # SD images at 512 px would otherwise hold the whole batch's decoder activations.
+    pipe.vae.enable_slicing()
+    pipe.vae.enable_tiling()
     config_path = Path(path) / CONFIG_FILE
     if config_path.exists():
         data = json.loads(config_path.read_text(encoding="utf-8"))
@@ -262,7 +266,22 @@ def local_model_dir(path_or_id: str) -> str:
         raise ValueError("no base model configured")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path_or_id)
+    return snapshot_download(
+        path_or_id, allow_patterns=list(HUB_PATTERNS), ignore_patterns=list(HUB_IGNORED)
+    )
+
+
+#: What a pipeline needs of a hub repository: the diffusers folders' configs, tokenizer and
+#: full-precision safetensors, not the single-file checkpoints beside them (SD 1.5's repo
+#: holds several of 4-7 GB), .bin duplicates, fp16/non-EMA variants or the safety checker.
+HUB_PATTERNS = (
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/model.safetensors",
+    "*/diffusion_pytorch_model.safetensors",
+)
+HUB_IGNORED = ("safety_checker/*",)
 
 
 def save_pipeline(pipe, out_dir: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> str:

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from recap_dagster.storage.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.storage.root import Storage
+from recap_dagster.t2i import runs
 from recap_dagster.t2i.stream import CaptionSource, DataPosition, LatentStream, StreamSpec
 from recap_dagster.training.substrate import (
     Checkpoints,
@@ -55,6 +57,19 @@ from recap_dagster.training.substrate import (
 log = logging.getLogger(__name__)
 
 SNAPSHOTS_FILE = "snapshots.json"
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
+#: Settings a run may change between its attempts and still resume its state.
+RESUMABLE_ACROSS = (
+    "steps",
+    "micro_batch_size",
+    "gradient_checkpointing",
+    "ema_offload",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "snapshot_every",
+)
+#: A UNet over this many parameters is real-size: gradient checkpointing on by default.
+CHECKPOINTING_AUTO_PARAMETERS = 100_000_000
 # Bump when a change here changes the weights trained from the same data and settings:
 # Dagster then shows every fine-tune as stale (sd_checkpoints' code_version).
 CODE_VERSION = "1"
@@ -72,15 +87,37 @@ class TrainConfig:
     batch_size: int = setting(
         512, "Effective batch: micro_batch_size x processes x gradient accumulation."
     )
-    micro_batch_size: int = setting(64, "Images per process and forward pass.")
+    micro_batch_size: int = setting(
+        0,
+        "Images per process and forward pass. 0: the largest power of two that divides the "
+        "per-process batch and fits the GPU by the estimate of t2i/memory.py (64 on CPU).",
+    )
+    gradient_checkpointing: bool | None = setting(
+        None,
+        "Recompute activations in the backward pass (UNet and the trained text encoder): "
+        "about 30% slower, a fraction of the activation memory. None: on when the UNet has "
+        "over 100 M parameters (every real SD), off for the miniworld's.",
+    )
+    optimizer: str = setting(
+        "adamw",
+        "adamw (torch, foreach), adamw_fused (torch's fused kernel, CUDA and CPU) or "
+        "adamw_8bit (bitsandbytes' AdamW8bit: 2 bytes of state per parameter instead of 8).",
+    )
     prompt_dropout: float = setting(
         0.14, "Probability of training on the empty prompt (for classifier-free guidance)."
     )
     train_unet: bool = setting(True, "Train the UNet.")
     train_text_encoder: bool = setting(True, "Train the CLIP text encoder.")
     text_encoder_lr_scale: float = setting(1.0, "Text encoder lr = learning_rate x this.")
-    use_ema: bool = setting(False, "Keep an EMA of the weights; snapshots hold the EMA.")
+    use_ema: bool = setting(
+        False, "Keep an EMA of the weights (on the main process only); snapshots hold it."
+    )
     ema_decay: float = setting(0.9999, "EMA decay (diffusers' EMAModel).")
+    ema_offload: bool = setting(
+        False,
+        "Keep the EMA in CPU memory, moved to the GPU for each update (diffusers' "
+        "--offload_ema): saves a fp32 copy of the weights on the GPU.",
+    )
     lr_scheduler: str = setting(
         "constant_with_warmup",
         "LR schedule over the whole run after the warmup: constant, constant_with_warmup, "
@@ -111,14 +148,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_lr_scheduler(self.lr_scheduler)
-        if self.steps < 1 or self.micro_batch_size < 1:
-            raise ValueError("steps and micro_batch_size must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.steps < 1 or self.micro_batch_size < 0:
+            raise ValueError("steps must be >= 1 and micro_batch_size >= 0 (0: automatic)")
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError("nothing to train: train_unet and train_text_encoder are off")
 
-    def accumulation_steps(self, processes: int) -> int:
-        per_step = self.micro_batch_size * processes
-        if self.batch_size % per_step:
+    def accumulation_steps(self, processes: int, micro_batch_size: int | None = None) -> int:
+        per_step = (micro_batch_size or self.micro_batch_size) * processes
+        if not per_step or self.batch_size % per_step:
             raise ValueError(
                 f"batch_size {self.batch_size} must be a multiple of micro_batch_size x "
                 f"processes = {per_step}"
@@ -126,9 +165,12 @@ class TrainConfig:
         return self.batch_size // per_step
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed from (not its cadence)."""
+        """What a checkpoint must agree on to be resumed from. Not the run's length (a run
+        can be extended), nor what only changes how the same batches are computed (the
+        micro-batch, checkpointing, EMA placement: a run that ran out of memory resumes
+        with smaller micro-batches), nor the cadence of its saves."""
         data = asdict(self)
-        for key in ("checkpoint_every", "keep_checkpoints", "snapshot_every"):
+        for key in RESUMABLE_ACROSS:
             data.pop(key)
         return data
 
@@ -173,18 +215,32 @@ class TrainJob:
             }
         )
 
-    def fingerprint(self) -> str:
-        """The run's identity: a checkpoint of another one is never resumed from."""
+    def settings_key(self) -> str:
+        """What two runs must share for one to continue the other's state, whatever their
+        shard lists (see :mod:`recap_dagster.t2i.runs`)."""
         # Not the base model's path: it differs between machines; its weights' version
         # identifies it.
+        data = self.data.to_dict()
+        data.pop("shards")
         payload = {
             "base_version": self.base_version,
-            "data": self.data.to_dict(),
+            "data": data,
             "config": self.config.fingerprint(),
             "mixed_precision": self.mixed_precision,
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """The run's identity (its state folder): settings and shard list. A checkpoint of
+        another run is never resumed from."""
+        blob = json.dumps([self.settings_key(), list(self.data.shards)]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def run_parts(self) -> tuple[str, ...]:
+        """The run's state folder under the storage root."""
+        return (*self.state_parts, self.fingerprint())
 
 
 def training_stream(
@@ -218,6 +274,8 @@ class TrainResult:
     losses: list[float]  # one per optimizer step, from step 1 (including resumed ones)
     snapshots: list[dict[str, Any]]  # {"step", "name", "version"} in step order
     resumed_from: int | None  # checkpoint step resumed from, None for a fresh start
+    extended_from: int | None = None  # the step a finished run was extended from
+    micro_batch_size: int = 0  # as resolved (the setting may be 0: automatic)
     processes: int = 1
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # from the call to the end of the first optimizer step
@@ -249,6 +307,78 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, timesteps, scheduler, config
     return (per_sample * weight).mean()
 
 
+def use_gradient_checkpointing(config: TrainConfig, unet: torch.nn.Module) -> bool:
+    """The setting, or when unset: on for real-size UNets (over 100 M parameters)."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    return sum(p.numel() for p in unet.parameters()) > CHECKPOINTING_AUTO_PARAMETERS
+
+
+#: The automatic micro-batch on a CPU (no device memory to size it by).
+CPU_MICRO_BATCH = 64
+
+
+def resolve_micro_batch(
+    config: TrainConfig, processes: int, unet, text_encoder, device: torch.device
+) -> int:
+    """``micro_batch_size``, or when 0 the largest power of two that divides the
+    per-process batch and fits this GPU's free memory by :mod:`recap_dagster.t2i.memory`'s
+    estimate (at most 64 on a CPU)."""
+    if config.micro_batch_size:
+        return config.micro_batch_size
+    per_process = config.batch_size // processes
+    if per_process < 1 or config.batch_size % processes:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over {processes} processes"
+        )
+    limit = CPU_MICRO_BATCH
+    if device.type == "cuda":
+        from recap_dagster.t2i.memory import largest_micro_batch_for
+
+        limit = largest_micro_batch_for(config, unet, text_encoder, processes, device)
+        if limit < 1:
+            raise RuntimeError(
+                "even a micro-batch of 1 does not fit this GPU by the estimate: turn on "
+                "gradient_checkpointing, use adamw_8bit, ema_offload or bf16 (see "
+                "benchmarks/t2i_memory.py)"
+            )
+    size = 1
+    while size * 2 <= min(limit, per_process) and per_process % (size * 2) == 0:
+        size *= 2
+    return size
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW as the setting names it (all three take the same parameter groups)."""
+    kwargs = {"weight_decay": config.adam_weight_decay}
+    if config.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError(
+                "optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes"
+            ) from error
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    fused = config.optimizer == "adamw_fused"
+    return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
+
+
+def _archive_final(accelerator, job: TrainJob, entry: dict[str, Any]) -> dict[str, Any]:
+    """Before a finished run is extended, keep its final snapshot as ``step-N`` (the
+    extension writes ``final`` again); returns the renamed entry."""
+    name = f"step-{entry['step']:06d}"
+    if accelerator.is_main_process:
+        store = Storage(job.storage_root)
+        if not store.dir_complete(*job.snapshot_parts, name):
+            with (
+                store.local_dir(*job.snapshot_parts, FINAL) as final,
+                store.atomic_dir(*job.snapshot_parts, name) as staging,
+            ):
+                shutil.copytree(final, staging, dirs_exist_ok=True)
+    accelerator.wait_for_everyone()
+    return {**entry, "name": name}
+
+
 def train(
     job: TrainJob,
     *,
@@ -266,19 +396,14 @@ def train(
     seed_everything(config.seed)
     accelerator = make_accelerator(job.mixed_precision)
     processes, rank = accelerator.num_processes, accelerator.process_index
-    # Known only once the process group is up; accelerate then skips the optimizer step
-    # and the gradient sync on all but the last micro-batch of each step.
-    accum = config.accumulation_steps(processes)
-    accelerator.gradient_accumulation_steps = accum
     device = accelerator.device
     store = Storage(job.storage_root)
     fingerprint = job.fingerprint()
     checkpoints = Checkpoints(
-        store, *job.state_parts, fingerprint, fingerprint=fingerprint, keep=config.keep_checkpoints
+        store, *job.run_parts, fingerprint=fingerprint, keep=config.keep_checkpoints
     )
     if accelerator.is_main_process:
-        checkpoints.prune_other_runs(*job.state_parts)
-    accelerator.wait_for_everyone()
+        runs.record_start(store, job.run_parts, job)
 
     pipe = load_pipeline(job.base_model, device="cpu")
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
@@ -289,6 +414,18 @@ def train(
     scaling = float(pipe.vae.config.scaling_factor)
     unet.requires_grad_(config.train_unet).train(config.train_unet)
     text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
+    if use_gradient_checkpointing(config, unet):
+        if config.train_unet:
+            unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    micro_batch = resolve_micro_batch(config, processes, unet, text_encoder, device)
+    # Known only once the process group is up; accelerate then skips the optimizer step
+    # and the gradient sync on all but the last micro-batch of each step.
+    accum = config.accumulation_steps(processes, micro_batch)
+    accelerator.gradient_accumulation_steps = accum
     groups: list[dict[str, Any]] = []
     if config.train_unet:
         groups.append({"params": list(unet.parameters()), "lr": config.learning_rate})
@@ -296,9 +433,10 @@ def train(
         lr = config.learning_rate * config.text_encoder_lr_scale
         groups.append({"params": list(text_encoder.parameters()), "lr": lr})
     trained = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
+    optimizer = make_optimizer(config, groups)
     # Stepped by hand once per optimizer step over the whole run (accelerate's wrapper
-    # would step it once per process).
+    # would step it once per process). Its length is the run's current ``steps``: a run
+    # extended to more steps re-spans it (LambdaLR saves its step, not its length).
     scheduler = lr_schedule(
         config.lr_scheduler,
         optimizer,
@@ -307,12 +445,16 @@ def train(
     )
     accelerator.register_for_checkpointing(scheduler)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    # The EMA lives on the main process only (it alone writes snapshots): registered last,
+    # so the other processes' custom-state indices are the same without it.
     emas: list[tuple[Any, Any]] = []
-    if config.use_ema:
+    ema_device = torch.device("cpu") if config.ema_offload else device
+    if config.use_ema and accelerator.is_main_process:
         for model, on in ((unet, config.train_unet), (text_encoder, config.train_text_encoder)):
             if on:
-                ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay)
-                ema.to(device)
+                parameters = accelerator.unwrap_model(model).parameters()
+                ema = EMAModel(parameters, decay=config.ema_decay, foreach=True)
+                ema.to(ema_device)
                 accelerator.register_for_checkpointing(ema)
                 emas.append((ema, model))
 
@@ -320,20 +462,39 @@ def train(
     snapshots: list[dict[str, Any]] = []
     position = DataPosition()
     start_step, resumed_from = 0, None
+    extended_from = None
     latest = checkpoints.latest(up_to=config.steps)
     if latest is not None:
         checkpoints.load(accelerator, latest)
+        # accelerate restores its micro-step counter, counted with the accumulation of the
+        # run that saved it; states are saved between optimizer steps, so the next
+        # micro-batch starts a step whatever the process count now is.
+        accelerator.step = 0
+        # The optimizer's restored LR is the saved schedule's; take this run's (the same
+        # unless the run was extended to more steps: then the schedule re-spans).
+        scheduler.last_epoch -= 1
+        scheduler.step()
         for ema, _ in emas:  # accelerate restores custom state on the CPU
-            ema.to(device)
+            ema.to(ema_device)
         start_step = resumed_from = latest.step
         losses = list(latest.meta["losses"])
         snapshots = list(latest.meta["snapshots"])
         position = DataPosition(*latest.meta["position"])
+        if snapshots and snapshots[-1]["name"] == FINAL and config.steps > latest.step:
+            extended_from = latest.step
+            snapshots[-1] = _archive_final(accelerator, job, snapshots[-1])
+            log.info(
+                "extending the run from %d to %d steps; the %s schedule now spans %d steps",
+                latest.step,
+                config.steps,
+                config.lr_scheduler,
+                config.steps,
+            )
 
     stream = LatentStream(
         job.data,
         tokenizer,
-        micro_batch_size=config.micro_batch_size,
+        micro_batch_size=micro_batch,
         rank=rank,
         world_size=processes,
         start=position,
@@ -390,7 +551,11 @@ def train(
             truncated += batch["truncated"].to(device)
         scheduler.step()
         for ema, model in emas:
+            if config.ema_offload:  # as diffusers' --offload_ema: updated on the device
+                ema.to(device, non_blocking=True)
             ema.step(accelerator.unwrap_model(model).parameters())
+            if config.ema_offload:
+                ema.to(ema_device, non_blocking=True)
         # The global batch's loss: the mean over processes of each one's mean.
         value = float(accelerator.reduce(step_loss, reduction="mean"))
         if not math.isfinite(value):
@@ -417,6 +582,7 @@ def train(
         steady = (samples - config.batch_size) / max(time.time() - first_step_at, 1e-9)
     if accelerator.is_main_process:
         store.write_text(json.dumps(snapshots, indent=2), *job.snapshot_parts, SNAPSHOTS_FILE)
+        runs.record_finish(store, job.run_parts, config.steps)
     truncated_prompts = int(accelerator.reduce(truncated, reduction="sum"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -424,6 +590,8 @@ def train(
         losses=losses,
         snapshots=snapshots,
         resumed_from=resumed_from,
+        extended_from=extended_from,
+        micro_batch_size=micro_batch,
         processes=processes,
         seconds=time.perf_counter() - started,
         first_step_seconds=first_step_seconds,
@@ -496,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "processes": result.processes,
             "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
+            "extended_from_step": result.extended_from or 0,
+            "micro_batch_size": result.micro_batch_size,
+            "run_id": job.fingerprint(),
             "train_seconds": round(result.seconds, 1),
             "first_step_seconds": round(result.first_step_seconds, 2),
             "first_step_at": result.first_step_at,

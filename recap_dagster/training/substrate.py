@@ -184,15 +184,6 @@ class Checkpoints:
             accelerator.wait_for_everyone()
         log.info("resumed from %s", self._name(checkpoint.step))
 
-    def prune_other_runs(self, *parent: str) -> list[str]:
-        """Remove the states of other run configurations kept beside this one under
-        ``parent`` (a run's state dir is ``parent/<fingerprint>``); returns their names."""
-        others = [n for n in self.storage.listdir(*parent) if n != self.fingerprint]
-        for name in others:
-            log.warning("removing the training state of another run configuration: %s", name)
-            self.storage.remove_dir(*parent, name)
-        return others
-
 
 def from_main_process(accelerator, value: Any) -> Any:
     """``value`` as process 0 has it, in every process (a collective: all must call it)."""
