@@ -14,6 +14,7 @@ from recap_dagster.t2i.memory import (
     autocast_weight_bytes,
     estimate,
     largest_micro_batch,
+    largest_micro_batch_for,
     meta_models,
     optimizer_state_bytes,
     parameter_count,
@@ -35,19 +36,24 @@ def test_models_are_on_meta_and_static_bytes_follow_the_parameter_count(tiny) ->
     assert plain.parameters == count
     assert plain.weights == plain.gradients == 4 * count
     assert plain.optimizer == 8 * count  # exp_avg + exp_avg_sq, fp32
-    assert plain.optimizer_step_temporary == 4 * count  # foreach's sqrt of exp_avg_sq
-    assert plain.ema == plain.ddp_buckets == plain.autocast_weights == 0
+    # foreach's sqrt of exp_avg_sq, one parameter group (model) at a time
+    largest = max(parameter_count(unet), parameter_count(text_encoder))
+    assert plain.optimizer_step_temporary == 4 * largest
+    assert plain.ema == plain.ema_update_temporary == plain.ddp_buckets == 0
+    assert plain.autocast_weights == 0
     assert plain.overhead == CUDA_OVERHEAD_BYTES
 
     # The same activations serve every setup with checkpointing off, in fp32.
     line = plain.activations
     ema = estimate(unet, text_encoder, TrainSetup(use_ema=True, processes=2), activations=line)
     assert ema.ema == 4 * count and ema.ddp_buckets == ema.gradients
-    assert ema.total(2) == plain.total(2) + 8 * count
+    assert ema.static == plain.static + 8 * count
+    assert ema.ema_update_temporary == 4 * count  # EMAModel's foreach step
     offloaded = estimate(
         unet, text_encoder, TrainSetup(use_ema=True, ema_offload=True), activations=line
     )
-    assert offloaded.ema == 0
+    # Off the GPU between updates; on it (plus the temporary) during one.
+    assert offloaded.ema == 0 and offloaded.ema_update_temporary == 8 * count
     fused = estimate(unet, text_encoder, TrainSetup(optimizer="adamw_fused"), activations=line)
     tensors = len(list(unet.parameters())) + len(list(text_encoder.parameters()))
     assert fused.optimizer == 8 * count + 4 * tensors and fused.optimizer_step_temporary == 0
@@ -118,6 +124,51 @@ def test_meta_measurement_matches_a_real_cpu_forward() -> None:
             meta_unet, meta_text, micro_batch=2, gradient_checkpointing=checkpointing
         )
         assert real == meta
+    # The measurement leaves the modules as it found them (the trainer's are measured
+    # with its own settings on).
+    assert not unet.is_gradient_checkpointing and not text_encoder.is_gradient_checkpointing
+    unet.enable_gradient_checkpointing()
+    unet.eval().requires_grad_(False)
+    saved_activation_bytes(unet, text_encoder, micro_batch=1)
+    assert unet.is_gradient_checkpointing and not unet.training
+    assert not any(p.requires_grad for p in unet.parameters())
+
+
+def test_a_frozen_text_encoder_has_no_gradients_states_or_activations(tiny) -> None:
+    unet, text_encoder = tiny
+    both = estimate(unet, text_encoder, TrainSetup())
+    unet_only = estimate(unet, text_encoder, TrainSetup(train_text_encoder=False))
+    assert unet_only.weights == both.weights  # still on the GPU
+    assert unet_only.gradients == 4 * parameter_count(unet)
+    assert unet_only.optimizer == 8 * parameter_count(unet)
+    assert unet_only.activations.per_sample < both.activations.per_sample
+
+
+def test_trainer_bound_uses_the_models_configs_and_the_free_memory(tiny, monkeypatch) -> None:
+    """The trainer's automatic micro-batch: real (CPU) models in, meta copies measured."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from recap_dagster.t2i.train import TrainConfig
+
+    unet = UNet2DConditionModel(**TINY_UNET)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
+    unet.enable_gradient_checkpointing()
+    config = TrainConfig(optimizer="adamw_8bit", use_ema=True, ema_offload=True)
+    expected = estimate(
+        *tiny,
+        TrainSetup(
+            optimizer="adamw_8bit",
+            gradient_checkpointing=True,
+            use_ema=True,
+            ema_offload=True,
+            processes=2,
+        ),
+    )
+    free = expected.total(7) + 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    bound = largest_micro_batch_for(config, unet, text_encoder, 2, torch.device("cuda"))
+    assert bound == largest_micro_batch(expected, free) >= 7
 
 
 def test_bf16_counts_cast_weight_copies_and_halves_matmul_outputs(tiny) -> None:

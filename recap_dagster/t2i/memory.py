@@ -70,6 +70,8 @@ class TrainSetup:
     use_ema: bool = False
     ema_offload: bool = False
     processes: int = 1
+    train_unet: bool = True
+    train_text_encoder: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -107,6 +109,7 @@ class MemoryEstimate:
     optimizer: int
     optimizer_step_temporary: int  # only during optimizer.step(), when activations are freed
     ema: int
+    ema_update_temporary: int  # only during the EMA update, after the optimizer step
     ddp_buckets: int
     overhead: int
     activations: ActivationEstimate
@@ -125,11 +128,14 @@ class MemoryEstimate:
         )
 
     def total(self, micro_batch: int) -> int:
-        """Peak bytes at ``micro_batch``: the backward's (activations live) or the
-        optimizer step's (activations freed, its temporary live), whichever is larger."""
+        """Peak bytes at ``micro_batch``: the end of the forward (activations and gradients
+        both counted whole: exact under gradient accumulation, an upper bound for a single
+        micro-batch, whose backward frees activations as gradients appear), or the optimizer
+        step / EMA update (activations freed, their temporaries live), the largest."""
         # The autocast copies are gone by the optimizer step (the cache is cleared when the
         # forward's autocast region exits and the backward frees the saved ones).
-        step_peak = self.static - self.autocast_weights + self.optimizer_step_temporary
+        after = self.static - self.autocast_weights
+        step_peak = after + max(self.optimizer_step_temporary, self.ema_update_temporary)
         return max(self.static + self.activations.at(micro_batch), step_peak)
 
     def components(self, micro_batch: int) -> dict[str, int]:
@@ -140,6 +146,7 @@ class MemoryEstimate:
             "optimizer": self.optimizer,
             "optimizer_step_temporary": self.optimizer_step_temporary,
             "ema": self.ema,
+            "ema_update_temporary": self.ema_update_temporary,
             "ddp_buckets": self.ddp_buckets,
             "overhead": self.overhead,
             "activations": self.activations.at(micro_batch),
@@ -184,11 +191,12 @@ def optimizer_state_bytes(parameters: Iterable[torch.Tensor], optimizer: str) ->
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
 
 
-def optimizer_step_temporary_bytes(parameters: Iterable[torch.Tensor], optimizer: str) -> int:
+def optimizer_step_temporary_bytes(groups: Iterable[Iterable[torch.Tensor]], optimizer: str) -> int:
     """Peak temporary of one ``optimizer.step()``: the foreach AdamW's ``_foreach_sqrt`` of
-    all ``exp_avg_sq`` at once; the fused kernels work in place."""
+    a parameter group's ``exp_avg_sq`` (groups are stepped one after the other, so the
+    largest group's); the fused kernels work in place."""
     if optimizer == "adamw":
-        return sum(4 * p.numel() for p in parameters)
+        return max((sum(4 * p.numel() for p in group) for group in groups), default=0)
     return 0
 
 
@@ -244,7 +252,7 @@ class _EmulatedAutocast(torch.overrides.TorchFunctionMode):
     """CUDA autocast's casts at the Python level, above autograd, as the real one sits
     above it in the dispatcher (autocast does not run on the meta device): matmul-like ops
     in ``dtype``, normalisations, softmax and the loss in float32, the rest as they come.
-    Casts of parameters are cached per forward as autocast's weight cache does."""
+    Casts of trained parameters are cached per forward as autocast's weight cache does."""
 
     def __init__(self, dtype: torch.dtype, parameters: set[int]) -> None:
         super().__init__()
@@ -258,7 +266,7 @@ class _EmulatedAutocast(torch.overrides.TorchFunctionMode):
             return value
         if value.dtype == dtype:
             return value
-        if id(value) in self.parameters:
+        if id(value) in self.parameters and value.requires_grad:  # autocast caches these
             if id(value) not in self.cache:
                 self.cache[id(value)] = value.to(dtype)
                 self.copy_ids.add(id(self.cache[id(value)]))
@@ -301,11 +309,18 @@ class SavedBytes:
     largest_unit: int
 
 
-def _set_checkpointing(unet: torch.nn.Module, text_encoder: Any, on: bool) -> None:
-    # transformers 5 renamed gradient_checkpointing_enable (same implementation, the old
-    # name warns); the non-reentrant checkpoint is the trainer's choice either way.
+def _grad_flags(module: torch.nn.Module) -> list[bool]:
+    return [p.requires_grad for p in module.parameters()]
+
+
+def _set_checkpointing(unet: Any, text_encoder: Any, on: bool, text_on: bool | None = None) -> None:
     if on:
         unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    # transformers 5 renamed gradient_checkpointing_enable (same implementation, the old
+    # name warns); the non-reentrant checkpoint is the trainer's choice either way.
+    if on if text_on is None else text_on:
         if hasattr(text_encoder, "activation_checkpointing_enable"):
             text_encoder.activation_checkpointing_enable({"use_reentrant": False})
         else:
@@ -313,7 +328,6 @@ def _set_checkpointing(unet: torch.nn.Module, text_encoder: Any, on: bool) -> No
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     else:
-        unet.disable_gradient_checkpointing()
         if hasattr(text_encoder, "activation_checkpointing_disable"):
             text_encoder.activation_checkpointing_disable()
         else:
@@ -327,8 +341,14 @@ def saved_activation_bytes(
     micro_batch: int,
     gradient_checkpointing: bool = False,
     mixed_precision: str = "no",
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
 ) -> SavedBytes:
     """Run the trainer's forward on meta tensors and sum what autograd saves.
+
+    As the trainer: a model not trained has no gradients, a text encoder not trained
+    runs under ``no_grad``. The modules' modes, gradient flags and checkpointing are
+    restored afterwards.
 
     Saved tensors are deduplicated by the tensor whose storage they view (a saved view
     keeps its whole base alive), parameters are left out (counted as weights). It is an
@@ -336,8 +356,12 @@ def saved_activation_bytes(
     allocator's rounding are not in it; attention is counted as the flash kernels save it.
     """
     low = TrainSetup(mixed_precision=mixed_precision).low_precision
-    unet.train()
-    text_encoder.train()
+    before = [(m, m.training, _grad_flags(m)) for m in (unet, text_encoder)]
+    was_checkpointing = [
+        bool(getattr(m, "is_gradient_checkpointing", False)) for m in (unet, text_encoder)
+    ]
+    unet.requires_grad_(train_unet).train()
+    text_encoder.requires_grad_(train_text_encoder).train()
     params = {id(p) for m in (unet, text_encoder) for p in m.parameters()}
     saved: dict[int, int] = {}
     keep: list[torch.Tensor] = []  # keeps ids unique while counting
@@ -382,13 +406,18 @@ def saved_activation_bytes(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             emulated if emulated is not None else contextlib.nullcontext(),
         ):
-            hidden = text_encoder(ids, return_dict=False)[0]
+            with contextlib.nullcontext() if train_text_encoder else torch.no_grad():
+                hidden = text_encoder(ids, return_dict=False)[0]
             pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), torch.zeros_like(pred, dtype=torch.float32))
     finally:
         for hook in hooks:
             hook.remove()
-        _set_checkpointing(unet, text_encoder, False)
+        for module, training, flags in before:
+            module.train(training)
+            for parameter, flag in zip(module.parameters(), flags, strict=True):
+                parameter.requires_grad_(flag)
+        _set_checkpointing(unet, text_encoder, *was_checkpointing)
     del loss
     cached = emulated.cache.values() if emulated is not None else ()
     return SavedBytes(
@@ -404,6 +433,8 @@ def activation_estimate(
     *,
     gradient_checkpointing: bool = False,
     mixed_precision: str = "no",
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
 ) -> ActivationEstimate:
     """Activation bytes as a line in the micro-batch, from measurements at 1 and 2.
 
@@ -411,7 +442,12 @@ def activation_estimate(
     saved bytes, measured without checkpointing at the same micro-batch)."""
     measured: dict[int, int] = {}
     for micro_batch in (1, 2):
-        kwargs = {"micro_batch": micro_batch, "mixed_precision": mixed_precision}
+        kwargs = {
+            "micro_batch": micro_batch,
+            "mixed_precision": mixed_precision,
+            "train_unet": train_unet,
+            "train_text_encoder": train_text_encoder,
+        }
         plain = saved_activation_bytes(unet, text_encoder, **kwargs)
         if gradient_checkpointing:
             kept = saved_activation_bytes(unet, text_encoder, gradient_checkpointing=True, **kwargs)
@@ -423,13 +459,24 @@ def activation_estimate(
 
 
 def autocast_weight_bytes(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module, mixed_precision: str
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    mixed_precision: str,
+    *,
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
 ) -> int:
-    """Bytes of the low-precision weight copies autocast makes in one forward (0 in fp32)."""
+    """Bytes of the low-precision copies of trained weights autocast caches in one
+    forward (0 in fp32)."""
     if TrainSetup(mixed_precision=mixed_precision).low_precision is None:
         return 0
     return saved_activation_bytes(
-        unet, text_encoder, micro_batch=1, mixed_precision=mixed_precision
+        unet,
+        text_encoder,
+        micro_batch=1,
+        mixed_precision=mixed_precision,
+        train_unet=train_unet,
+        train_text_encoder=train_text_encoder,
     ).autocast_weights
 
 
@@ -445,28 +492,40 @@ def estimate(
 
     ``activations`` / ``autocast_weights``, when given, are reused measurements for the
     same checkpointing and precision (they cost a few meta forwards each)."""
-    trained = [p for m in (unet, text_encoder) for p in m.parameters()]
+    flags = {"train_unet": setup.train_unet, "train_text_encoder": setup.train_text_encoder}
+    groups = [
+        list(model.parameters())
+        for model, on in ((unet, setup.train_unet), (text_encoder, setup.train_text_encoder))
+        if on
+    ]
+    trained = [p for group in groups for p in group]
     count = sum(p.numel() for p in trained)
-    weights = 4 * count
+    # Frozen models stay on the GPU too (fp32, as the trainer loads them).
+    weights = 4 * parameter_count(unet, text_encoder)
     gradients = 4 * count
     if autocast_weights is None:
-        autocast_weights = autocast_weight_bytes(unet, text_encoder, setup.mixed_precision)
+        autocast_weights = autocast_weight_bytes(unet, text_encoder, setup.mixed_precision, **flags)
     if activations is None:
         activations = activation_estimate(
             unet,
             text_encoder,
             gradient_checkpointing=setup.gradient_checkpointing,
             mixed_precision=setup.mixed_precision,
+            **flags,
         )
-    ema = 4 * count if setup.use_ema and not setup.ema_offload else 0
+    ema = 4 * count if setup.use_ema else 0
+    # diffusers' EMAModel(foreach=True).step makes a shadow-size temporary
+    # (``_foreach_sub``); an offloaded EMA is also moved to the GPU for the update.
+    ema_update = ema + (ema if setup.ema_offload else 0)
     return MemoryEstimate(
         parameters=count,
         weights=weights,
         autocast_weights=autocast_weights,
         gradients=gradients,
         optimizer=optimizer_state_bytes(trained, setup.optimizer),
-        optimizer_step_temporary=optimizer_step_temporary_bytes(trained, setup.optimizer),
-        ema=ema,
+        optimizer_step_temporary=optimizer_step_temporary_bytes(groups, setup.optimizer),
+        ema=0 if setup.ema_offload else ema,
+        ema_update_temporary=ema_update,
         ddp_buckets=gradients if setup.processes > 1 else 0,
         overhead=CUDA_OVERHEAD_BYTES,
         activations=activations,
@@ -484,3 +543,41 @@ def largest_micro_batch(estimate: MemoryEstimate, capacity_bytes: int) -> int:
     while micro_batch > 1 and estimate.total(micro_batch) > capacity_bytes:
         micro_batch -= 1
     return int(micro_batch)
+
+
+def largest_micro_batch_for(
+    config: Any,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    processes: int,
+    device: torch.device,
+    *,
+    mixed_precision: str = "no",
+) -> int:
+    """The trainer's automatic micro-batch bound: the largest that fits ``device``'s free
+    memory by this estimate, for a ``TrainConfig`` and its (CPU-loaded) models.
+
+    Meta copies are built from the models' configs (nothing allocated, the models are not
+    run); checkpointing is read off the models, where the trainer has set it. fp32 unless
+    ``mixed_precision`` says otherwise (bf16 only lowers the estimate)."""
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        meta_unet = type(unet).from_config(unet.config)
+        meta_text = CLIPTextModel(text_encoder.config)
+    checkpointing = bool(
+        getattr(unet, "is_gradient_checkpointing", False)
+        or getattr(text_encoder, "is_gradient_checkpointing", False)
+    )
+    setup = TrainSetup(
+        optimizer=config.optimizer,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=checkpointing,
+        use_ema=config.use_ema,
+        ema_offload=config.ema_offload,
+        processes=processes,
+        train_unet=config.train_unet,
+        train_text_encoder=config.train_text_encoder,
+    )
+    free, _ = torch.cuda.mem_get_info(device)
+    return largest_micro_batch(estimate(meta_unet, meta_text, setup), free)
