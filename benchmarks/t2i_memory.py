@@ -118,19 +118,20 @@ def print_estimates(key: str, args: argparse.Namespace) -> None:
         f"Latents {shapes.unet['in_channels']}x{size}x{size} ({8 * size} px), "
         f"{shapes.text_encoder['max_position_embeddings']} tokens."
     )
-    print("activations (GiB; saved for the backward, flash-attention style):")
-    print(f"  {'precision':<9} {'checkpointing':<13} {'per sample':>10} {'intercept':>9}")
+    print("activations (saved for the backward, flash-attention style; with checkpointing")
+    print("plus the largest block the backward recomputes):")
+    print(f"  {'precision':<9} {'checkpointing':<13} {'GiB/sample':>10} {'intercept MiB':>13}")
     for precision in args.precision:
         for checkpointing in args.checkpointing:
             line = estimator.line(checkpointing == "on", precision)
             print(
                 f"  {precision:<9} {checkpointing:<13} {gib(line.per_sample):>10} "
-                f"{gib(line.intercept):>9}"
+                f"{line.intercept / 2**20:>13.1f}"
             )
     header = (
-        f"  {'prec':<4} {'ema':<3} {'optimizer':<10} {'ckpt':<4} | {'weights':>7} "
-        f"{'ac-copy':>7} {'grads':>6} {'optim':>6} {'ema':>6} {'ovh':>6} {'act@1':>6} "
-        f"{'tot@1':>6} | " + " ".join(f"{c:>4}G" for c in CAPACITIES_GIB)
+        f"  {'prec':<4} {'ema':<7} {'optimizer':<10} {'ckpt':<4} | {'weights':>7} "
+        f"{'ac-copy':>7} {'grads':>6} {'optim':>6} {'ema':>6} {'ovh':>6} {'step+':>6} "
+        f"{'act@1':>6} {'tot@1':>6} | " + " ".join(f"{c:>4}G" for c in CAPACITIES_GIB)
     )
     print("per process (GiB; max micro-batch that fits each capacity, 0 = none):")
     print(header)
@@ -142,25 +143,28 @@ def print_estimates(key: str, args: argparse.Namespace) -> None:
                         optimizer=optimizer,
                         mixed_precision=precision,
                         gradient_checkpointing=checkpointing == "on",
-                        use_ema=ema == "on",
+                        use_ema=ema != "off",
+                        ema_offload=ema == "offload",
                     )
                     result = estimator(setup)
+                    step = max(result.optimizer_step_temporary, result.ema_update_temporary)
                     fits = " ".join(
                         f"{largest_micro_batch(result, c * GIB):>5}" for c in CAPACITIES_GIB
                     )
                     print(
-                        f"  {precision:<4} {ema:<3} {optimizer:<10} {checkpointing:<4} | "
+                        f"  {precision:<4} {ema:<7} {optimizer:<10} {checkpointing:<4} | "
                         f"{gib(result.weights):>7} {gib(result.autocast_weights):>7} "
                         f"{gib(result.gradients):>6} {gib(result.optimizer):>6} "
-                        f"{gib(result.ema):>6} {gib(result.overhead):>6} "
+                        f"{gib(result.ema):>6} {gib(result.overhead):>6} {gib(step):>6} "
                         f"{gib(result.activations.at(1)):>6} {gib(result.total(1)):>6} | {fits}"
                     )
     grads = 4 * (unet_n + text_n)
     print(
+        f"step+: the optimizer step's / EMA update's temporary (foreach AdamW's sqrt of the "
+        f"UNet group's exp_avg_sq; EMAModel's foreach step), live once the activations are "
+        f"freed: tot = max(static + act, static - ac-copy + step+).\n"
         f"DDP (processes > 1) adds its gradient buckets, about one more gradient copy: "
-        f"+{grads / GIB:.2f} GiB per process. Foreach AdamW's step makes a "
-        f"{grads / GIB:.2f} GiB temporary after the backward (counted; below the backward's "
-        f"peak here). ({time.perf_counter() - started:.1f} s)"
+        f"+{grads / GIB:.2f} GiB per process. ({time.perf_counter() - started:.1f} s)"
     )
 
 
@@ -173,7 +177,9 @@ import json, resource, sys, time
 import torch
 from recap_dagster.t2i.train import TrainJob, train
 job = TrainJob.from_json(open(sys.argv[1]).read())
-seen = {}
+# The interpreter and libraries, before any model: VmRSS now (ru_maxrss is a peak).
+status = open("/proc/self/status").read().split("VmRSS:")[1]
+seen = {"baseline_kib": int(status.split()[0])}
 def progress(step, steps, loss, rate):
     seen["step_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seen["step_at"] = time.perf_counter()
@@ -322,12 +328,13 @@ def real_step(args: argparse.Namespace) -> None:
     from recap_dagster.t2i.train import TrainConfig
 
     shapes = SHAPES[args.shape]
-    precision, optimizer, ema = args.precision[0], args.optimizer[0], args.ema[0] == "on"
+    precision, optimizer = args.precision[0], args.optimizer[0]
+    ema, offload = args.ema[0] != "off", args.ema[0] == "offload"
     on_gpu = torch.cuda.is_available()
     tmp = Path(tempfile.mkdtemp(prefix="recap-t2i-memory-"))
     print(
         f"{shapes.name} real step in {tmp} ({'GPU' if on_gpu else 'CPU'}; precision "
-        f"{precision}, {optimizer}, EMA {'on' if ema else 'off'}, micro-batch 1)"
+        f"{precision}, {optimizer}, EMA {args.ema[0]}, micro-batch 1)"
     )
     started = time.perf_counter()
     model = build_pipeline_dir(tmp, shapes)
@@ -335,8 +342,6 @@ def real_step(args: argparse.Namespace) -> None:
     print(f"  built the pipeline and the cache in {time.perf_counter() - started:.1f} s")
     estimator = Estimator(shapes)
     for checkpointing in (False, True):
-        # The trainer's new fields (gradient_checkpointing, optimizer): a TrainConfig
-        # without them fails here, loudly.
         config = TrainConfig(
             steps=1,
             batch_size=1,
@@ -344,6 +349,7 @@ def real_step(args: argparse.Namespace) -> None:
             checkpoint_every=0,
             snapshot_every=0,
             use_ema=ema,
+            ema_offload=offload,
             gradient_checkpointing=checkpointing,
             optimizer=optimizer,
         )
@@ -357,6 +363,7 @@ def real_step(args: argparse.Namespace) -> None:
                 mixed_precision=precision,
                 gradient_checkpointing=checkpointing,
                 use_ema=ema,
+                ema_offload=offload,
             )
         )
         label = f"  checkpointing {'on ' if checkpointing else 'off'}:"
@@ -370,12 +377,16 @@ def real_step(args: argparse.Namespace) -> None:
         # On a CPU the process also holds the interpreter, torch and the VAE, and no CUDA
         # context: compare RSS with the estimate less its CUDA overhead.
         without = guess.total(1) - guess.overhead
+        base = result["baseline_kib"]
         print(
             f"{label} step {result['step_s']:.1f} s, loss {result['loss']:.4f}; peak RSS "
             f"after the step {result['step_kib'] / 2**20:.2f} GiB, over the run (with the "
             f"final snapshot + state, {result['after_step_s']:.1f} s) "
-            f"{result['peak_kib'] / 2**20:.2f} GiB; estimate {without / GIB:.2f} GiB "
-            f"without the CUDA overhead ({guess.total(1) / GIB:.2f} GiB with it)"
+            f"{result['peak_kib'] / 2**20:.2f} GiB; above the interpreter's "
+            f"{base / 2**20:.2f} GiB before any model: "
+            f"{(result['step_kib'] - base) / 2**20:.2f} / {(result['peak_kib'] - base) / 2**20:.2f}"
+            f" GiB. Estimate {without / GIB:.2f} GiB without the CUDA overhead "
+            f"({guess.total(1) / GIB:.2f} GiB with it; the CPU process also holds the VAE)"
         )
         if "cuda_allocated" in result:
             print(
@@ -395,7 +406,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["sd15", "sd21"])
     parser.add_argument("--precision", nargs="+", choices=("no", "bf16"), default=["no", "bf16"])
-    parser.add_argument("--ema", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--ema", nargs="+", choices=("off", "on", "offload"), default=["off", "on"])
     parser.add_argument(
         "--optimizer",
         nargs="+",
