@@ -161,8 +161,9 @@ def print_estimates(key: str, args: argparse.Namespace) -> None:
     grads = 4 * (unet_n + text_n)
     print(
         f"step+: the optimizer step's / EMA update's temporary (foreach AdamW's sqrt of the "
-        f"UNet group's exp_avg_sq; EMAModel's foreach step), live once the activations are "
-        f"freed: tot = max(static + act, static - ac-copy + step+).\n"
+        f"UNet group's exp_avg_sq; the UNet EMAModel's foreach step, plus its shadow when "
+        f"offloaded), live once the activations are freed:\n"
+        f"tot = max(static + act, static - ac-copy + step+).\n"
         f"DDP (processes > 1) adds its gradient buckets, about one more gradient copy: "
         f"+{grads / GIB:.2f} GiB per process. ({time.perf_counter() - started:.1f} s)"
     )

@@ -9,6 +9,7 @@ from recap_dagster.t2i.memory import (
     BNB_MIN_8BIT_SIZE,
     BNB_QMAP_BYTES,
     CUDA_OVERHEAD_BYTES,
+    ActivationEstimate,
     TrainSetup,
     activation_estimate,
     autocast_weight_bytes,
@@ -28,11 +29,17 @@ def tiny() -> tuple[torch.nn.Module, torch.nn.Module]:
     return meta_models(TINY_UNET, TINY_TEXT_ENCODER)
 
 
-def test_models_are_on_meta_and_static_bytes_follow_the_parameter_count(tiny) -> None:
+@pytest.fixture(scope="module")
+def fp32_line(tiny) -> ActivationEstimate:
+    """Activations in fp32 without checkpointing (measured once: a few meta forwards)."""
+    return activation_estimate(*tiny)
+
+
+def test_models_are_on_meta_and_static_bytes_follow_the_parameter_count(tiny, fp32_line) -> None:
     unet, text_encoder = tiny
     assert all(p.is_meta for m in tiny for p in m.parameters())
     count = parameter_count(unet, text_encoder)
-    plain = estimate(unet, text_encoder, TrainSetup())
+    plain = estimate(unet, text_encoder, TrainSetup(), activations=fp32_line)
     assert plain.parameters == count
     assert plain.weights == plain.gradients == 4 * count
     assert plain.optimizer == 8 * count  # exp_avg + exp_avg_sq, fp32
@@ -48,12 +55,12 @@ def test_models_are_on_meta_and_static_bytes_follow_the_parameter_count(tiny) ->
     ema = estimate(unet, text_encoder, TrainSetup(use_ema=True, processes=2), activations=line)
     assert ema.ema == 4 * count and ema.ddp_buckets == ema.gradients
     assert ema.static == plain.static + 8 * count
-    assert ema.ema_update_temporary == 4 * count  # EMAModel's foreach step
+    assert ema.ema_update_temporary == 4 * largest  # one model's EMAModel foreach step
     offloaded = estimate(
         unet, text_encoder, TrainSetup(use_ema=True, ema_offload=True), activations=line
     )
     # Off the GPU between updates; on it (plus the temporary) during one.
-    assert offloaded.ema == 0 and offloaded.ema_update_temporary == 8 * count
+    assert offloaded.ema == 0 and offloaded.ema_update_temporary == 8 * largest
     fused = estimate(unet, text_encoder, TrainSetup(optimizer="adamw_fused"), activations=line)
     tensors = len(list(unet.parameters())) + len(list(text_encoder.parameters()))
     assert fused.optimizer == 8 * count + 4 * tensors and fused.optimizer_step_temporary == 0
@@ -92,26 +99,32 @@ def test_8bit_states_are_a_quarter_of_fp32_plus_block_scales(tiny) -> None:
     assert 0.25 < ratio < 0.3
 
 
-def test_checkpointing_reduces_activations(tiny) -> None:
+def test_checkpointing_reduces_activations(tiny, fp32_line) -> None:
     for precision in ("no", "bf16"):
-        plain = activation_estimate(*tiny, mixed_precision=precision)
+        plain = (
+            fp32_line if precision == "no" else activation_estimate(*tiny, mixed_precision="bf16")
+        )
         kept = activation_estimate(*tiny, gradient_checkpointing=True, mixed_precision=precision)
         assert 0 < kept.per_sample < plain.per_sample / 2
         assert kept.at(4) < plain.at(4)
 
 
-def test_activations_grow_linearly_with_the_micro_batch(tiny) -> None:
-    line = activation_estimate(*tiny)
+def test_activations_grow_linearly_with_the_micro_batch(tiny, fp32_line) -> None:
+    line = fp32_line
     assert line.per_sample > 0
     measured = saved_activation_bytes(*tiny, micro_batch=4).activations
     assert measured == pytest.approx(line.intercept + 4 * line.per_sample, rel=0.01)
 
 
-def test_meta_measurement_matches_a_real_cpu_forward() -> None:
+def test_meta_measurement_matches_a_real_cpu_forward(request: pytest.FixtureRequest) -> None:
     """Meta tensors propagate the shapes a real forward saves: same bytes on CPU."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    # One thread: on a shared 2-core machine more made this tiny forward 30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
@@ -171,7 +184,7 @@ def test_trainer_bound_uses_the_models_configs_and_the_free_memory(tiny, monkeyp
     assert bound == largest_micro_batch(expected, free) >= 7
 
 
-def test_bf16_counts_cast_weight_copies_and_halves_matmul_outputs(tiny) -> None:
+def test_bf16_counts_cast_weight_copies_and_halves_matmul_outputs(tiny, fp32_line) -> None:
     unet, text_encoder = tiny
     bf16 = estimate(unet, text_encoder, TrainSetup(mixed_precision="bf16"))
     assert bf16.autocast_weights == autocast_weight_bytes(unet, text_encoder, "bf16") > 0
@@ -183,12 +196,12 @@ def test_bf16_counts_cast_weight_copies_and_halves_matmul_outputs(tiny) -> None:
         for p in m.parameters(recurse=False)
     )
     assert bf16.autocast_weights == 2 * cast
-    fp32 = activation_estimate(unet, text_encoder)
+    fp32 = fp32_line
     assert fp32.per_sample / 2 <= bf16.activations.per_sample < fp32.per_sample
 
 
-def test_largest_micro_batch_is_the_last_that_fits(tiny) -> None:
-    plain = estimate(*tiny, TrainSetup())
+def test_largest_micro_batch_is_the_last_that_fits(tiny, fp32_line) -> None:
+    plain = estimate(*tiny, TrainSetup(), activations=fp32_line)
     capacity = plain.total(5) + plain.activations.per_sample // 2
     assert largest_micro_batch(plain, capacity) == 5
     assert plain.total(5) <= capacity < plain.total(6)

@@ -514,9 +514,11 @@ def estimate(
             **flags,
         )
     ema = 4 * count if setup.use_ema else 0
-    # diffusers' EMAModel(foreach=True).step makes a shadow-size temporary
-    # (``_foreach_sub``); an offloaded EMA is also moved to the GPU for the update.
-    ema_update = ema + (ema if setup.ema_offload else 0)
+    # One EMAModel per trained model, updated one after the other: its foreach step makes
+    # a shadow-size temporary (``_foreach_sub``), and an offloaded shadow is on the GPU for
+    # its update too. So the largest model's, once or twice.
+    largest = 4 * max((sum(p.numel() for p in group) for group in groups), default=0)
+    ema_update = (largest * (2 if setup.ema_offload else 1)) if setup.use_ema else 0
     return MemoryEstimate(
         parameters=count,
         weights=weights,
