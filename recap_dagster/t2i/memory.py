@@ -4,16 +4,20 @@ The models are built on the meta device (shapes only, nothing allocated) and the
 follow what :mod:`recap_dagster.t2i.train` holds on each GPU (the VAE stays on the CPU:
 the trainer reads cached latents):
 
-- weights: the fp32 master weights of both models; under bf16/fp16 mixed precision
-  autocast also caches a low-precision copy of every weight it casts (linear and conv
-  weights and biases) for the whole forward (they are saved for the backward too);
-- gradients: fp32, one per trained parameter;
+- weights: the fp32 master weights of both models (a frozen one stays on the GPU too);
+  under bf16/fp16 mixed precision autocast also caches a low-precision copy of every
+  trained weight it casts (linear and conv weights and biases) for the whole forward
+  (they are saved for the backward too);
+- gradients: fp32, one per trained parameter, counted whole beside the activations
+  (exact under gradient accumulation, an upper bound for one micro-batch per step);
 - optimizer states: torch AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in fp32; the
   default (foreach) implementation also makes one state-size temporary during
   ``step()`` (``_foreach_sqrt``), the fused one keeps a device ``step`` scalar per
   tensor instead; bitsandbytes AdamW8bit keeps both states as uint8 with one fp32
   absmax per 256-element block, and 32-bit states for tensors under 4,096 elements;
-- EMA: one fp32 copy (diffusers' ``EMAModel``) on the GPU, none when offloaded;
+- EMA: one fp32 copy (diffusers' ``EMAModel``, one per trained model) on the main
+  process's GPU, none between updates when offloaded; its foreach update makes one
+  model-size temporary (and brings an offloaded shadow back for it);
 - DDP: with several processes, its gradient buckets are about one more gradient-size
   buffer (``gradient_as_bucket_view`` off, the default): an approximation;
 - activations: measured by running the training forward (text encoder, UNet, MSE loss)
@@ -46,7 +50,7 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 ALLOCATOR_SLACK_BYTES = 512 * 2**20
 CUDA_OVERHEAD_BYTES = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK_BYTES
 
-OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")  # TrainConfig.optimizer's choices
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 #: bitsandbytes' 8-bit optimizers: tensors smaller than this keep 32-bit states
 #: (``min_8bit_size``), larger ones one fp32 absmax per block of this many elements.
