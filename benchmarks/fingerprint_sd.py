@@ -31,38 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recap_dagster.storage.fingerprint import SAMPLE_BYTES, model_fingerprint  # noqa: E402
+from recap_dagster.t2i.real_shapes import SD15_TEXT_ENCODER as TEXT_ENCODER  # noqa: E402
+from recap_dagster.t2i.real_shapes import SD15_UNET as UNET  # noqa: E402
+from recap_dagster.t2i.real_shapes import SD15_VAE as VAE  # noqa: E402
 
-# Stable Diffusion 1.5's published configs (runwayml/stable-diffusion-v1-5), shapes only.
-UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-TEXT_ENCODER = dict(  # openai/clip-vit-large-patch14, text tower
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="quick_gelu",
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=512,
-)
 COMPONENTS = ("unet", "text_encoder", "vae")
 MIN_FREE_FP32 = 15 * 10**9
 
