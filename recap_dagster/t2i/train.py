@@ -319,7 +319,12 @@ CPU_MICRO_BATCH = 64
 
 
 def resolve_micro_batch(
-    config: TrainConfig, processes: int, unet, text_encoder, device: torch.device
+    config: TrainConfig,
+    processes: int,
+    unet,
+    text_encoder,
+    device: torch.device,
+    mixed_precision: str = "no",
 ) -> int:
     """``micro_batch_size``, or when 0 the largest power of two that divides the
     per-process batch and fits this GPU's free memory by :mod:`recap_dagster.t2i.memory`'s
@@ -335,7 +340,9 @@ def resolve_micro_batch(
     if device.type == "cuda":
         from recap_dagster.t2i.memory import largest_micro_batch_for
 
-        limit = largest_micro_batch_for(config, unet, text_encoder, processes, device)
+        limit = largest_micro_batch_for(
+            config, unet, text_encoder, processes, device, mixed_precision=mixed_precision
+        )
         if limit < 1:
             raise RuntimeError(
                 "even a micro-batch of 1 does not fit this GPU by the estimate: turn on "
@@ -418,10 +425,14 @@ def train(
         if config.train_unet:
             unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-    micro_batch = resolve_micro_batch(config, processes, unet, text_encoder, device)
+            no_reentrant = {"use_reentrant": False}
+            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers 5
+                text_encoder.activation_checkpointing_enable(no_reentrant)
+            else:
+                text_encoder.gradient_checkpointing_enable(no_reentrant)
+    micro_batch = resolve_micro_batch(
+        config, processes, unet, text_encoder, device, job.mixed_precision
+    )
     # Known only once the process group is up; accelerate then skips the optimizer step
     # and the gradient sync on all but the last micro-batch of each step.
     accum = config.accumulation_steps(processes, micro_batch)
