@@ -483,6 +483,26 @@ def test_gradient_checkpointing_and_fused_adamw_train_the_same(world, tmp_path: 
     assert _job(world, "", optimizer="adamw_fused").fingerprint() != _job(world, "").fingerprint()
 
 
+def test_eight_bit_adamw_trains_with_one_byte_states(world, tmp_path: Path) -> None:
+    """bitsandbytes' AdamW8bit (its CPU backend here): the loss falls like AdamW's and the
+    saved optimizer state holds uint8 moments."""
+    settings = {"steps": 12, "learning_rate": 3e-3, "prompt_dropout": 0.0, "checkpoint_every": 12}
+    eight = train(_job(world, str(tmp_path / "8bit"), optimizer="adamw_8bit", **settings))
+    plain = train(_job(world, str(tmp_path / "plain"), **settings))
+    assert np.mean(eight.losses[-3:]) < 0.85 * np.mean(eight.losses[:3])
+    assert abs(np.mean(eight.losses[-3:]) - np.mean(plain.losses[-3:])) < 0.1
+    job = _job(world, "", optimizer="adamw_8bit", **settings)
+    state = torch.load(
+        tmp_path / "8bit" / "state" / job.fingerprint() / "checkpoint-12" / "optimizer.bin",
+        weights_only=False,
+    )["state"]
+    # bitsandbytes keeps tensors under 4,096 elements in 32 bits, the rest in one byte
+    packed = [entry["__bnb_optimizer_quant_state__"] for entry in state.values()]
+    assert any(
+        p["state1"].dtype == torch.uint8 and p["state2"].dtype == torch.uint8 for p in packed
+    )
+
+
 def test_micro_batch_zero_picks_one_that_divides_the_batch(world, tmp_path: Path) -> None:
     result = train(_job(world, str(tmp_path), steps=1, batch_size=24, micro_batch_size=0))
     assert result.micro_batch_size == 8  # the largest power of two dividing 24 (<= 64)
