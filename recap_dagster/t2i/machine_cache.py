@@ -238,7 +238,13 @@ def _finished(ledger: dict) -> bool:
     (or is dead and will not come)."""
     for key, holder in list(ledger["holders"].items()):
         if not alive(holder):
-            del ledger["holders"][key]  # a killed reader never releases: not a holder
+            # A killed reader never releases: it is no holder, and (below) no reader to
+            # wait for, even if it died before leaving any visit.
+            del ledger["holders"][key]
+            reader = key.rsplit("@", 1)[0]
+            count = ledger["left"].get(reader, [0, 0, 0])[2]
+            if not alive(ledger["left"].get(reader, holder)):
+                ledger["left"][reader] = [*holder[:2], count]
     if ledger["holders"]:
         return False
     for session, slots in ledger["sessions"].items():
