@@ -714,3 +714,94 @@ def test_two_processes_with_two_workers_fetch_each_latent_file_once(
         joined = torch.cat([halves[0][step]["mean"], halves[1][step]["mean"]])
         assert torch.equal(joined, single["mean"])
     one.close()
+
+
+def test_a_mean_only_copy_reads_the_means_of_a_full_read(
+    counting_s3, tokenizer_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (mean-only) fetch gives the batches of a full read, std aside (zero, and
+    unused: the trainer takes ``mean`` unless it samples latents), without fetching any
+    byte of ``std``; the local copies are gone once the stream is closed."""
+    import s3fs
+
+    from recap_dagster.t2i import machine_cache
+
+    bucket, endpoint, records = counting_s3
+    spec = _synthetic_cache(f"{bucket}/cache", tmp_path / "captions", shards=4, rows=8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("RECAP_LATENT_CACHE_DIR", str(tmp_path / "machine"))
+    monkeypatch.setattr(machine_cache, "HEAD_BYTES", 64)  # under the header: 3 ranged reads
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    def read(spec: StreamSpec) -> tuple[list[dict], dict[str, list[dict]]]:
+        """6 micro-batches of 4 (windows 0-2, the fourth prefetched) and the GETs made."""
+        records.clear()
+        stream = iter(LatentStream(spec, tokenizer, micro_batch_size=4))
+        batches = [next(stream) for _ in range(6)]
+        stream.close()
+        return batches, _latent_gets(records)
+
+    mean_only, mean_gets = read(spec)
+    full, full_gets = read(replace(spec, read_std=True))
+    for a, b in zip(mean_only, full, strict=True):
+        assert a["keys"] == b["keys"]
+        for name in ("mean", "eps", "noise", "timesteps", "input_ids"):
+            assert torch.equal(a[name], b[name]), name
+        assert not a["std"].any() and b["std"].any()
+    store = Storage(spec.latents_root)
+    assert mean_gets.keys() == full_gets.keys() == {f"{s}.safetensors" for s in spec.shards}
+    for name, requests in full_gets.items():
+        size = len(store.read_bytes("t2i_latents", "vae", name))
+        assert len(requests) == 1 and requests[0]["bytes"] == size
+        std_bytes = 8 * 4 * 2 * 2 * 2  # rows x C x h x w x float16, stored after the mean
+        assert sum(r["bytes"] for r in mean_gets[name]) == size - std_bytes
+        assert all(r["range"] for r in mean_gets[name])
+    assert not list((tmp_path / "machine").rglob("*.safetensors"))
+
+
+#: Holds a local copy as reader ``0.1`` of a two-reader session until it is killed.
+_HOLDER = """
+import json, sys
+from recap_dagster.storage.root import Storage
+from recap_dagster.t2i.machine_cache import MachineCache, Reader
+root, cache_dir = json.loads(sys.argv[1])
+reader = Reader("run", "0.1", ("0.0", "0.1"))
+cache = MachineCache(Storage(root), ("t2i_latents", "vae"), cache_dir, reader, mean_only=True)
+print(cache.acquire("00000.safetensors", "0.0"), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_holder_does_not_keep_a_local_copy(
+    counting_s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live holder keeps the machine's copy when the other reader leaves; once it is
+    killed (it never releases), its entry no longer blocks the eviction."""
+    import s3fs
+
+    from recap_dagster.t2i.machine_cache import LEDGER_SUFFIX, MachineCache, Reader
+
+    bucket, endpoint, records = counting_s3
+    spec = _synthetic_cache(f"{bucket}/cache", tmp_path / "captions", shards=1, rows=8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    cache_dir, name = tmp_path / "machine", "00000.safetensors"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, json.dumps([spec.latents_root, str(cache_dir)])],
+        env=_reader_env(endpoint, cache_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        path = holder.stdout.readline().decode().strip()
+        me = Reader("run", "0.0", ("0.0", "0.1"))
+        cache = MachineCache(Storage(spec.latents_root), ("t2i_latents", "vae"), str(cache_dir),
+                             me, mean_only=True)  # fmt: skip
+        assert cache.acquire(name, "0.0") == path  # the holder's download, not a second one
+        cache.release(name, "0.0")
+        assert Path(path).exists()  # reader 0.1 still holds it
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    cache.collect_garbage()  # as the next reader to start does
+    assert not Path(path).exists() and not Path(path + LEDGER_SUFFIX).exists()
+    assert len(_latent_gets(records)[name]) == 1
