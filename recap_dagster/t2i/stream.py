@@ -152,6 +152,8 @@ class LatentStream(torch.utils.data.IterableDataset):
     ``eps``, ``noise``, ``timesteps``, ``input_ids``) plus ``position``: the data position
     after this global micro-batch, and ``truncated``: how many of its prompts were longer
     than the tokenizer's context and lost their tail. Use with ``DataLoader(batch_size=None)``.
+    ``std`` is zero unless the spec's ``read_std`` (``eps`` is drawn either way, so that
+    the later draws of a sample do not depend on it).
     """
 
     def __init__(
