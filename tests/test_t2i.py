@@ -303,6 +303,11 @@ def test_stream_resumes_exactly_from_a_position(world) -> None:
         assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["input_ids"], b["input_ids"])
 
 
+def test_training_stream_reads_std_only_when_sampling_latents(world) -> None:
+    assert not _job(world, "unused").data.read_std
+    assert _job(world, "unused", sample_latents=True).data.read_std
+
+
 def test_stream_reads_an_s3_latent_cache_through_a_small_local_cache(
     world, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
