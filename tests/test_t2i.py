@@ -9,7 +9,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from recap_dagster.miniworld.t2i_profiles import QUICK_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import latents as latent_cache
+from recap_dagster.t2i.machine_cache import LEDGER_SUFFIX, MachineCache, Reader
 from recap_dagster.t2i.model import TinyT2IConfig, build_pipeline, load_pipeline, save_pipeline
 from recap_dagster.t2i.sample import generate
 from recap_dagster.t2i.stream import (
@@ -573,7 +576,7 @@ def test_two_processes_cache_what_one_caches(world, tmp_path: Path) -> None:
 
 # -- the machine-local cache of an s3:// latent cache ---------------------------------------
 @pytest.fixture
-def counting_s3(s3_env: str) -> tuple[str, str, list[dict]]:
+def counting_s3(s3_env: str) -> Iterator[tuple[str, str, list[dict]]]:
     """A second S3 endpoint onto the same loopback moto backends that records every GET
     it serves (object path, Range header, bytes sent), from any process: (bucket URI,
     endpoint, records)."""
@@ -600,8 +603,6 @@ def counting_s3(s3_env: str) -> tuple[str, str, list[dict]]:
     server = make_server(
         "127.0.0.1", free_port(), counting, True, request_handler=MotoRequestHandler
     )
-    import threading
-
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -700,6 +701,15 @@ def test_two_processes_with_two_workers_fetch_each_latent_file_once(
         for proc in procs:
             proc.wait(timeout=60)
     gets = _latent_gets(records)
+    # Their workers exited holding the last windows: the next reader to start removes them.
+    left_behind = sorted(p.name for p in cache_dir.rglob("*.safetensors"))
+    parts = ("t2i_latents", "vae")
+    store = Storage(spec.latents_root)
+    next_run = Reader("next", "0.0", ("0.0",))
+    monkeypatch.setenv("RECAP_LATENT_CACHE_DIR", str(cache_dir))
+    root_dir = LatentStream(spec, None, micro_batch_size=4)._cache_dir()
+    MachineCache(store, parts, root_dir, next_run, mean_only=True).collect_garbage()
+    assert not list(cache_dir.rglob("*.safetensors")), left_behind
     # 3 global batches of 8 are the first 3 windows (8 rows each); the workers ran ahead
     # (DataLoader prefetch, the next window's fetch) but not past epoch 0's 12 windows.
     windows = LatentStream(spec, None, micro_batch_size=4)._windows(0)
@@ -784,8 +794,6 @@ def test_a_killed_holder_does_not_keep_a_local_copy(
     """A live holder keeps the machine's copy when the other reader leaves; once it is
     killed (it never releases), its entry no longer blocks the eviction."""
     import s3fs
-
-    from recap_dagster.t2i.machine_cache import LEDGER_SUFFIX, MachineCache, Reader
 
     bucket, endpoint, records = counting_s3
     spec = _synthetic_cache(f"{bucket}/cache", tmp_path / "captions", shards=1, rows=8)
