@@ -8,7 +8,10 @@ import os
 import random
 import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import psutil
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPTokenizer
 
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.reading import iter_shard
@@ -26,6 +30,7 @@ from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import latents as latent_cache
 from recap_dagster.t2i import runs
+from recap_dagster.t2i.machine_cache import LEDGER_SUFFIX, MachineCache, Reader
 from recap_dagster.t2i.model import TinyT2IConfig, build_pipeline, load_pipeline, save_pipeline
 from recap_dagster.t2i.sample import generate
 from recap_dagster.t2i.stream import (
@@ -300,6 +305,11 @@ def test_stream_resumes_exactly_from_a_position(world) -> None:
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[7:]]
     for a, b in zip(resumed, full[7:], strict=True):
         assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_training_stream_reads_std_only_when_sampling_latents(world) -> None:
+    assert not _job(world, "unused").data.read_std
+    assert _job(world, "unused", sample_latents=True).data.read_std
 
 
 def test_stream_reads_an_s3_latent_cache_through_a_small_local_cache(
@@ -747,3 +757,249 @@ def test_two_processes_cache_what_one_caches(world, tmp_path: Path) -> None:
         assert Storage(job.storage_root).exists(*parts)
     again = latent_cache.cache_group(job, world["shards"], [torch.device("cpu")] * 2)
     assert again.shards_kept == sorted(world["shards"]) and again.rows == 0
+
+
+# -- the machine-local cache of an s3:// latent cache ---------------------------------------
+@pytest.fixture
+def counting_s3(s3_env: str) -> Iterator[tuple[str, str, list[dict]]]:
+    """A second S3 endpoint onto the same loopback moto backends that records every GET
+    it serves (object path, Range header, bytes sent), from any process: (bucket URI,
+    endpoint, records)."""
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    from recap_dagster.orchestration.launcher import free_port
+
+    app = DomainDispatcherApplication(create_backend_app)
+    records: list[dict] = []
+
+    def counting(environ, start_response):
+        if environ["REQUEST_METHOD"] != "GET":
+            return app(environ, start_response)
+        record = {"path": environ["PATH_INFO"], "range": environ.get("HTTP_RANGE")}
+
+        def start(status, headers, *args):
+            record["bytes"] = int(dict(headers).get("Content-Length", 0))
+            return start_response(status, headers, *args)
+
+        records.append(record)  # list.append is atomic: the server runs a thread a request
+        return app(environ, start)
+
+    server = make_server(
+        "127.0.0.1", free_port(), counting, True, request_handler=MotoRequestHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield s3_env, f"http://127.0.0.1:{server.server_port}", records
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def _latent_gets(records: list[dict]) -> dict[str, list[dict]]:
+    """The recorded GETs of latent files, by file name."""
+    out: dict[str, list[dict]] = {}
+    for record in records:
+        if record["path"].endswith(".safetensors"):
+            out.setdefault(record["path"].rsplit("/", 1)[1], []).append(record)
+    return out
+
+
+def _synthetic_cache(root: str, captions_dir: Path, shards: int, rows: int) -> StreamSpec:
+    """A latent cache of ``shards`` x ``rows`` random float16 latents under ``root`` (with
+    every caption ok) and the stream spec of it, one shard a window."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    gen = torch.Generator().manual_seed(0)
+    names = [f"{i:05d}" for i in range(shards)]
+    captions_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        keys = [f"{name}{r:04d}" for r in range(rows)]
+        data = latent_cache.LatentShard(
+            keys,
+            torch.randn(rows, 4, 2, 2, generator=gen).half(),
+            torch.rand(rows, 4, 2, 2, generator=gen).half(),
+            {"dtype": "float16"},
+        )
+        latent_cache.write_latent_shard(Storage(root), "vae", name, data)
+        table = {
+            "key": keys,
+            "status": ["ok"] * rows,
+            "caption": [f"a red circle {k}" for k in keys],
+        }
+        pq.write_table(pa.table(table), captions_dir / f"{name}.parquet")
+    return StreamSpec(root, "vae", tuple(names), CaptionSource(root=str(captions_dir)),
+                      window_shards=1)  # fmt: skip
+
+
+#: One process of a two-process reading of a synthetic cache: a DataLoader with two
+#: workers over its rank's share; it writes what it read, says "read", then keeps its
+#: workers (readers on the machine) alive until its stdin closes.
+_READER = """
+import json, sys, torch
+from transformers import CLIPTokenizer
+from recap_dagster.t2i.stream import LatentStream, StreamSpec
+spec, tokenizer, rank, count, out = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+stream = LatentStream(StreamSpec.from_dict(spec), CLIPTokenizer.from_pretrained(tokenizer),
+                      micro_batch_size=4, rank=rank, world_size=2)
+batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+read = [next(batches) for _ in range(count)]
+torch.save([{"keys": b["keys"], "mean": b["mean"]} for b in read], out)
+print("read", flush=True)
+sys.stdin.read()
+"""
+
+
+def _reader_env(endpoint: str, cache_dir: Path, **extra: str) -> dict[str, str]:
+    """A reader subprocess's environment: the counting endpoint, this machine's cache."""
+    here = {"AWS_ENDPOINT_URL": endpoint, "RECAP_LATENT_CACHE_DIR": str(cache_dir)}
+    code = {"PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, **here, **code, **extra}
+
+
+def test_two_processes_with_two_workers_fetch_each_latent_file_once(
+    counting_s3, tokenizer_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 processes x 2 DataLoader workers (4 readers on one machine, not in step with each
+    other) reading an s3:// cache: one GET per latent file, the mean alone, and the same
+    batches as one local reader."""
+    bucket, endpoint, records = counting_s3
+    spec = _synthetic_cache(f"{bucket}/cache", tmp_path / "captions", shards=12, rows=8)
+    cache_dir, count = tmp_path / "machine", 3
+    procs = []
+    for rank in (0, 1):
+        args = json.dumps(
+            [spec.to_dict(), tokenizer_dir, rank, count, str(tmp_path / f"r{rank}.pt")]
+        )
+        env = _reader_env(endpoint, cache_dir, LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-c", _READER, args], env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE))  # fmt: skip
+    try:
+        for proc in procs:  # both have read their batches, their workers still alive
+            assert proc.stdout.readline() == b"read\n"
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+        for proc in procs:
+            proc.wait(timeout=60)
+    gets = _latent_gets(records)
+    # Their workers exited holding the last windows: the next reader to start removes them.
+    left_behind = sorted(p.name for p in cache_dir.rglob("*.safetensors"))
+    parts = ("t2i_latents", "vae")
+    store = Storage(spec.latents_root)
+    next_run = Reader("next", "0.0", ("0.0",))
+    monkeypatch.setenv("RECAP_LATENT_CACHE_DIR", str(cache_dir))
+    root_dir = LatentStream(spec, None, micro_batch_size=4)._cache_dir()
+    MachineCache(store, parts, root_dir, next_run, mean_only=True).collect_garbage()
+    assert not list(cache_dir.rglob("*.safetensors")), left_behind
+    # 3 global batches of 8 are the first 3 windows (8 rows each); the workers ran ahead
+    # (DataLoader prefetch, the next window's fetch) but not past epoch 0's 12 windows.
+    windows = LatentStream(spec, None, micro_batch_size=4)._windows(0)
+    assert {f"{w[0]}.safetensors" for w in windows[:3]} <= gets.keys()
+    assert all(len(requests) == 1 for requests in gets.values()), gets
+    # The mean-only fetch: a ranged read (of the whole of files this small, under its 1 MiB
+    # first read; the bytes saved are checked in the next test).
+    assert all(requests[0]["range"] for requests in gets.values()), gets
+    # The same global batches as one reader with twice the micro-batch.
+    monkeypatch.setenv("RECAP_LATENT_CACHE_DIR", str(tmp_path / "reference"))
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    one = iter(LatentStream(spec, tokenizer, micro_batch_size=8))
+    halves = [torch.load(tmp_path / f"r{rank}.pt") for rank in (0, 1)]
+    for step in range(count):
+        single = next(one)
+        assert halves[0][step]["keys"] + halves[1][step]["keys"] == single["keys"]
+        joined = torch.cat([halves[0][step]["mean"], halves[1][step]["mean"]])
+        assert torch.equal(joined, single["mean"])
+    one.close()
+
+
+def test_a_mean_only_copy_reads_the_means_of_a_full_read(
+    counting_s3, tokenizer_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (mean-only) fetch gives the batches of a full read, std aside (zero, and
+    unused: the trainer takes ``mean`` unless it samples latents), without fetching any
+    byte of ``std``; the local copies are gone once the stream is closed."""
+    import s3fs
+
+    from recap_dagster.t2i import machine_cache
+
+    bucket, endpoint, records = counting_s3
+    spec = _synthetic_cache(f"{bucket}/cache", tmp_path / "captions", shards=4, rows=8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("RECAP_LATENT_CACHE_DIR", str(tmp_path / "machine"))
+    monkeypatch.setattr(machine_cache, "HEAD_BYTES", 64)  # under the header: 3 ranged reads
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    def read(spec: StreamSpec) -> tuple[list[dict], dict[str, list[dict]]]:
+        """6 micro-batches of 4 (windows 0-2, the fourth prefetched) and the GETs made."""
+        records.clear()
+        stream = iter(LatentStream(spec, tokenizer, micro_batch_size=4))
+        batches = [next(stream) for _ in range(6)]
+        stream.close()
+        return batches, _latent_gets(records)
+
+    mean_only, mean_gets = read(spec)
+    full, full_gets = read(replace(spec, read_std=True))
+    for a, b in zip(mean_only, full, strict=True):
+        assert a["keys"] == b["keys"]
+        for name in ("mean", "eps", "noise", "timesteps", "input_ids"):
+            assert torch.equal(a[name], b[name]), name
+        assert not a["std"].any() and b["std"].any()
+    store = Storage(spec.latents_root)
+    assert mean_gets.keys() == full_gets.keys() == {f"{s}.safetensors" for s in spec.shards}
+    for name, requests in full_gets.items():
+        size = len(store.read_bytes("t2i_latents", "vae", name))
+        assert len(requests) == 1 and requests[0]["bytes"] == size
+        std_bytes = 8 * 4 * 2 * 2 * 2  # rows x C x h x w x float16, stored after the mean
+        assert sum(r["bytes"] for r in mean_gets[name]) == size - std_bytes
+        assert all(r["range"] for r in mean_gets[name])
+    assert not list((tmp_path / "machine").rglob("*.safetensors"))
+
+
+#: Holds a local copy as reader ``0.1`` of a two-reader session until it is killed.
+_HOLDER = """
+import json, sys
+from recap_dagster.storage.root import Storage
+from recap_dagster.t2i.machine_cache import MachineCache, Reader
+root, cache_dir = json.loads(sys.argv[1])
+reader = Reader("run", "0.1", ("0.0", "0.1"))
+cache = MachineCache(Storage(root), ("t2i_latents", "vae"), cache_dir, reader, mean_only=True)
+print(cache.acquire("00000.safetensors", "0.0"), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_holder_does_not_keep_a_local_copy(
+    counting_s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live holder keeps the machine's copy when the other reader leaves; once it is
+    killed (it never releases), its entry no longer blocks the eviction."""
+    import s3fs
+
+    bucket, endpoint, records = counting_s3
+    spec = _synthetic_cache(f"{bucket}/cache", tmp_path / "captions", shards=1, rows=8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    cache_dir, name = tmp_path / "machine", "00000.safetensors"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, json.dumps([spec.latents_root, str(cache_dir)])],
+        env=_reader_env(endpoint, cache_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        path = holder.stdout.readline().decode().strip()
+        me = Reader("run", "0.0", ("0.0", "0.1"))
+        cache = MachineCache(Storage(spec.latents_root), ("t2i_latents", "vae"), str(cache_dir),
+                             me, mean_only=True)  # fmt: skip
+        assert cache.acquire(name, "0.0") == path  # the holder's download, not a second one
+        cache.release(name, "0.0")
+        assert Path(path).exists()  # reader 0.1 still holds it
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    cache.collect_garbage()  # as the next reader to start does
+    assert not Path(path).exists() and not Path(path + LEDGER_SUFFIX).exists()
+    assert len(_latent_gets(records)[name]) == 1

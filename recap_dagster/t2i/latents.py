@@ -159,32 +159,25 @@ def _metadata(blob: bytes) -> dict[str, str]:
 
 class OpenLatentShard:
     """A shard's latent file opened for row reads: memory-mapped, so only the rows read
-    are loaded and processes reading the same file share the page cache."""
+    are loaded and processes reading the same file share the page cache. Without
+    ``read_std`` (the default training reads only the posterior mean) the file may hold
+    ``mean`` alone, and rows come with a zero std."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, read_std: bool = True) -> None:
         from safetensors import safe_open
 
         self.path = path
         self._file = safe_open(path, framework="pt")
         self.keys: list[str] = json.loads(self._file.metadata()["keys"])
         self._mean = self._file.get_slice("mean")
-        self._std = self._file.get_slice("std")
+        self._std = self._file.get_slice("std") if read_std else None
 
     def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of one sample, float32 whatever the cache's dtype."""
-        mean, std = self._mean[index : index + 1][0], self._std[index : index + 1][0]
-        return mean.float(), std.float()
-
-
-def local_latent_path(storage: Storage, vae_version: str, shard: str, cache_dir: str) -> str:
-    """A local path of a shard's latent file: the file itself on local storage, else a copy
-    in ``cache_dir`` (fetched once per machine; atomic, so concurrent readers are safe)."""
-    if storage.local:
-        return storage.uri(LATENTS_DIR, vae_version, latent_file(shard))
-    local = str(Path(cache_dir) / vae_version / latent_file(shard))
-    if not Path(local).exists():
-        storage.download_file(local, LATENTS_DIR, vae_version, latent_file(shard))
-    return local
+        mean = self._mean[index : index + 1][0].float()
+        if self._std is None:
+            return mean, torch.zeros_like(mean)
+        return mean, self._std[index : index + 1][0].float()
 
 
 def latent_keys(storage: Storage, vae_version: str, shard: str) -> list[str]:

@@ -17,9 +17,13 @@ many processes or DataLoader workers read it:
 The data position ``(epoch, window, offset)`` after each micro-batch travels with it, and a
 stream started at a saved position yields exactly what an uninterrupted one would have.
 Only one window of shards is open at a time, whatever the number of shards: its latent
-files are memory-mapped (from an ``s3://`` root, fetched once per machine into a local
-cache that holds the current windows only), so workers read just the rows they use and
-share the page cache; the window's keys and caption tables are the only per-window copies.
+files are memory-mapped, so workers read just the rows they use and share the page cache;
+the window's keys and caption tables are the only per-window copies. From an ``s3://``
+root the files are read through a machine-local cache (:mod:`.machine_cache`): one
+download per machine under a file lock, the next window fetched by a background thread
+while the current one is read, and each copy deleted by the last reader on the machine to
+leave it, so the local disk holds the current and next windows only. Only the posterior
+``mean`` is fetched (and read) unless the spec's ``read_std`` is set; ``std`` is then zero.
 
 Why not a streaming library: webdataset and HF datasets' iterable datasets split by shard
 (or by sample index modulo the world size) and resume only approximately once a shuffle
@@ -33,16 +37,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from recap_dagster.storage.root import Storage
-from recap_dagster.t2i.latents import OpenLatentShard, local_latent_path
+from recap_dagster.t2i.latents import LATENTS_DIR, OpenLatentShard, latent_file
+from recap_dagster.t2i.machine_cache import MachineCache, Reader
+
+#: The machine-local cache of remote latent files (default: ``<tempdir>/recap-latents``).
+CACHE_DIR_ENV = "RECAP_LATENT_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,9 @@ class StreamSpec:
     window_shards: int = 4
     num_train_timesteps: int = 1000
     noise_offset: float = 0.0
+    # The posterior std is only used when sampling latents: without it a remote file's
+    # fetch is the header and ``mean`` alone (half the bytes).
+    read_std: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +152,8 @@ class LatentStream(torch.utils.data.IterableDataset):
     ``eps``, ``noise``, ``timesteps``, ``input_ids``) plus ``position``: the data position
     after this global micro-batch, and ``truncated``: how many of its prompts were longer
     than the tokenizer's context and lost their tail. Use with ``DataLoader(batch_size=None)``.
+    ``std`` is zero unless the spec's ``read_std`` (``eps`` is drawn either way, so that
+    the later draws of a sample do not depend on it).
     """
 
     def __init__(
@@ -169,16 +184,35 @@ class LatentStream(torch.utils.data.IterableDataset):
         return [order[i : i + size] for i in range(0, len(order), size)]
 
     def _cache_dir(self) -> str:
+        """This latent root's folder in the machine-local cache."""
+        base = os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "recap-latents")
         digest = hashlib.blake2b(self.spec.latents_root.encode(), digest_size=8).hexdigest()
-        return os.path.join(tempfile.gettempdir(), "recap-latents", digest)
+        return os.path.join(base, digest)
 
-    def _load(self, epoch: int, window: int, shards: list[str]) -> _Window:
-        """The window's latent files, opened memory-mapped (not read), and its samples."""
+    def _machine_cache(self, workers: int, worker: int) -> MachineCache | None:
+        """This reader's view of the machine-local cache; None for a local root (its files
+        are read in place). The readers on the machine are every DataLoader worker of every
+        local process (torchrun's ``LOCAL_WORLD_SIZE``)."""
         store = Storage(self.spec.latents_root)
+        if store.local:
+            return None
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank % local_world)))
+        slots = tuple(f"{r}.{w}" for r in range(local_world) for w in range(workers))
+        # One run's readers all derive the same session; another run (other captions,
+        # seed or start) keeps its own counts in the same ledgers.
+        run = json.dumps([self.spec.to_dict(), self.start.as_list(), self.world, slots])
+        session = hashlib.blake2b(run.encode(), digest_size=8).hexdigest()
+        reader = Reader(session, f"{local_rank}.{worker}", slots)
+        parts = (LATENTS_DIR, self.spec.vae_version)
+        cache_dir = self._cache_dir()
+        return MachineCache(store, parts, cache_dir, reader, mean_only=not self.spec.read_std)
+
+    def _load(self, shards: list[str], paths: list[str], epoch: int, window: int) -> _Window:
+        """The window's latent files, opened memory-mapped (not read), and its samples."""
         loaded = _Window(shards)
-        for s, shard in enumerate(shards):
-            path = local_latent_path(store, self.spec.vae_version, shard, self._cache_dir())
-            latents = OpenLatentShard(path)
+        for s, (shard, path) in enumerate(zip(shards, paths, strict=True)):
+            latents = OpenLatentShard(path, read_std=self.spec.read_std)
             captions = self.spec.captions.read(shard)
             loaded.files.append(latents)
             for row, key in enumerate(latents.keys):
@@ -187,31 +221,80 @@ class LatentStream(torch.utils.data.IterableDataset):
         random.Random(_seed(self.spec.seed, "window", epoch, window)).shuffle(loaded.samples)
         return loaded
 
-    def _sequence(self) -> Iterator[tuple[_Window, int, int, DataPosition]]:
-        """(window, epoch, index in window, position after it) from ``self.start`` on."""
+    def _window_shards(self, epoch: int, window: int) -> list[str]:
+        return self._windows(epoch)[window]
+
+    def _next(self, epoch: int, window: int) -> tuple[int, int]:
+        """The visit after ``(epoch, window)``."""
+        if window + 1 < len(self._windows(epoch)):
+            return epoch, window + 1
+        return epoch + 1, 0
+
+    @staticmethod
+    def _hold(cache: MachineCache, epoch: int, window: int, shards: list[str]) -> list[str]:
+        """The local copies of a window's files, held (all or none) for this visit."""
+        visit, paths = f"{epoch}.{window}", []
+        try:
+            for shard in shards:
+                paths.append(cache.acquire(latent_file(shard), visit))
+        except BaseException:
+            for shard in shards[: len(paths)]:
+                cache.release(latent_file(shard), visit)
+            raise
+        return paths
+
+    @staticmethod
+    def _release(cache: MachineCache, epoch: int, window: int, shards: list[str]) -> None:
+        for shard in shards:
+            cache.release(latent_file(shard), f"{epoch}.{window}")
+
+    def _sequence(
+        self, cache: MachineCache | None = None
+    ) -> Iterator[tuple[_Window, int, int, DataPosition]]:
+        """(window, epoch, index in window, position after it) from ``self.start`` on.
+
+        With a machine cache, each window's copies are held while it is read and the next
+        window's are fetched meanwhile by one background thread; whatever is held is
+        released when the iteration ends, however it ends."""
+        store = Storage(self.spec.latents_root)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch") if cache else None
+        held: dict[tuple[int, int], Future[list[str]]] = {}
         epoch, window, offset = self.start.epoch, self.start.window, self.start.offset
         empty_epochs = 0
-        while True:
-            windows = self._windows(epoch)
-            for w in range(window, len(windows)):
-                loaded = self._load(epoch, w, windows[w])
-                for i in range(offset, len(loaded.samples)):
-                    empty_epochs = 0
-                    yield loaded, epoch, i, DataPosition(epoch, w, i + 1)
-                offset = 0
-                self._evict(loaded)
-            epoch, window = epoch + 1, 0
-            empty_epochs += 1
-            if empty_epochs > 1:
-                raise ValueError("no usable training samples: no cached latent has a caption")
-
-    def _evict(self, loaded: _Window) -> None:
-        """Drop the window's machine-local copies (S3 roots) once this worker is past it;
-        a reader still inside keeps its open mapping (POSIX unlink semantics)."""
-        for latents in loaded.files:
-            if latents.path.startswith(self._cache_dir()):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(latents.path)
+        try:
+            while True:
+                windows = self._windows(epoch)
+                for w in range(window, len(windows)):
+                    if cache is None or pool is None:
+                        parts = (LATENTS_DIR, self.spec.vae_version)
+                        paths = [store.uri(*parts, latent_file(s)) for s in windows[w]]
+                    else:
+                        if (epoch, w) not in held:
+                            held[epoch, w] = pool.submit(self._hold, cache, epoch, w, windows[w])
+                        paths = held[epoch, w].result()
+                        following = self._next(epoch, w)
+                        if following not in held:
+                            shards = self._window_shards(*following)
+                            held[following] = pool.submit(self._hold, cache, *following, shards)
+                    loaded = self._load(windows[w], paths, epoch, w)
+                    for i in range(offset, len(loaded.samples)):
+                        empty_epochs = 0
+                        yield loaded, epoch, i, DataPosition(epoch, w, i + 1)
+                    offset = 0
+                    if cache is not None:
+                        held.pop((epoch, w))
+                        self._release(cache, epoch, w, windows[w])
+                epoch, window = epoch + 1, 0
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise ValueError("no usable training samples: no cached latent has a caption")
+        finally:
+            if cache is not None and pool is not None:
+                for (e, w), future in held.items():
+                    with contextlib.suppress(Exception):
+                        future.result()  # a failed fetch holds nothing
+                        self._release(cache, e, w, self._window_shards(e, w))
+                pool.shutdown()
 
     # -- one sample's draws ------------------------------------------------------------
     def _sample(self, loaded: _Window, epoch: int, index: int) -> dict:
@@ -238,10 +321,13 @@ class LatentStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        cache = self._machine_cache(workers, worker)
+        if cache is not None:
+            cache.collect_garbage()  # copies left by a killed run
         global_micro = self.micro * self.world
         mine = range(self.rank * self.micro, (self.rank + 1) * self.micro)
         chunk, filled, picked = 0, 0, []
-        for loaded, epoch, index, position in self._sequence():
+        for loaded, epoch, index, position in self._sequence(cache):
             if chunk % workers == worker and filled in mine:
                 picked.append(self._sample(loaded, epoch, index))
             filled += 1

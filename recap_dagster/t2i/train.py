@@ -266,6 +266,7 @@ def training_stream(
         window_shards=config.window_shards,
         num_train_timesteps=int(scheduler["num_train_timesteps"]),
         noise_offset=config.noise_offset,
+        read_std=config.sample_latents,
     )
 
 
