@@ -18,7 +18,14 @@ from recap_dagster.evaluation import caption_stats, human_stats
 from recap_dagster.evaluation import evaluate as evaluation
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
-from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
+from recap_dagster.orchestration.k8s_gpu import gpu_op_tags, training_gpus
+from recap_dagster.orchestration.k8s_training import (
+    NodeGroup,
+    create_group,
+    delete_group,
+    group_name,
+    node0_pod,
+)
 from recap_dagster.orchestration.partitions import caption_variants_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
@@ -47,6 +54,7 @@ from recap_dagster.training import devices
 
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"
+LOCAL_LAUNCHER, K8S_LAUNCHER = "local", "k8s"
 SAMPLE_SEED = 1234
 # Column descriptions of the report tables: what an empty cell and a delta column mean.
 REPORT_COLUMN_NOTES = {
@@ -69,6 +77,24 @@ SDFineTuneConfig = config_from_settings(
         Field(default=1, description="DataLoader workers per process (reading, tokenizing)."),
     ),
     sample_prompts=(int, Field(default=16, description="Prompts in the sample grid.")),
+    nodes=(
+        int,
+        Field(
+            default=1,
+            description="Machines the run spans (torchrun nodes, `processes` processes each; "
+            "the effective batch is split over all). More than 1 needs launcher k8s.",
+        ),
+    ),
+    launcher=(
+        str,
+        Field(
+            default=LOCAL_LAUNCHER,
+            description="local: torchrun on this machine (a Pipes subprocess); k8s: one pod "
+            "per node in DAGSTER_K8S_NAMESPACE from DAGSTER_CURRENT_IMAGE, `processes` GPUs "
+            "each (0: RECAP_K8S_TRAINING_GPUS), node 0 through Pipes, the others an indexed "
+            "Job, meeting through a headless Service (deploy/k8s/README.md).",
+        ),
+    ),
 )
 
 
@@ -112,7 +138,14 @@ def sd_checkpoints(
     if base_version is None:
         raise ValueError("base_t2i_model has no observed version: observe it first")
     train_config = settings_from_config(TrainConfig, config)
-    processes = devices.process_count(config.processes)
+    if config.launcher not in (LOCAL_LAUNCHER, K8S_LAUNCHER):
+        raise ValueError(f"launcher must be {LOCAL_LAUNCHER} or {K8S_LAUNCHER}")
+    if config.nodes < 1 or (config.nodes > 1 and config.launcher != K8S_LAUNCHER):
+        raise ValueError("nodes must be 1, or more with launcher k8s (other machines' pods)")
+    on_k8s = config.launcher == K8S_LAUNCHER
+    # A k8s node's processes are its pod's GPUs, not this (orchestrating) pod's devices.
+    processes = (config.processes or training_gpus()) if on_k8s else None
+    processes = processes or devices.process_count(config.processes)
     job = TrainJob(
         base_model=base,
         base_version=base_version,
@@ -132,17 +165,14 @@ def sd_checkpoints(
         num_workers=config.dataloader_workers,
         snapshot_meta={"variant": variant},
     )
-    context.log.info(f"{variant}: training on {len(shards)} shard(s) with {processes} process(es)")
-    with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
-        job_file = write_job(job, tmp)
-        # torchrun would set one thread per process; keep the user's setting, else share.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(
-            max(1, (os.cpu_count() or 1) // processes)
-        )
-        env = {"OMP_NUM_THREADS": threads}
-        pipes_subprocess_client.run(
-            context=context, command=launch_command(job_file, processes), env=env
-        )
+    context.log.info(
+        f"{variant}: training on {len(shards)} shard(s) with {processes} process(es) on each "
+        f"of {config.nodes} node(s)"
+    )
+    if on_k8s:
+        _train_on_kubernetes(context, job, processes, config.nodes)
+    else:
+        _train_here(context, job, processes, pipes_subprocess_client)
     run = json.loads(store.read_text(SD_STATE_DIR, variant, "last_run.json"))
     snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))
 
@@ -188,6 +218,60 @@ def sd_checkpoints(
         },
         data_version=dg.DataVersion(final_version),
     )
+
+
+def _train_here(
+    context: dg.AssetExecutionContext,
+    job: TrainJob,
+    processes: int,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> None:
+    """torchrun on this machine, one node, through Pipes."""
+    with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
+        job_file = write_job(job, tmp)
+        # torchrun would set one thread per process; keep the user's setting, else share.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(
+            max(1, (os.cpu_count() or 1) // processes)
+        )
+        env = {"OMP_NUM_THREADS": threads}
+        pipes_subprocess_client.run(
+            context=context, command=launch_command(job_file, processes), env=env
+        )
+
+
+def _train_on_kubernetes(
+    context: dg.AssetExecutionContext, job: TrainJob, processes: int, nodes: int
+) -> None:
+    """One pod per node: node 0 through Pipes (its logs carry the trainer's messages), the
+    others an indexed Job created beside it and deleted after, whatever the outcome (a
+    retry starts a whole new group, which resumes from the last checkpoint)."""
+    import kubernetes
+    from dagster_k8s import PipesK8sClient
+
+    # One attempt's pods must never meet another's: the run id and the retry number make
+    # the group name (a Dagster retry is a new group with new pods).
+    group = NodeGroup(
+        name=group_name(
+            "recap-sd", context.partition_key, context.run_id[:8], f"a{context.retry_number}"
+        ),
+        namespace=os.environ.get("DAGSTER_K8S_NAMESPACE", "default"),
+        image=os.environ["DAGSTER_CURRENT_IMAGE"],
+        nodes=nodes,
+        gpus=processes,
+    )
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    api = kubernetes.client.ApiClient()
+    create_group(api, group, job.to_json())
+    try:
+        meta, spec = node0_pod(group)
+        PipesK8sClient().run(
+            context=context, namespace=group.namespace, base_pod_meta=meta, base_pod_spec=spec
+        )
+    finally:
+        delete_group(api, group)
 
 
 MetricReportConfig = config_from_settings(

@@ -550,13 +550,15 @@ def launch_command(
     node_rank: int = 0,
     rdzv_endpoint: str = "",
     rdzv_id: str = "recap-t2i",
+    python: str = sys.executable,
 ) -> list[str]:
     """The command that runs a job with ``processes`` processes on each of ``nodes``
     machines (torchrun; gloo on CPU, NCCL on GPUs, one process per GPU).
 
     One machine rendezvouses with itself (``--standalone``). Several run this command
     once each, with their ``node_rank``, and meet at ``rdzv_endpoint`` (``host:port`` of
-    one of them, which hosts the c10d store) under one ``rdzv_id`` per run.
+    one of them, which hosts the c10d store) under one ``rdzv_id`` per run. ``python``:
+    the interpreter on the machine that runs it (this one's by default).
     """
     if nodes < 1 or not 0 <= node_rank < nodes:
         raise ValueError(f"node_rank {node_rank} is not one of {nodes} node(s)")
@@ -573,7 +575,7 @@ def launch_command(
             f"--rdzv-id={rdzv_id}",
         ]
     return [
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
         *rendezvous,
