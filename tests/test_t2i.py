@@ -118,6 +118,7 @@ def _assert_same_weights(a: str | Path, b: str | Path, atol: float = 0.0) -> Non
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    print(f"max abs weight difference {worst:.3g}")
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
