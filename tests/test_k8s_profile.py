@@ -599,3 +599,50 @@ def test_node_group_is_created_and_deleted_through_the_api(fake_kubernetes) -> N
     assert deletes[0].startswith(f"DELETE /apis/batch/v1/namespaces/recap/jobs/{group.name}-w")
     assert len(deletes) == 3  # before creating: the worker Job, the Service, the job file
     kt.delete_group(api, group)
+
+
+def test_sd_checkpoints_on_kubernetes_always_deletes_its_node_group(
+    fake_kubernetes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """launcher k8s: the group is created in the namespace, node 0 runs through Pipes with
+    the group's pod spec, and the group is deleted when node 0's pod fails (preempted), so
+    the step's retry starts a whole new one."""
+    import dagster_k8s
+
+    from recap_dagster.assets import t2i
+    from recap_dagster.t2i.stream import CaptionSource, StreamSpec
+    from recap_dagster.t2i.train import TrainJob
+
+    kubeconfig, created = fake_kubernetes
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("DAGSTER_CURRENT_IMAGE", IMAGE)
+    monkeypatch.setenv("DAGSTER_K8S_NAMESPACE", "recap")
+    runs: list[dict] = []
+
+    class PreemptedNodeZero:
+        """Stands in for PipesK8sClient (no kubelet here): node 0's pod is lost."""
+
+        def run(self, **kwargs: Any) -> None:
+            runs.append(kwargs)
+            raise RuntimeError("pod preempted")
+
+    monkeypatch.setattr(dagster_k8s, "PipesK8sClient", PreemptedNodeZero)
+    data = StreamSpec("s3://b/cache", "vae", ("00000",), CaptionSource(root="s3://b/shards"))
+    job = TrainJob("/models/sd", "v1", "s3://b/recap", ("state",), ("snapshots",), data)
+    context = dg.build_asset_context(partition_key="recap_mix")
+    with pytest.raises(RuntimeError, match="preempted"):
+        t2i._train_on_kubernetes(context, job, processes=8, nodes=3)
+
+    (run,) = runs
+    spec = run["base_pod_spec"]
+    name = spec["subdomain"]
+    assert name.startswith("recap-sd-recap-mix-") and spec["hostname"] == f"{name}-0"
+    assert run["namespace"] == "recap" and spec["containers"][0]["image"] == IMAGE
+    assert "--nnodes=3" in spec["containers"][0]["command"]
+    posts = [(path, body) for path, body in created if not path.startswith("DELETE")]
+    assert [body["kind"] for _, body in posts] == ["ConfigMap", "Service", "Job"]
+    assert json.loads(posts[0][1]["data"]["job.json"]) == json.loads(job.to_json())
+    assert posts[2][1]["spec"]["completions"] == 2
+    # Deleted before creating (a leftover) and after node 0 failed: 3 + 3 deletions.
+    deletes = [path for path, _ in created if path.startswith("DELETE")]
+    assert len(deletes) == 6 and created[-1][0].startswith("DELETE")

@@ -4,6 +4,7 @@ metric reports per variant, and the side-by-side RECAP report."""
 import json
 import os
 import tempfile
+import uuid
 
 import dagster as dg
 from pydantic import Field
@@ -248,22 +249,25 @@ def _train_on_kubernetes(
     import kubernetes
     from dagster_k8s import PipesK8sClient
 
-    # One attempt's pods must never meet another's: the run id and the retry number make
-    # the group name (a Dagster retry is a new group with new pods).
+    # One attempt's pods must never meet another's (a retry is a new group with new pods
+    # and a new rendezvous id): the run id, then a fresh suffix per attempt.
     group = NodeGroup(
         name=group_name(
-            "recap-sd", context.partition_key, context.run_id[:8], f"a{context.retry_number}"
+            "recap-sd", context.partition_key, context.run_id[:8], uuid.uuid4().hex[:6]
         ),
         namespace=os.environ.get("DAGSTER_K8S_NAMESPACE", "default"),
         image=os.environ["DAGSTER_CURRENT_IMAGE"],
         nodes=nodes,
         gpus=processes,
     )
+    # The step pod's service account in a cluster, else a kubeconfig (KUBECONFIG); a
+    # client of its own, so no process-wide default configuration is changed.
+    configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        api = kubernetes.client.ApiClient(configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    api = kubernetes.client.ApiClient()
+        api = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
     create_group(api, group, job.to_json())
     try:
         meta, spec = node0_pod(group)
