@@ -200,7 +200,8 @@ def sd_checkpoints(
             "training_shards": len(shards),
             "training_corpus": corpus.version,
             "steps": train_config.steps,
-            "processes": run["processes"],
+            "processes": run["processes"],  # over all nodes
+            "nodes": run.get("nodes", 1),  # absent from runs before several nodes
             "resumed_from_step": run["resumed_from_step"],
             "train_seconds": run["train_seconds"],
             "first_step_seconds": run["first_step_seconds"],
