@@ -326,6 +326,10 @@ class _FakeKubernetesApi(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self._reply(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
 
+    def do_DELETE(self) -> None:  # noqa: N802 (nothing exists: a clean namespace)
+        self.created.append((f"DELETE {self.path}", {}))
+        self._reply(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+
     def _reply(self, code: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         self.send_response(code)
@@ -460,3 +464,185 @@ def test_queued_run_is_launched_as_a_kubernetes_job(
     arguments = " ".join(container["args"])
     assert "DAGSTER_POSTGRES_URL" in arguments
     assert os.environ["DAGSTER_POSTGRES_URL"] not in json.dumps(job)
+
+
+# -- multi-node training: N pods meeting through a headless Service ---------------------
+
+
+class _Response:
+    """What ``ApiClient.deserialize`` reads: the JSON body of an API response."""
+
+    def __init__(self, payload: dict) -> None:
+        self.data = json.dumps(payload)
+
+
+def _validated(manifest: dict, model: str) -> dict:
+    """``manifest`` read into the kubernetes client's ``model`` and written back: a key
+    the model does not know is dropped (so the round trip differs), a missing required
+    field or a bad enum raises."""
+    from kubernetes.client import ApiClient
+
+    api = ApiClient()
+    obj = api.deserialize(_Response(manifest), model)
+    assert api.sanitize_for_serialization(obj) == manifest, model
+    return manifest
+
+
+def _group(**kw: Any):
+    from recap_dagster.orchestration.k8s_training import NodeGroup
+
+    base = {"name": "recap-sd-recap-mix-ab12cd34-a0", "namespace": "recap", "image": IMAGE,
+            "nodes": 4, "gpus": 8}  # fmt: skip
+    return NodeGroup(**{**base, **kw})
+
+
+def test_node_group_manifests_validate_and_wire_the_rendezvous() -> None:
+    from dagster_k8s.pipes import build_pod_body
+
+    from recap_dagster.orchestration import k8s_training as kt
+
+    group = _group()
+    config_map, service, job = kt.manifests(group, '{"job": 1}')
+    _validated(config_map, "V1ConfigMap")
+    _validated(service, "V1Service")
+    _validated(job, "V1Job")
+    # Headless: one DNS record per pod of the run, also before they are ready.
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    # Nodes 1..3: an indexed Job; ranks from the completion index.
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 3
+    assert spec["backoffLimit"] == 0
+    worker = spec["template"]["spec"]
+    command = worker["containers"][0]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert '--node-rank="$((JOB_COMPLETION_INDEX + 1))"' in command[2]
+    assert (
+        "--rdzv-endpoint=recap-sd-recap-mix-ab12cd34-a0-0.recap-sd-recap-mix-ab12cd34-a0:29400"
+        in command[2]
+    )
+    assert "--nnodes=4" in command[2] and "--nproc_per_node=8" in command[2]
+    assert worker["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": "8"}}
+    assert worker["subdomain"] == group.name
+    # Node 0: the pod Pipes launches, built by dagster-k8s's own function.
+    meta, pod_spec = kt.node0_pod(group)
+    body = build_pod_body("dagster-abc", None, None, {"DAGSTER_PIPES_CONTEXT": "x"}, meta, pod_spec)
+    pod = _validated(kubernetes_dict(body), "V1Pod")
+    assert pod["spec"]["hostname"] == f"{group.name}-0"  # the rendezvous endpoint's host
+    assert pod["spec"]["subdomain"] == group.name
+    node0 = pod["spec"]["containers"][0]
+    assert node0["command"][node0["command"].index("-m") + 1] == "torch.distributed.run"
+    assert "--node-rank=0" in node0["command"]
+    assert {"name": "DAGSTER_PIPES_CONTEXT", "value": "x"} in node0["env"]
+    # Every pod of the run is behind the Service: node 0 and whichever node c10d ranks 0.
+    selector = service["spec"]["selector"].items()
+    assert selector <= pod["metadata"]["labels"].items()
+    assert selector <= spec["template"]["metadata"]["labels"].items()
+    # Every pod mounts the job file from the ConfigMap.
+    for container, volumes in (
+        (node0, pod["spec"]["volumes"]),
+        (worker["containers"][0], worker["volumes"]),
+    ):
+        assert {"name": "job", "mountPath": kt.JOB_MOUNT, "readOnly": True} in container[
+            "volumeMounts"
+        ]
+        assert {"name": "job", "configMap": {"name": config_map["metadata"]["name"]}} in volumes
+    # One node: no workers, torchrun alone (--standalone).
+    assert [m["kind"] for m in kt.manifests(_group(nodes=1), "{}")] == ["ConfigMap", "Service"]
+    assert "--standalone" in kt.node0_pod(_group(nodes=1))[1]["containers"][0]["command"]
+
+
+def kubernetes_dict(body: Any) -> dict:
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(body)
+
+
+def test_node_group_validation_catches_mistakes() -> None:
+    from recap_dagster.orchestration import k8s_training as kt
+
+    job = kt.worker_job(_group())
+    job["spec"]["completionMod"] = job["spec"].pop("completionMode")  # a typo
+    with pytest.raises(AssertionError):
+        _validated(job, "V1Job")
+    with pytest.raises(ValueError, match="DNS label"):
+        _group(name="Recap_SD")
+    with pytest.raises(ValueError, match="at least 1"):
+        _group(gpus=0)
+    assert (
+        kt.group_name("recap-sd", "recap_mix", "AB12cd34", "a0") == "recap-sd-recap-mix-ab12cd34-a0"
+    )
+
+
+def test_node_group_is_created_and_deleted_through_the_api(fake_kubernetes) -> None:
+    """Against the stand-in API server: a leftover group is deleted first, then the job
+    file, the Service and the worker Job are posted to the namespace; deleting tolerates
+    what is already gone."""
+    import kubernetes
+
+    from recap_dagster.orchestration import k8s_training as kt
+
+    kubeconfig, created = fake_kubernetes
+    api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    group = _group(nodes=2)
+    kt.create_group(api, group, '{"steps": 1}')
+    posts = [(path, body) for path, body in created if not path.startswith("DELETE")]
+    assert [path for path, _ in posts] == [
+        "/api/v1/namespaces/recap/configmaps",
+        "/api/v1/namespaces/recap/services",
+        "/apis/batch/v1/namespaces/recap/jobs",
+    ]
+    assert posts[0][1]["data"] == {"job.json": '{"steps": 1}'}
+    assert posts[2][1]["spec"]["completions"] == 1
+    deletes = [path for path, _ in created if path.startswith("DELETE")]
+    assert deletes[0].startswith(f"DELETE /apis/batch/v1/namespaces/recap/jobs/{group.name}-w")
+    assert len(deletes) == 3  # before creating: the worker Job, the Service, the job file
+    kt.delete_group(api, group)
+
+
+def test_sd_checkpoints_on_kubernetes_always_deletes_its_node_group(
+    fake_kubernetes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """launcher k8s: the group is created in the namespace, node 0 runs through Pipes with
+    the group's pod spec, and the group is deleted when node 0's pod fails (preempted), so
+    the step's retry starts a whole new one."""
+    import dagster_k8s
+
+    from recap_dagster.assets import t2i
+    from recap_dagster.t2i.stream import CaptionSource, StreamSpec
+    from recap_dagster.t2i.train import TrainJob
+
+    kubeconfig, created = fake_kubernetes
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("DAGSTER_CURRENT_IMAGE", IMAGE)
+    monkeypatch.setenv("DAGSTER_K8S_NAMESPACE", "recap")
+    runs: list[dict] = []
+
+    class PreemptedNodeZero:
+        """Stands in for PipesK8sClient (no kubelet here): node 0's pod is lost."""
+
+        def run(self, **kwargs: Any) -> None:
+            runs.append(kwargs)
+            raise RuntimeError("pod preempted")
+
+    monkeypatch.setattr(dagster_k8s, "PipesK8sClient", PreemptedNodeZero)
+    data = StreamSpec("s3://b/cache", "vae", ("00000",), CaptionSource(root="s3://b/shards"))
+    job = TrainJob("/models/sd", "v1", "s3://b/recap", ("state",), ("snapshots",), data)
+    context = dg.build_asset_context(partition_key="recap_mix")
+    with pytest.raises(RuntimeError, match="preempted"):
+        t2i._train_on_kubernetes(context, job, processes=8, nodes=3)
+
+    (run,) = runs
+    spec = run["base_pod_spec"]
+    name = spec["subdomain"]
+    assert name.startswith("recap-sd-recap-mix-") and spec["hostname"] == f"{name}-0"
+    assert run["namespace"] == "recap" and spec["containers"][0]["image"] == IMAGE
+    assert "--nnodes=3" in spec["containers"][0]["command"]
+    posts = [(path, body) for path, body in created if not path.startswith("DELETE")]
+    assert [body["kind"] for _, body in posts] == ["ConfigMap", "Service", "Job"]
+    assert json.loads(posts[0][1]["data"]["job.json"]) == json.loads(job.to_json())
+    assert posts[2][1]["spec"]["completions"] == 2
+    # Deleted before creating (a leftover) and after node 0 failed: 3 + 3 deletions.
+    deletes = [path for path, _ in created if path.startswith("DELETE")]
+    assert len(deletes) == 6 and created[-1][0].startswith("DELETE")

@@ -102,3 +102,38 @@ def test_killed_process_leaves_no_partial_file(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], check=False)
     assert result.returncode == -9
     assert not (tmp_path / "out" / "00000.parquet").exists()
+
+
+def _node_share(tmp_path: Path, node: int, files: dict[str, str]) -> str:
+    local = tmp_path / f"node{node}"
+    for name, text in files.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(text)
+    return str(local)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shared_dir_is_complete_only_once_every_node_added_and_it_is_finished(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A multi-node checkpoint: a killed attempt's leftover is cleared, each node adds its
+    files, and only the finish (process 0, after all nodes) makes it complete."""
+    root = str(tmp_path / "root") if where == "local" else f"{request.getfixturevalue('s3_env')}/o"
+    storage = Storage(root)
+    parts = ("state", "checkpoint-4")
+    storage.begin_shared_dir(*parts)
+    storage.add_to_shared_dir(_node_share(tmp_path, 9, {"stale.pkl": "old"}), *parts)
+    # Killed before finishing: never complete; the next attempt starts clean.
+    assert not storage.dir_complete(*parts)
+    storage.begin_shared_dir(*parts)
+    storage.add_to_shared_dir(
+        _node_share(tmp_path, 0, {"model.bin": "w", "rng_0.pkl": "0"}), *parts
+    )
+    storage.add_to_shared_dir(_node_share(tmp_path, 1, {"sub/rng_1.pkl": "1"}), *parts)
+    assert not storage.dir_complete(*parts)
+    assert storage.finish_shared_dir(*parts) == storage.uri(*parts)
+    assert storage.dir_complete(*parts)
+    with storage.local_dir(*parts) as local:
+        found = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    assert found == ["_SUCCESS", "model.bin", "rng_0.pkl", "sub/rng_1.pkl"]
+    assert storage.listdir("state") == ["checkpoint-4"]  # no staging left beside it

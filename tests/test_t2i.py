@@ -124,6 +124,7 @@ def _assert_same_weights(a: str | Path, b: str | Path, atol: float = 0.0) -> Non
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    print(f"max abs weight difference {worst:.3g}")
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
@@ -624,6 +625,126 @@ def test_a_two_process_state_resumes_in_one_process(world, tmp_path: Path) -> No
     # Within 1e-5: the 2-process steps sum two halves (float reassociation).
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
     _assert_same_weights(tmp_path / "one" / "snapshots" / FINAL, root / "snapshots" / FINAL, 1e-5)
+
+
+def test_launch_command_rendezvous() -> None:
+    """One node rendezvouses with itself; several meet at one endpoint under one run id."""
+    one = launch_command("job.json", 2)
+    assert "--standalone" in one and "--nproc_per_node=2" in one
+    assert not [a for a in one if a.startswith("--rdzv")]
+    two = launch_command("job.json", 8, nodes=2, node_rank=1, rdzv_endpoint="n0:29400", rdzv_id="r")
+    assert "--standalone" not in two
+    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=n0:29400",
+            "--rdzv-id=r", "--nproc_per_node=8"} <= set(two)  # fmt: skip
+    with pytest.raises(ValueError, match="rendezvous endpoint"):
+        launch_command("job.json", 1, nodes=2, node_rank=0)
+    with pytest.raises(ValueError, match="node_rank"):
+        launch_command("job.json", 1, nodes=2, node_rank=2, rdzv_endpoint="n0:29400")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_nodes(job: TrainJob, nodes: int, tmp_path: Path, name: str, **popen):
+    """``nodes`` torchrun launches of 1 process each meeting on loopback, each with its own
+    TMPDIR: "machines" that share nothing local (the storage root is their shared store)."""
+    job_file = write_job(job, str(tmp_path))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for rank in range(nodes):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(_empty(tmp_path, f"{name}{rank}")),
+        }
+        command = launch_command(job_file, 1, nodes=nodes, node_rank=rank,
+                                 rdzv_endpoint=endpoint, rdzv_id=name)  # fmt: skip
+        if rank == 0 and popen.get("stdout"):
+            stdout = popen["stdout"]
+        else:
+            stdout = (tmp_path / f"{name}{rank}.log").open("wb")  # noqa: SIM115 (the child's)
+        procs.append(subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ))  # fmt: skip
+    return procs
+
+
+def _wait_all(procs, tmp_path: Path, name: str) -> None:
+    for rank, proc in enumerate(procs):
+        log = tmp_path / f"{name}{rank}.log"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        assert proc.wait(timeout=240) == 0, tail
+
+
+def test_two_nodes_match_one_node_with_two_processes(world, tmp_path: Path) -> None:
+    """2 nodes x 1 process (c10d rendezvous on loopback, separate local dirs) = 1 node x 2
+    processes: the same global batch (2 x micro-batch 4), checkpoints on the way."""
+    settings = {"steps": 4, "micro_batch_size": 4, "window_shards": 2, "checkpoint_every": 2,
+                "keep_checkpoints": 1}  # fmt: skip
+    one = _job(world, str(tmp_path / "one"), **settings)
+    proc = _run_command(one, 2, tmp_path, "one")
+    assert proc.wait(timeout=240) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    two = _job(world, str(tmp_path / "two"), **settings)
+    _wait_all(_run_nodes(two, 2, tmp_path, "two"), tmp_path, "two")
+    runs = {n: json.loads(Storage(str(tmp_path / n)).read_text("state", "last_run.json"))
+            for n in ("one", "two")}  # fmt: skip
+    assert (runs["two"]["nodes"], runs["two"]["processes"]) == (2, 2)
+    assert (runs["one"]["nodes"], runs["one"]["processes"]) == (1, 2)
+    print("losses", runs["one"]["losses"], runs["two"]["losses"])
+    # The same two-rank all-reduce over gloo, only across two torchrun agents: equal up to
+    # float reassociation, within 1e-5 like one process against two.
+    assert runs["two"]["losses"] == pytest.approx(runs["one"]["losses"], rel=1e-5, abs=1e-6)
+    _assert_same_weights(tmp_path / "one" / "snapshots" / FINAL,
+                         tmp_path / "two" / "snapshots" / FINAL, atol=1e-5)  # fmt: skip
+    # Both ranks' RNG states (written on different "machines") are in the one checkpoint.
+    store = Storage(str(tmp_path / "two"))
+    (checkpoint,) = store.listdir("state", two.fingerprint())
+    files = store.listdir("state", two.fingerprint(), checkpoint)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "_SUCCESS"} <= set(files)
+    assert not [p for p in (tmp_path / "two" / "state" / two.fingerprint()).iterdir()
+                if p.name.startswith(".")]  # fmt: skip
+
+
+def test_both_nodes_killed_after_a_checkpoint_resume_it(world, tmp_path: Path) -> None:
+    """Kill both nodes' whole process trees mid-run; both restarted (new local dirs) resume
+    from the last checkpoint and end with the weights of an uninterrupted 2-node run."""
+    settings = {"steps": 24, "checkpoint_every": 3, "keep_checkpoints": 1, "micro_batch_size": 4}
+    straight = _job(world, str(tmp_path / "straight"), **settings)
+    _wait_all(_run_nodes(straight, 2, tmp_path, "straight"), tmp_path, "straight")
+
+    killed = _job(world, str(tmp_path / "killed"), **settings)
+    procs = _run_nodes(killed, 2, tmp_path, "killed", stdout=subprocess.PIPE)
+    # Node 0 logs every step (steps // 20 < 2) before that step's checkpoint: once step 9
+    # is logged, checkpoint 6 is complete on both nodes (save ends at a barrier).
+    seen = []
+    for line in procs[0].stdout:
+        seen.append(line.decode(errors="replace"))
+        if "step 9/24" in seen[-1]:
+            break
+    assert "step 9/24" in seen[-1], "".join(seen)[-3000:]
+    for proc in procs:  # a lost machine loses its whole tree (workers in their own sessions)
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = Storage(killed.storage_root)
+    assert not store.dir_complete("snapshots", FINAL)
+    print("killed after", store.listdir("state", killed.fingerprint()))
+
+    _wait_all(_run_nodes(killed, 2, tmp_path, "resumed"), tmp_path, "resumed")
+    run = json.loads(store.read_text("state", "last_run.json"))
+    print("resumed from step", run["resumed_from_step"])
+    assert 6 <= run["resumed_from_step"] < 24 and run["nodes"] == 2
+    expected = json.loads(Storage(straight.storage_root).read_text("state", "last_run.json"))
+    assert run["losses"] == pytest.approx(expected["losses"], rel=1e-6, abs=1e-8)
+    _assert_same_weights(tmp_path / "straight" / "snapshots" / FINAL,
+                         tmp_path / "killed" / "snapshots" / FINAL)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ metric reports per variant, and the side-by-side RECAP report."""
 import json
 import os
 import tempfile
+import uuid
 
 import dagster as dg
 from pydantic import Field
@@ -18,7 +19,14 @@ from recap_dagster.evaluation import caption_stats, human_stats
 from recap_dagster.evaluation import evaluate as evaluation
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
-from recap_dagster.orchestration.k8s_gpu import gpu_op_tags
+from recap_dagster.orchestration.k8s_gpu import gpu_op_tags, training_gpus
+from recap_dagster.orchestration.k8s_training import (
+    NodeGroup,
+    create_group,
+    delete_group,
+    group_name,
+    node0_pod,
+)
 from recap_dagster.orchestration.partitions import caption_variants_partitions
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
@@ -48,6 +56,7 @@ from recap_dagster.training import devices
 
 SD_DIR = ("checkpoints", "sd")
 SD_STATE_DIR = "sd_training"
+LOCAL_LAUNCHER, K8S_LAUNCHER = "local", "k8s"
 SAMPLE_SEED = 1234
 # Column descriptions of the report tables: what an empty cell and a delta column mean.
 REPORT_COLUMN_NOTES = {
@@ -84,6 +93,24 @@ SDFineTuneConfig = config_from_settings(
             default=[],
             description="Run ids (from other_runs) whose training states to delete before "
             "training. Nothing else is ever deleted but a run's own older checkpoints.",
+        ),
+    ),
+    nodes=(
+        int,
+        Field(
+            default=1,
+            description="Machines the run spans (torchrun nodes, `processes` processes each; "
+            "the effective batch is split over all). More than 1 needs launcher k8s.",
+        ),
+    ),
+    launcher=(
+        str,
+        Field(
+            default=LOCAL_LAUNCHER,
+            description="local: torchrun on this machine (a Pipes subprocess); k8s: one pod "
+            "per node in DAGSTER_K8S_NAMESPACE from DAGSTER_CURRENT_IMAGE, `processes` GPUs "
+            "each (0: RECAP_K8S_TRAINING_GPUS), node 0 through Pipes, the others an indexed "
+            "Job, meeting through a headless Service (deploy/k8s/README.md).",
         ),
     ),
 )
@@ -129,7 +156,14 @@ def sd_checkpoints(
     if base_version is None:
         raise ValueError("base_t2i_model has no observed version: observe it first")
     train_config = settings_from_config(TrainConfig, config)
-    processes = devices.process_count(config.processes)
+    if config.launcher not in (LOCAL_LAUNCHER, K8S_LAUNCHER):
+        raise ValueError(f"launcher must be {LOCAL_LAUNCHER} or {K8S_LAUNCHER}")
+    if config.nodes < 1 or (config.nodes > 1 and config.launcher != K8S_LAUNCHER):
+        raise ValueError("nodes must be 1, or more with launcher k8s (other machines' pods)")
+    on_k8s = config.launcher == K8S_LAUNCHER
+    # A k8s node's processes are its pod's GPUs, not this (orchestrating) pod's devices.
+    processes = (config.processes or training_gpus()) if on_k8s else None
+    processes = processes or devices.process_count(config.processes)
     job = TrainJob(
         base_model=base,
         base_version=base_version,
@@ -152,17 +186,13 @@ def sd_checkpoints(
     removed = runs.remove_runs(store, job, config.remove_runs) if config.remove_runs else []
     choice = runs.choose_run(store, job, new_run=config.new_run)
     job = choice.job
-    context.log.info(f"{variant}: {choice.message}; {processes} process(es)")
-    with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
-        job_file = write_job(job, tmp)
-        # torchrun would set one thread per process; keep the user's setting, else share.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(
-            max(1, (os.cpu_count() or 1) // processes)
-        )
-        env = {"OMP_NUM_THREADS": threads}
-        pipes_subprocess_client.run(
-            context=context, command=launch_command(job_file, processes), env=env
-        )
+    context.log.info(
+        f"{variant}: {choice.message}; {processes} process(es) on each of {config.nodes} node(s)"
+    )
+    if on_k8s:
+        _train_on_kubernetes(context, job, processes, config.nodes)
+    else:
+        _train_here(context, job, processes, pipes_subprocess_client)
     run = json.loads(store.read_text(SD_STATE_DIR, variant, "last_run.json"))
     snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))
 
@@ -198,7 +228,8 @@ def sd_checkpoints(
             "removed_runs": dg.MetadataValue.json(removed),
             "training_corpus": corpus.version,
             "steps": train_config.steps,
-            "processes": run["processes"],
+            "processes": run["processes"],  # over all nodes
+            "nodes": run.get("nodes", 1),  # absent from runs before several nodes
             "resumed_from_step": run["resumed_from_step"],
             "train_seconds": run["train_seconds"],
             "first_step_seconds": run["first_step_seconds"],
@@ -217,6 +248,63 @@ def sd_checkpoints(
         },
         data_version=dg.DataVersion(final_version),
     )
+
+
+def _train_here(
+    context: dg.AssetExecutionContext,
+    job: TrainJob,
+    processes: int,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> None:
+    """torchrun on this machine, one node, through Pipes."""
+    with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
+        job_file = write_job(job, tmp)
+        # torchrun would set one thread per process; keep the user's setting, else share.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(
+            max(1, (os.cpu_count() or 1) // processes)
+        )
+        env = {"OMP_NUM_THREADS": threads}
+        pipes_subprocess_client.run(
+            context=context, command=launch_command(job_file, processes), env=env
+        )
+
+
+def _train_on_kubernetes(
+    context: dg.AssetExecutionContext, job: TrainJob, processes: int, nodes: int
+) -> None:
+    """One pod per node: node 0 through Pipes (its logs carry the trainer's messages), the
+    others an indexed Job created beside it and deleted after, whatever the outcome (a
+    retry starts a whole new group, which resumes from the last checkpoint)."""
+    import kubernetes
+    from dagster_k8s import PipesK8sClient
+
+    # One attempt's pods must never meet another's (a retry is a new group with new pods
+    # and a new rendezvous id): the run id, then a fresh suffix per attempt.
+    group = NodeGroup(
+        name=group_name(
+            "recap-sd", context.partition_key, context.run_id[:8], uuid.uuid4().hex[:6]
+        ),
+        namespace=os.environ.get("DAGSTER_K8S_NAMESPACE", "default"),
+        image=os.environ["DAGSTER_CURRENT_IMAGE"],
+        nodes=nodes,
+        gpus=processes,
+    )
+    # The step pod's service account in a cluster, else a kubeconfig (KUBECONFIG); a
+    # client of its own, so no process-wide default configuration is changed.
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        api = kubernetes.client.ApiClient(configuration)
+    except kubernetes.config.ConfigException:
+        api = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+    create_group(api, group, job.to_json())
+    try:
+        meta, spec = node0_pod(group)
+        PipesK8sClient().run(
+            context=context, namespace=group.namespace, base_pod_meta=meta, base_pod_spec=spec
+        )
+    finally:
+        delete_group(api, group)
 
 
 MetricReportConfig = config_from_settings(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,6 +184,55 @@ class Storage:
                 self.fs.put_file(str(path), f"{target}/{path.relative_to(local)}")
         self.fs.put_file(str(Path(local, SUCCESS_MARKER)), marker)
         self.fs.invalidate_cache(target)
+        return self.uri(*parts)
+
+    # A directory several machines write (a checkpoint of a multi-node run): one process
+    # clears it, every node adds its files, then that process alone marks it complete.
+    def _shared_staging(self, *parts: str) -> str:
+        """Where the nodes gather a shared directory's files before it is complete: beside
+        the target locally (renamed in at the end, as ``publish_dir`` does), the target
+        itself on S3 (complete only once its ``_SUCCESS`` marker is written)."""
+        target = self._fs_path(*parts)
+        if not self.local:
+            return target
+        parent, name = os.path.split(target)
+        return os.path.join(parent, f".{name}.shared")
+
+    def begin_shared_dir(self, *parts: str) -> None:
+        """Clear what a killed earlier attempt left of the shared directory ``parts``
+        (call once, before any node adds to it): on S3 the target is unmarked first."""
+        staging = self._shared_staging(*parts)
+        if not self.local:
+            self.remove_dir(*parts)
+        elif os.path.exists(staging):
+            shutil.rmtree(staging)
+
+    def add_to_shared_dir(self, local: str, *parts: str) -> None:
+        """Add the files of the local folder ``local`` (one node's share) to the shared
+        directory ``parts``; it is not complete until ``finish_shared_dir``."""
+        staging = self._shared_staging(*parts)
+        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            if path.name == SUCCESS_MARKER:
+                continue
+            relative = str(path.relative_to(local))
+            if self.local:
+                destination = os.path.join(staging, relative)
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                shutil.copyfile(path, destination)
+            else:
+                self.fs.put_file(str(path), f"{staging}/{relative}")
+
+    def finish_shared_dir(self, *parts: str) -> str:
+        """Mark the shared directory ``parts`` complete once every node has added its
+        files (call once): renamed into place locally, ``_SUCCESS`` written last on S3."""
+        staging = self._shared_staging(*parts)
+        if self.local:
+            os.makedirs(staging, exist_ok=True)
+            Path(staging, SUCCESS_MARKER).write_text("")
+            replace_dir(staging, self._fs_path(*parts))
+        else:
+            self.fs.pipe_file(f"{staging}/{SUCCESS_MARKER}", b"")
+            self.fs.invalidate_cache(staging)
         return self.uri(*parts)
 
     def remove_dir(self, *parts: str) -> None:

@@ -578,13 +578,14 @@ def train(
         if step == start_step + 1:
             first_step_seconds = time.perf_counter() - started
             first_step_at = time.time()
-        if on_progress is not None and accelerator.is_main_process:
+        # Each machine's local process 0: the one under Dagster Pipes may have any rank.
+        if on_progress is not None and accelerator.is_local_main_process:
             elapsed = time.perf_counter() - window_start
             on_progress(step, config.steps, value, window_samples / max(elapsed, 1e-9))
         if step in snapshot_steps:
             snapshot = _save_snapshot(accelerator, pipe, unet, text_encoder, emas, job, step)
             snapshots.append(snapshot)
-            if on_snapshot is not None and accelerator.is_main_process:
+            if on_snapshot is not None and accelerator.is_local_main_process:
                 on_snapshot(snapshot)
         cadence = config.checkpoint_every and step % config.checkpoint_every == 0
         if step in snapshot_steps or cadence:
@@ -660,7 +661,11 @@ def main(argv: list[str] | None = None) -> int:
     job = TrainJob.from_json(Path(args.job).read_text(encoding="utf-8"))
     every = args.log_every or max(1, job.config.steps // 20)
     rank = int(os.environ.get("RANK", "0"))
-    use_pipes = rank == 0 and "DAGSTER_PIPES_CONTEXT" in os.environ
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(1, local_processes)
+    # Several nodes: only the one Dagster launched has the Pipes context, and c10d need
+    # not give it global rank 0, so its local process 0 reports (train() calls back there).
+    use_pipes = os.environ.get("LOCAL_RANK", "0") == "0" and "DAGSTER_PIPES_CONTEXT" in os.environ
     with _pipes(use_pipes) as pipes:
         say = pipes.log.info if pipes is not None else log.info
         started = time.perf_counter()
@@ -675,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(job, on_progress=progress, on_snapshot=snapshot)
         summary = {
             "processes": result.processes,
+            "nodes": nodes,
             "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
             "extended_from_step": result.extended_from or 0,
             "micro_batch_size": result.micro_batch_size,
@@ -716,14 +722,46 @@ def write_job(job: TrainJob, directory: str | None = None) -> str:
     return path
 
 
-def launch_command(job_file: str, processes: int) -> list[str]:
-    """The command that runs a job with ``processes`` processes (torchrun; gloo on CPU,
-    NCCL on GPUs, one process per GPU)."""
+RDZV_PORT = 29400  # torchrun's default rendezvous port
+
+
+def launch_command(
+    job_file: str,
+    processes: int,
+    *,
+    nodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "recap-t2i",
+    python: str = sys.executable,
+) -> list[str]:
+    """The command that runs a job with ``processes`` processes on each of ``nodes``
+    machines (torchrun; gloo on CPU, NCCL on GPUs, one process per GPU).
+
+    One machine rendezvouses with itself (``--standalone``). Several run this command
+    once each, with their ``node_rank``, and meet at ``rdzv_endpoint`` (``host:port`` of
+    one of them, which hosts the c10d store) under one ``rdzv_id`` per run. ``python``:
+    the interpreter on the machine that runs it (this one's by default).
+    """
+    if nodes < 1 or not 0 <= node_rank < nodes:
+        raise ValueError(f"node_rank {node_rank} is not one of {nodes} node(s)")
+    if nodes == 1:
+        rendezvous = ["--standalone"]
+    else:
+        if not rdzv_endpoint:
+            raise ValueError("several nodes need a rendezvous endpoint (host:port)")
+        rendezvous = [
+            f"--nnodes={nodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+        ]
     return [
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *rendezvous,
         f"--nproc_per_node={processes}",
         "-m",
         "recap_dagster.t2i.train",

@@ -154,16 +154,26 @@ class Checkpoints:
         return self.storage.uri(*self.parts, f"{CHECKPOINT_PREFIX}{step}")
 
     def save(self, accelerator, step: int, meta: dict[str, Any]) -> str:
-        """Save the accelerator's registered state plus ``meta``; every process calls it."""
+        """Save the accelerator's registered state plus ``meta``; every process calls it.
+
+        Each machine (node) writes its processes' parts (e.g. their RNG states) to its own
+        local folder and adds them to the one checkpoint under the storage root; process 0
+        clears a half-written leftover first and marks the checkpoint complete last.
+        """
         name = f"{CHECKPOINT_PREFIX}{step}"
         with _shared_local_dir(accelerator, f"save-{name}") as local:
             accelerator.save_state(local, safe_serialization=True)
-            accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 payload = {**meta, "step": step, "fingerprint": self.fingerprint}
                 with open(os.path.join(local, META_FILE), "w", encoding="utf-8") as handle:
                     json.dump(payload, handle)
-                self.storage.publish_dir(local, *self.parts, name)
+                self.storage.begin_shared_dir(*self.parts, name)
+            accelerator.wait_for_everyone()
+            if accelerator.is_local_main_process:
+                self.storage.add_to_shared_dir(local, *self.parts, name)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                self.storage.finish_shared_dir(*self.parts, name)
                 for old in self.steps()[: -self.keep] if self.keep > 0 else []:
                     self.storage.remove_dir(*self.parts, f"{CHECKPOINT_PREFIX}{old}")
             accelerator.wait_for_everyone()
@@ -172,15 +182,15 @@ class Checkpoints:
     def load(self, accelerator, checkpoint: Checkpoint) -> None:
         """Restore ``checkpoint`` into the accelerator's registered objects (every process).
 
-        Process 0 fetches it (from S3: one download for the machine, not one per process)
-        and the others read its copy.
+        Each machine's local process 0 fetches it (from S3: one download per machine, not
+        one per process) and the machine's other processes read its copy.
         """
         name = f"{CHECKPOINT_PREFIX}{checkpoint.step}"
         with contextlib.ExitStack() as stack:
             local = ""
-            if accelerator.is_main_process:
+            if accelerator.is_local_main_process:
                 local = stack.enter_context(self.storage.local_dir(*self.parts, name))
-            accelerator.load_state(from_main_process(accelerator, local))
+            accelerator.load_state(from_node_main_process(accelerator, local))
             accelerator.wait_for_everyone()
         log.info("resumed from %s", self._name(checkpoint.step))
 
@@ -196,15 +206,32 @@ def from_main_process(accelerator, value: Any) -> Any:
     return holder[0]
 
 
+def from_node_main_process(accelerator, value: Any) -> Any:
+    """``value`` as this machine's local process 0 has it, in each process of the machine
+    (a collective: all processes of all machines must call it).
+
+    torchrun numbers a machine's processes consecutively, so that of its local process 0
+    is ``process_index - local_process_index``; every process shares its value and keeps
+    its own machine's (a path is a few bytes: no per-machine process groups needed).
+    """
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(gathered, value)
+    return gathered[accelerator.process_index - accelerator.local_process_index]
+
+
 @contextmanager
 def _shared_local_dir(accelerator, name: str) -> Iterator[str]:
-    """A local folder every process agrees on (process 0 makes it). One machine: the
-    command runs with ``torchrun --standalone``."""
-    made = tempfile.mkdtemp(prefix=f"recap-{name}-") if accelerator.is_main_process else ""
-    local = from_main_process(accelerator, made)
+    """A local folder the processes of each machine agree on: its local process 0 makes
+    it on the machine's own disk (several machines do not share one ``/tmp``)."""
+    made = tempfile.mkdtemp(prefix=f"recap-{name}-") if accelerator.is_local_main_process else ""
+    local = from_node_main_process(accelerator, made)
     try:
         yield local
     finally:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
