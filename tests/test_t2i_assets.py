@@ -198,30 +198,24 @@ def test_variants_reports_and_recap_report(
         assert check.severity == dg.AssetCheckSeverity.WARN
         assert "object_accuracy" in check.description
 
+        def fine_tune_alttext(config: dict) -> dict:
+            result = dg.materialize(
+                [*ASSETS, *ASSET_CHECKS],
+                selection=[sd_checkpoints.key],
+                partition_key="alttext",
+                instance=instance,
+                resources=resources,
+                run_config={"ops": {"sd_checkpoints": {"config": config}}},
+            )
+            return result.asset_materializations_for_node("sd_checkpoints")[0].metadata
+
         # Materializing again with the same settings finds the finished run's state.
-        result = dg.materialize(
-            [*ASSETS, *ASSET_CHECKS],
-            selection=[sd_checkpoints.key],
-            partition_key="alttext",
-            instance=instance,
-            resources=resources,
-            run_config={"ops": {"sd_checkpoints": {"config": SD_CONFIG}}},
-        )
-        meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
+        meta = fine_tune_alttext(SD_CONFIG)
         assert meta["resumed_from_step"].value == 4
         assert meta["run"].value == "repeat" and not meta["other_runs"].value.records
 
         # More steps extend the finished run (its state is where it left off).
-        longer = {**SD_CONFIG, "steps": 6}
-        result = dg.materialize(
-            [*ASSETS, *ASSET_CHECKS],
-            selection=[sd_checkpoints.key],
-            partition_key="alttext",
-            instance=instance,
-            resources=resources,
-            run_config={"ops": {"sd_checkpoints": {"config": longer}}},
-        )
-        meta = result.asset_materializations_for_node("sd_checkpoints")[0].metadata
+        meta = fine_tune_alttext({**SD_CONFIG, "steps": 6})
         assert meta["run"].value == "extend" and meta["extended_from_step"].value == 4
         assert [(s["step"], s["name"]) for s in meta["snapshots"].value] == [
             (2, "step-000002"), (4, "step-000004"), (6, "final")
