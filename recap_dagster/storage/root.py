@@ -209,7 +209,9 @@ class Storage:
 
     def add_to_shared_dir(self, local: str, *parts: str) -> None:
         """Add the files of the local folder ``local`` (one node's share) to the shared
-        directory ``parts``; it is not complete until ``finish_shared_dir``."""
+        directory ``parts``; it is not complete until ``finish_shared_dir``. Locally the
+        files are moved, not copied (``local`` is consumed, as by ``publish_dir``): a
+        real-size training state is 12 GB."""
         staging = self._shared_staging(*parts)
         for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
             if path.name == SUCCESS_MARKER:
@@ -218,7 +220,7 @@ class Storage:
             if self.local:
                 destination = os.path.join(staging, relative)
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
-                shutil.copyfile(path, destination)
+                shutil.move(path, destination)
             else:
                 self.fs.put_file(str(path), f"{staging}/{relative}")
 
