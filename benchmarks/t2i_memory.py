@@ -57,7 +57,6 @@ from recap_dagster.t2i.real_shapes import SHAPES, SDShapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CAPACITIES_GIB = (24, 40, 80)
-WORDS = ["red", "blue", "green", "circle", "square", "triangle", "two", "three", "left"]
 
 
 def gib(value: int) -> str:
@@ -244,49 +243,6 @@ def build_pipeline_dir(root: Path, shapes: SDShapes) -> str:
     return str(out)
 
 
-def write_cache(root: Path, shapes: SDShapes, samples: int) -> tuple[str, list[str]]:
-    """One shard of random latents at the UNet's latent shape, with short captions."""
-    import pyarrow as pa
-
-    from recap_dagster.storage.root import Storage
-    from recap_dagster.t2i.latents import LatentShard, write_latent_shard
-
-    store = Storage(str(root / "store"))
-    size, channels = shapes.unet["sample_size"], shapes.unet["in_channels"]
-    keys = [f"00000{i:05d}" for i in range(samples)]
-    mean = torch.randn((samples, channels, size, size), generator=torch.Generator().manual_seed(0))
-    write_latent_shard(store, "v", "00000", LatentShard(keys, mean, torch.ones_like(mean)))
-    captions = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(4)) for i in range(samples)]
-    table = pa.table({"key": keys, "status": ["ok"] * samples, "caption": captions})
-    store.write_parquet(table, "captions", "00000.parquet")
-    return str(root / "store"), ["00000"]
-
-
-def step_job(model: str, store: str, shards: list[str], out: str, config: Any, precision: str):
-    from recap_dagster.t2i.stream import CaptionSource
-    from recap_dagster.t2i.train import TrainJob, training_stream
-
-    data = training_stream(
-        config,
-        base_model=model,
-        latents_root=store,
-        vae_version="v",
-        shards=shards,
-        captions=CaptionSource(root=store, prefix=("captions",)),
-    )
-    return TrainJob(
-        base_model=model,
-        base_version="memory-bench",
-        storage_root=out,
-        state_parts=("state",),
-        snapshot_parts=("snapshots",),
-        data=data,
-        config=config,
-        mixed_precision=precision,
-        num_workers=0,  # the data in the trainer's own process: one RSS to read
-    )
-
-
 def run_child(job: Any, workdir: Path) -> dict[str, Any]:
     """The trainer in a fresh process: its report, and its whole-run peak RSS (wait4)."""
     job_file, report = workdir / "job.json", workdir / "report.json"
@@ -326,6 +282,8 @@ def run_child(job: Any, workdir: Path) -> dict[str, Any]:
 
 
 def real_step(args: argparse.Namespace) -> None:
+    from synthetic_latents import cache_job, write_cache
+
     from recap_dagster.t2i.train import TrainConfig
 
     shapes = SHAPES[args.shape]
@@ -339,7 +297,9 @@ def real_step(args: argparse.Namespace) -> None:
     )
     started = time.perf_counter()
     model = build_pipeline_dir(tmp, shapes)
-    store, shards = write_cache(tmp, shapes, samples=4)
+    size, channels = shapes.unet["sample_size"], shapes.unet["in_channels"]
+    store = str(tmp / "store")
+    shards = write_cache(store, (channels, size, size), shards=1, per_shard=4)
     print(f"  built the pipeline and the cache in {time.perf_counter() - started:.1f} s")
     estimator = Estimator(shapes)
     for checkpointing in (False, True):
@@ -356,7 +316,11 @@ def real_step(args: argparse.Namespace) -> None:
         )
         workdir = tmp / f"run-ckpt-{'on' if checkpointing else 'off'}"
         workdir.mkdir()
-        job = step_job(model, store, shards, str(workdir / "out"), config, precision)
+        # The data in the trainer's own process (no DataLoader worker): one RSS to read.
+        job = cache_job(
+            model, store, shards, str(workdir / "out"), config,
+            base_version="memory-bench", mixed_precision=precision, num_workers=0,
+        )  # fmt: skip
         result = run_child(job, workdir)
         guess = estimator(
             TrainSetup(

@@ -27,20 +27,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import pyarrow as pa
 import torch
+from synthetic_latents import cache_job, write_cache
 
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.run_configs import op_settings
 from recap_dagster.miniworld.t2i_profiles import MINIWORLD_PROFILE
 from recap_dagster.miniworld.tokenizer import train_clip_tokenizer
 from recap_dagster.storage.root import Storage
-from recap_dagster.t2i.latents import LatentShard, write_latent_shard
 from recap_dagster.t2i.model import build_pipeline, load_pipeline, save_pipeline
-from recap_dagster.t2i.stream import CaptionSource
-from recap_dagster.t2i.train import TrainConfig, TrainJob, launch_command, training_stream
-
-WORDS = ["red", "blue", "green", "circle", "square", "triangle", "two", "three", "left"]
+from recap_dagster.t2i.train import TrainConfig, TrainJob, launch_command
 
 
 def make_world(root: Path, shards: int, per_shard: int) -> tuple[str, str, list[str]]:
@@ -51,39 +47,12 @@ def make_world(root: Path, shards: int, per_shard: int) -> tuple[str, str, list[
     model = save_pipeline(pipe, root / "model")
     config = MINIWORLD_PROFILE.model
     shape = (config.vae_latent_channels, config.latent_size, config.latent_size)
-    store = Storage(str(root / "store"))
-    gen = torch.Generator().manual_seed(0)
-    names = [f"{i:05d}" for i in range(shards)]
-    for shard in names:
-        keys = [f"{shard}{i:05d}" for i in range(per_shard)]
-        mean = torch.randn((per_shard, *shape), generator=gen)
-        write_latent_shard(store, "v", shard, LatentShard(keys, mean, torch.ones_like(mean)))
-        captions = [
-            " ".join(WORDS[(i + j) % len(WORDS)] for j in range(4)) for i in range(per_shard)
-        ]
-        table = pa.table({"key": keys, "status": ["ok"] * per_shard, "caption": captions})
-        store.write_parquet(table, "captions", f"{shard}.parquet")
+    names = write_cache(root / "store", shape, shards, per_shard)
     return model, str(root / "store"), names
 
 
 def job_for(model: str, store: str, shards: list[str], out: str, config: TrainConfig) -> TrainJob:
-    return TrainJob(
-        base_model=model,
-        base_version="bench",
-        storage_root=out,
-        state_parts=("state",),
-        snapshot_parts=("snapshots",),
-        data=training_stream(
-            config,
-            base_model=model,
-            latents_root=store,
-            vae_version="v",
-            shards=shards,
-            captions=CaptionSource(root=store, prefix=("captions",)),
-        ),  # fmt: skip
-        config=config,
-        num_workers=1,
-    )
+    return cache_job(model, store, shards, out, config, base_version="bench", num_workers=1)
 
 
 def bare_loop(model: str, store: str, shards: list[str], config: TrainConfig, steps: int) -> float:
