@@ -221,15 +221,6 @@ class LatentStream(torch.utils.data.IterableDataset):
         random.Random(_seed(self.spec.seed, "window", epoch, window)).shuffle(loaded.samples)
         return loaded
 
-    def _window_shards(self, epoch: int, window: int) -> list[str]:
-        return self._windows(epoch)[window]
-
-    def _next(self, epoch: int, window: int) -> tuple[int, int]:
-        """The visit after ``(epoch, window)``."""
-        if window + 1 < len(self._windows(epoch)):
-            return epoch, window + 1
-        return epoch + 1, 0
-
     @staticmethod
     def _hold(cache: MachineCache, epoch: int, window: int, shards: list[str]) -> list[str]:
         """The local copies of a window's files, held (all or none) for this visit."""
@@ -258,24 +249,31 @@ class LatentStream(torch.utils.data.IterableDataset):
         released when the iteration ends, however it ends."""
         store = Storage(self.spec.latents_root)
         pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch") if cache else None
-        held: dict[tuple[int, int], Future[list[str]]] = {}
+        # (epoch, window) -> its shards and the future of their held local copies
+        held: dict[tuple[int, int], tuple[list[str], Future[list[str]]]] = {}
+
+        def hold(epoch: int, window: int, shards: list[str]) -> None:
+            if (epoch, window) not in held:
+                future = pool.submit(self._hold, cache, epoch, window, shards)
+                held[epoch, window] = (shards, future)
+
         epoch, window, offset = self.start.epoch, self.start.window, self.start.offset
         empty_epochs = 0
         try:
             while True:
+                # Once per epoch: the order is a shuffle of the whole shard list.
                 windows = self._windows(epoch)
                 for w in range(window, len(windows)):
-                    if cache is None or pool is None:
+                    if pool is None:
                         parts = (LATENTS_DIR, self.spec.vae_version)
                         paths = [store.uri(*parts, latent_file(s)) for s in windows[w]]
                     else:
-                        if (epoch, w) not in held:
-                            held[epoch, w] = pool.submit(self._hold, cache, epoch, w, windows[w])
-                        paths = held[epoch, w].result()
-                        following = self._next(epoch, w)
-                        if following not in held:
-                            shards = self._window_shards(*following)
-                            held[following] = pool.submit(self._hold, cache, *following, shards)
+                        hold(epoch, w, windows[w])
+                        paths = held[epoch, w][1].result()
+                        if w + 1 < len(windows):
+                            hold(epoch, w + 1, windows[w + 1])
+                        else:  # the next epoch's first window
+                            hold(epoch + 1, 0, self._windows(epoch + 1)[0])
                     loaded = self._load(windows[w], paths, epoch, w)
                     for i in range(offset, len(loaded.samples)):
                         empty_epochs = 0
@@ -290,10 +288,10 @@ class LatentStream(torch.utils.data.IterableDataset):
                     raise ValueError("no usable training samples: no cached latent has a caption")
         finally:
             if cache is not None and pool is not None:
-                for (e, w), future in held.items():
+                for (e, w), (shards, future) in held.items():
                     with contextlib.suppress(Exception):
                         future.result()  # a failed fetch holds nothing
-                        self._release(cache, e, w, self._window_shards(e, w))
+                        self._release(cache, e, w, shards)
                 pool.shutdown()
 
     # -- one sample's draws ------------------------------------------------------------
