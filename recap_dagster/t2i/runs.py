@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from recap_dagster.storage.root import Storage
+from recap_dagster.training.substrate import Checkpoints
 
 if TYPE_CHECKING:
     from recap_dagster.t2i.train import TrainJob
@@ -71,14 +72,13 @@ def record_finish(store: Storage, run_parts: tuple[str, ...], step: int) -> None
 
 
 def list_runs(store: Storage, *parent: str) -> list[RunState]:
-    """The runs under ``parent``, oldest first (folders without a job file are skipped)."""
-    from recap_dagster.training.substrate import Checkpoints
-
+    """The runs under ``parent``, oldest first. A folder with checkpoints but no job file
+    (a state from before run manifests) is listed with no settings: never continued."""
     runs = []
     for name in store.listdir(*parent):
         steps = Checkpoints(store, *parent, name, fingerprint=name).steps()
         if not store.exists(*parent, name, JOB_FILE):
-            if steps:  # a state from before run manifests: listed, never continued
+            if steps:
                 runs.append(RunState(name, "", 0, 0.0, steps, None))
             continue
         started = json.loads(store.read_text(*parent, name, JOB_FILE))
