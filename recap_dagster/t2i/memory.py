@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from recap_dagster.t2i.model import gradient_checkpointing_on, set_gradient_checkpointing
+
 GIB = 2**30
 #: The CUDA context of a process that has loaded torch's kernels (lazily, CUDA >= 11.7):
 #: about 0.5 GB on A100/H100 as ``nvidia-smi`` commonly reports right after
@@ -318,24 +320,8 @@ def _grad_flags(module: torch.nn.Module) -> list[bool]:
 
 
 def _set_checkpointing(unet: Any, text_encoder: Any, on: bool, text_on: bool | None = None) -> None:
-    if on:
-        unet.enable_gradient_checkpointing()
-    else:
-        unet.disable_gradient_checkpointing()
-    # transformers 5 renamed gradient_checkpointing_enable (same implementation, the old
-    # name warns); the non-reentrant checkpoint is the trainer's choice either way.
-    if on if text_on is None else text_on:
-        if hasattr(text_encoder, "activation_checkpointing_enable"):
-            text_encoder.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-    else:
-        if hasattr(text_encoder, "activation_checkpointing_disable"):
-            text_encoder.activation_checkpointing_disable()
-        else:
-            text_encoder.gradient_checkpointing_disable()
+    set_gradient_checkpointing(unet, on)
+    set_gradient_checkpointing(text_encoder, on if text_on is None else text_on)
 
 
 def saved_activation_bytes(
@@ -361,9 +347,7 @@ def saved_activation_bytes(
     """
     low = TrainSetup(mixed_precision=mixed_precision).low_precision
     before = [(m, m.training, _grad_flags(m)) for m in (unet, text_encoder)]
-    was_checkpointing = [
-        bool(getattr(m, "is_gradient_checkpointing", False)) for m in (unet, text_encoder)
-    ]
+    was_checkpointing = [gradient_checkpointing_on(m) for m in (unet, text_encoder)]
     unet.requires_grad_(train_unet).train()
     text_encoder.requires_grad_(train_text_encoder).train()
     params = {id(p) for m in (unet, text_encoder) for p in m.parameters()}
@@ -571,10 +555,7 @@ def largest_micro_batch_for(
     with torch.device("meta"):
         meta_unet = type(unet).from_config(unet.config)
         meta_text = CLIPTextModel(text_encoder.config)
-    checkpointing = bool(
-        getattr(unet, "is_gradient_checkpointing", False)
-        or getattr(text_encoder, "is_gradient_checkpointing", False)
-    )
+    checkpointing = gradient_checkpointing_on(unet) or gradient_checkpointing_on(text_encoder)
     setup = TrainSetup(
         optimizer=config.optimizer,
         mixed_precision=mixed_precision,

@@ -316,5 +316,34 @@ def read_saved_meta(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Non-reentrant gradient checkpointing on or off, for a diffusers model or a
+    transformers one (transformers 5 renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable``; the old name warns)."""
+    no_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        if on:
+            model.activation_checkpointing_enable(no_reentrant)
+        else:
+            model.activation_checkpointing_disable()
+    elif hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        if on:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+    elif on:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (diffusers or transformers) checkpoints its activations."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -397,7 +397,7 @@ def train(
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from recap_dagster.t2i.model import load_pipeline
+    from recap_dagster.t2i.model import load_pipeline, set_gradient_checkpointing
 
     config = job.config
     started = time.perf_counter()
@@ -423,14 +423,12 @@ def train(
     unet.requires_grad_(config.train_unet).train(config.train_unet)
     text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
     if use_gradient_checkpointing(config, unet):
-        if config.train_unet:
-            unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            no_reentrant = {"use_reentrant": False}
-            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers 5
-                text_encoder.activation_checkpointing_enable(no_reentrant)
-            else:
-                text_encoder.gradient_checkpointing_enable(no_reentrant)
+        for model, trained in (
+            (unet, config.train_unet),
+            (text_encoder, config.train_text_encoder),
+        ):
+            if trained:
+                set_gradient_checkpointing(model, True)
     micro_batch = resolve_micro_batch(
         config, processes, unet, text_encoder, device, job.mixed_precision
     )
