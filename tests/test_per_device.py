@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
+import psutil
 import pytest
 import torch
 
@@ -10,6 +15,7 @@ from recap_dagster.training.per_device import (
     DeviceShare,
     Emit,
     ProcessFailed,
+    dataloader_worker_init,
     run_per_device,
     share_shards,
 )
@@ -49,3 +55,45 @@ def test_two_processes_return_in_rank_order_and_a_failure_keeps_its_cause() -> N
     assert isinstance(failed.value.__cause__, ConnectionError)
     assert "connection reset reading b" in str(failed.value)
     assert is_transient(failed.value)  # the step's retry policy still sees a network error
+
+
+# A feeder (this script's process) forks a DataLoader-like worker and waits to be killed.
+# "early": the worker runs its init at once and goes on; "late": it only runs it once the
+# feeder is dead, the fork-then-kill race of a run killed just as its loader starts.
+_FEEDER = """
+import os, sys, time
+from functools import partial
+from recap_dagster.training.per_device import dataloader_worker_init
+init = partial(dataloader_worker_init, parent=os.getpid())
+read, write = os.pipe()
+if os.fork() == 0:
+    os.close(write)
+    if sys.argv[1] == "late":
+        os.read(read, 1)  # EOF: the feeder is gone
+    init(0)
+    print("initialised", flush=True)
+    time.sleep(3600)
+os.close(read)
+print("forked", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("when", ["early", "late"])
+def test_a_loader_worker_dies_with_its_feeder_even_one_gone_before_its_init(when: str) -> None:
+    feeder = subprocess.Popen(
+        [sys.executable, "-c", _FEEDER, when], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert feeder.stdout is not None
+        lines = {feeder.stdout.readline().strip() for _ in range(2 if when == "early" else 1)}
+        assert "forked" in lines
+        (worker,) = psutil.Process(feeder.pid).children()
+        assert worker.is_running()
+        feeder.send_signal(signal.SIGKILL)
+        feeder.wait()
+        _, alive = psutil.wait_procs([worker], timeout=30)
+        assert not alive
+    finally:
+        feeder.kill()
+        feeder.wait()

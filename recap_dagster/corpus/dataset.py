@@ -4,7 +4,9 @@ while the model works (recaptioning, the latent cache)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import torch.utils.data
@@ -126,7 +128,7 @@ def shard_batch_loader(
         batch_size=None,
         collate_fn=collate_fn,
         num_workers=num_workers,
-        worker_init_fn=dataloader_worker_init,
+        worker_init_fn=partial(dataloader_worker_init, parent=os.getpid()),
         prefetch_factor=2 if num_workers > 0 else None,
         pin_memory=pin_memory,
     )

@@ -87,10 +87,13 @@ def die_with_parent(parent: int | None = None) -> None:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def dataloader_worker_init(worker_id: int) -> None:
-    """A DataLoader's ``worker_init_fn``: the worker dies with the process it feeds."""
+def dataloader_worker_init(worker_id: int, parent: int) -> None:
+    """A DataLoader's ``worker_init_fn`` (bound to the pid of the process that builds the
+    loader): the worker dies with the process it feeds, also when that process died between
+    the fork and this call (a run killed just as a loader starts), which the kernel's signal
+    alone misses and torch's watchdog, taking the adoptive parent for the feeder, too."""
     del worker_id
-    die_with_parent()
+    die_with_parent(parent)
 
 
 def use_device(device: torch.device) -> None:
