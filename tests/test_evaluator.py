@@ -343,3 +343,27 @@ def test_miniworld_world_grades_captions() -> None:
     assert all(g["exact"] and g["states_positions"] for g in grades)
     (ungraded,) = MiniworldWorld().grade_captions(["a red circle"], [None])
     assert all(v is None for v in ungraded.values())
+
+
+def test_position_read_as_found_chance_and_relation() -> None:
+    """A red circle asked at (0, 0) left of a blue square at (0, 2): found at (1, 0) and
+    (1, 1) it misses both cells but keeps the relation; with the square missing, half the
+    placed objects are found and no relation holds."""
+    from recap_dagster.miniworld.evaluator import Detection, position_reading
+    from recap_dagster.miniworld.scenes import PromptTruth, Requirement
+
+    truth = PromptTruth(
+        "p",
+        "position",
+        (Requirement("red", "circle", 1, (0, 0)), Requirement("blue", "square", 1, (0, 2))),
+    )
+    both = [Detection("red", "circle", 1, 0, 50), Detection("blue", "square", 1, 1, 50)]
+    assert position_reading(both, truth) == {
+        "position_found": 1.0, "position_chance": 1 / 9, "relative_position": 1.0
+    }  # fmt: skip
+    swapped = [Detection("red", "circle", 1, 2, 50), Detection("blue", "square", 1, 1, 50)]
+    assert position_reading(swapped, truth)["relative_position"] == 0.0
+    one = position_reading(both[:1], truth)
+    assert one == {"position_found": 0.5, "position_chance": 0.5 / 9, "relative_position": 0.0}
+    unplaced = PromptTruth("p", "single_object", (Requirement("red", "circle"),))
+    assert set(position_reading(both, unplaced).values()) == {None}

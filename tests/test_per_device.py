@@ -15,7 +15,6 @@ from recap_dagster.training.per_device import (
     DeviceShare,
     Emit,
     ProcessFailed,
-    dataloader_worker_init,
     run_per_device,
     share_shards,
 )

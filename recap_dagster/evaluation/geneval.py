@@ -118,13 +118,14 @@ def grade_detections(boxes: Sequence[Box], truth: dict[str, Any]) -> dict[str, A
     ``count_error``: mean |boxes - count| over includes; ``count_accuracy``: every include
     has at least ``count`` boxes and no exclude is reached; ``position_accuracy``: fraction
     of positioned includes whose boxes stand in the relation (None when none is
-    positioned); ``all_correct``: GenEval's verdict without colours.
+    positioned; ``relative_position`` too), ``position_found``: of those whose boxes were
+    all found; ``all_correct``: GenEval's verdict without colours.
     """
     by_class: dict[str, list[Box]] = {}
     for box in sorted(boxes, key=lambda b: -b.score):
         by_class.setdefault(box.label, []).append(box)
     includes = truth.get("include", [])
-    present, errors, counts_ok, positions = [], [], [], []
+    present, errors, counts_ok, positions, found_both = [], [], [], [], []
     matched: list[list[Box] | None] = []
     for req in includes:
         found = by_class.get(req["class"], [])
@@ -144,6 +145,7 @@ def grade_detections(boxes: Sequence[Box], truth: dict[str, Any]) -> dict[str, A
                 and all(relation in relative_position(o, t) for o in counted for t in target)
             )
             positions.append(placed)
+            found_both.append(enough and target is not None)
             ok = ok and placed
         matched.append(counted if ok else None)
     excluded = any(
@@ -158,6 +160,11 @@ def grade_detections(boxes: Sequence[Box], truth: dict[str, Any]) -> dict[str, A
         "count_accuracy": float(count_accuracy),
         "position_accuracy": position,
         "all_correct": float(count_accuracy and all(positions)),
+        # GenEval's positions are already relations; their chance level depends on the
+        # detector's boxes, so it is not claimed.
+        "position_found": sum(found_both) / len(found_both) if found_both else None,
+        "position_chance": None,
+        "relative_position": position,
         "detected": _describe(by_class),
     }
 

@@ -42,6 +42,11 @@ def means(rows: Sequence[dict]) -> dict[str, float | None]:
     for metric in IMAGE_METRICS:
         values = [float(r[metric]) for r in rows if r.get(metric) is not None]
         out[metric] = sum(values) / len(values) if values else None
+    # Placement judged only where every placed object was found: a model that cannot draw
+    # the object cannot show whether it places it.
+    found = [float(r["position_accuracy"]) for r in rows
+             if r.get("position_found") == 1.0 and r.get("position_accuracy") is not None]  # fmt: skip
+    out["position_given_found"] = sum(found) / len(found) if found else None
     return out
 
 

@@ -26,6 +26,13 @@ IMAGE_METRICS = (
     "count_accuracy",  # 1.0 when every required count is exact
     "position_accuracy",  # fraction of required placements met; None when none asked for
     "all_correct",  # 1.0 when everything the prompt asks for holds
+    # Position, read three more ways: how many placed objects were found at all, what
+    # position accuracy placement that ignores the text would score (the chance level given
+    # what was found; None where the world cannot say), and GenEval's relation form ("A left
+    # of B": the placed objects stand as the prompt's positions do; None unless two placed).
+    "position_found",
+    "position_chance",
+    "relative_position",
 )
 #: Per-caption grade keys (means of these are the captioner's quality).
 CAPTION_METRICS = (

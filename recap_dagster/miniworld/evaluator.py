@@ -32,6 +32,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -347,8 +348,59 @@ def score(detections: Sequence[Detection], truth: PromptTruth) -> PromptScore:
     )
 
 
+def _sign(value: int) -> int:
+    return (value > 0) - (value < 0)
+
+
+def position_reading(detections: Sequence[Detection], truth: PromptTruth) -> dict[str, Any]:
+    """The placed requirements read beyond exact cells: the fraction found anywhere
+    (``position_found``), the exact-cell accuracy that placement ignoring the text would
+    score given that (``position_chance``: one cell in ``GRID**2``) and, for two placed
+    objects, whether some detected pair stands as the stated cells do, left/right and
+    above/below (``relative_position``, GenEval's form). None where nothing is placed."""
+    placed = [r for r in truth.requirements if r.cell is not None]
+    if not placed:
+        return {"position_found": None, "position_chance": None, "relative_position": None}
+    kinds = {d.kind for d in detections}
+    found = sum((r.colour, r.shape) in kinds for r in placed) / len(placed)
+    relative: float | None = None
+    if len(placed) == 2:
+        a, b = placed
+        assert a.cell is not None and b.cell is not None
+        want = (_sign(a.cell[0] - b.cell[0]), _sign(a.cell[1] - b.cell[1]))
+        relative = float(
+            any(
+                (_sign(da.row - db.row), _sign(da.col - db.col)) == want
+                for da in detections
+                if da.kind == (a.colour, a.shape)
+                for db in detections
+                if db.kind == (b.colour, b.shape)
+            )
+        )
+    return {
+        "position_found": found,
+        "position_chance": found / GRID**2,
+        "relative_position": relative,
+    }
+
+
 def describe(detections: Sequence[Detection]) -> str:
     return "; ".join(f"{d.colour} {d.shape} @({d.row},{d.col})" for d in detections)
+
+
+def grade_image(image: Image.Image | np.ndarray, truth: PromptTruth) -> dict[str, Any]:
+    """One image against its prompt: the core's image metrics and what was detected."""
+    detections = detect(image)
+    s = score(detections, truth)
+    return {
+        "object_accuracy": s.object_accuracy,
+        "count_error": s.count_error,
+        "count_accuracy": float(s.count_correct),
+        "position_accuracy": s.position_accuracy,
+        "all_correct": float(s.all_correct),
+        **position_reading(detections, truth),
+        "detected": describe(detections),
+    }
 
 
 def evaluate_images(
@@ -362,21 +414,9 @@ def evaluate_images(
     image_list, truth_list = list(images), list(truths)
     if len(image_list) != len(truth_list):
         raise ValueError(f"{len(image_list)} images but {len(truth_list)} prompt truths")
-    rows: list[dict] = []
-    for image, truth in zip(image_list, truth_list, strict=True):
-        dets = detect(image)
-        s = score(dets, truth)
-        rows.append(
-            {
-                "prompt": truth.prompt,
-                "category": truth.category,
-                "object_accuracy": s.object_accuracy,
-                "count_error": s.count_error,
-                "count_accuracy": float(s.count_correct),
-                "position_accuracy": s.position_accuracy,
-                "all_correct": float(s.all_correct),
-                "detected": describe(dets),
-            }
-        )
+    rows = [
+        {"prompt": truth.prompt, "category": truth.category, **grade_image(image, truth)}
+        for image, truth in zip(image_list, truth_list, strict=True)
+    ]
     overall, per_category = summarize(rows)
     return EvaluationSummary(overall=overall, per_category=per_category, rows=rows)

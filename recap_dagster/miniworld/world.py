@@ -10,7 +10,7 @@ from PIL import Image
 
 from recap_dagster.evaluation.world import EvalPrompt, ungraded_caption
 from recap_dagster.miniworld.captions import grade_caption, parse_caption
-from recap_dagster.miniworld.evaluator import describe, detect, score
+from recap_dagster.miniworld.evaluator import grade_image
 from recap_dagster.miniworld.generate import read_jsonl
 from recap_dagster.miniworld.scenes import PromptTruth, Scene
 
@@ -26,20 +26,6 @@ def to_prompt_truth(prompt: EvalPrompt) -> PromptTruth:
     return PromptTruth.from_dict(
         {"prompt": prompt.prompt, "category": prompt.category, **prompt.truth}
     )
-
-
-def image_grade(image: Image.Image, truth: PromptTruth) -> dict[str, Any]:
-    """The evaluator's score of one image as a grade dict (the core's image metrics)."""
-    detections = detect(image)
-    s = score(detections, truth)
-    return {
-        "object_accuracy": s.object_accuracy,
-        "count_error": s.count_error,
-        "count_accuracy": float(s.count_correct),
-        "position_accuracy": s.position_accuracy,
-        "all_correct": float(s.all_correct),
-        "detected": describe(detections),
-    }
 
 
 def caption_grade(caption: str, scene: Scene | dict | None) -> dict[str, Any]:
@@ -65,7 +51,7 @@ class MiniworldWorld:
     ) -> list[dict[str, Any]]:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return [image_grade(i, to_prompt_truth(p)) for i, p in zip(images, prompts, strict=True)]
+        return [grade_image(i, to_prompt_truth(p)) for i, p in zip(images, prompts, strict=True)]
 
     def grade_captions(
         self, captions: Sequence[str], truths: Sequence[dict[str, Any] | None]
