@@ -3,7 +3,8 @@
 ``RECAP_WORKDIR`` (default ``./.recap``) holds the generated miniworld, the storage root
 and the local Dagster home. ``RECAP_STORAGE_ROOT`` and ``RECAP_SHARDS_ROOT`` point storage
 and the LAION source elsewhere, e.g. at ``s3://`` prefixes. ``RECAP_SENSOR_INTERVAL_SECONDS``
-sets the sensors' minimum interval.
+sets the sensors' minimum interval. ``RECAP_TRAINING_SEEDS`` lists the training seeds every
+caption variant is fine-tuned and evaluated with (the seed dimension of their partitions).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def sensor_interval(default: int) -> int:
     sensor of the project when set (tests shorten them; a deployment over a huge bucket may
     lengthen them), else the sensor's own ``default``."""
     return int(os.environ.get("RECAP_SENSOR_INTERVAL_SECONDS", default))
+
+
+def training_seeds() -> list[int]:
+    """The training seeds of the fine-tunes: ``RECAP_TRAINING_SEEDS`` ("0,1,2" by default;
+    a comparison's intervals need at least two)."""
+    text = os.environ.get("RECAP_TRAINING_SEEDS", "0,1,2")
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ValueError(
+            f"RECAP_TRAINING_SEEDS must be integers separated by commas: {text!r}"
+        ) from error
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"RECAP_TRAINING_SEEDS needs distinct seeds: {text!r}")
+    return seeds
 
 
 def dagster_home() -> Path:

@@ -28,7 +28,7 @@ def write_images(store: Storage, variants=VARIANTS, prompts=PROMPTS) -> None:
     for variant in variants:
         images = [_image(COLOURS[variant], i) for i in range(len(prompts))]
         human.save_generated_images(
-            store, variant, images, prompts, list(range(len(prompts))), [0] * len(prompts),
+            store, variant, 0, images, prompts, list(range(len(prompts))), [0] * len(prompts),
             checkpoint_version=f"{variant}-v1", limit=100,
         )  # fmt: skip
 
@@ -46,7 +46,7 @@ def make_task(root: Path | str, prompts: int = 3) -> tuple[Storage, dict]:
     store = Storage(str(root))
     write_images(store)
     task = human.build_task(
-        human.read_image_indexes(store, VARIANTS), human.TaskSettings(prompts=prompts)
+        human.read_image_indexes(store, VARIANTS, 0), human.TaskSettings(prompts=prompts)
     )
     human.write_task(store, task)
     return store, task

@@ -79,8 +79,8 @@ def test_caption_figures_per_variant(store: Storage) -> None:
 def test_the_report_shows_the_captions_beside_the_metrics(store: Storage) -> None:
     columns, read = corpus_caption_stats(store, ["00000", "00001"], _count)
     overall = {"object_accuracy": 0.5, "clip_score": 31.0, "fid": 2.0}
-    reports = {v: {"overall": overall, "curve": []} for v in ("alttext", "recap_mix")}
-    built = build_report(reports, None, stats_rows(columns, list(reports)), read)
+    reports = {v: [{"seed": 0, "overall": overall, "curve": []}] for v in ("alttext", "recap_mix")}
+    built = build_report(reports, caption_rows=stats_rows(columns, list(reports)), shards_read=read)
     assert "## The captions behind the metrics" in built.markdown
     assert "over 2 recaptioned shard(s)" in built.captions_markdown
     line = next(x for x in built.captions_markdown.splitlines() if x.startswith("| recap_mix"))

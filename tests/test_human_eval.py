@@ -30,14 +30,14 @@ def test_the_task_is_blind_paired_by_seed_and_shuffled(tmp_path: Path) -> None:
         files = {parts[-1] for parts in item["images"].values()}
         assert files == {f"{item['prompt_index']:05d}_{item['seed']}.png"}
     # The same images and settings give the same task; another sample seed another one.
-    again = human.build_task(human.read_image_indexes(store, VARIANTS), human.TaskSettings(3))
+    again = human.build_task(human.read_image_indexes(store, VARIANTS, 0), human.TaskSettings(3))
     assert again == task
     other = human.build_task(
-        human.read_image_indexes(store, VARIANTS), human.TaskSettings(prompts=3, seed=5)
+        human.read_image_indexes(store, VARIANTS, 0), human.TaskSettings(prompts=3, seed=5)
     )
     assert other["version"] != task["version"]
     # Sides are shuffled: alttext is not always on the same side.
-    big = human.build_task(human.read_image_indexes(store, VARIANTS), human.TaskSettings(4))
+    big = human.build_task(human.read_image_indexes(store, VARIANTS, 0), human.TaskSettings(4))
     assert {q["left"] == "alttext" for q in big["questions"] if q["kind"] == "pair"} == {
         True, False
     }  # fmt: skip
@@ -145,7 +145,7 @@ def test_bootstrap_is_seeded_and_covers_the_mean() -> None:
 
 def _metric_report(objects: float) -> dict:
     overall = {"fid": 5.0, "fid_features": "random-conv", "object_accuracy": objects}
-    return {"overall": overall, "per_category": {}, "curve": [{"step": 1, "fid": 5.0}]}
+    return {"seed": 0, "overall": overall, "per_category": {}, "curve": [{"step": 1, "fid": 5.0}]}
 
 
 def _answer_some(store: Storage, task: dict) -> list[tuple[str, str, str]]:
@@ -176,7 +176,7 @@ def test_assets_from_the_task_to_recap_report(tmp_path: Path) -> None:
     store, _ = make_task(tmp_path)  # the images; the asset builds the task again
     for variant, objects in (("alttext", 0.2), ("recap_mix", 0.3)):
         report = json.dumps(_metric_report(objects))
-        store.write_text(report, "reports", "metrics", f"{variant}.json")
+        store.write_text(report, "reports", "metrics", variant, "seed-0.json")
     # No training corpus manifest here: the report says it read no recaptioned shard.
     sources = DataSourcesResource(
         shards_root=str(tmp_path), human_captions_path="", tokenizer_path=""
@@ -234,6 +234,6 @@ def test_assets_from_the_task_to_recap_report(tmp_path: Path) -> None:
 
 
 def test_the_report_says_when_nothing_is_rated() -> None:
-    reports = {"alttext": _metric_report(0.2), "recap_mix": _metric_report(0.3)}
+    reports = {"alttext": [_metric_report(0.2)], "recap_mix": [_metric_report(0.3)]}
     assert "No human ratings yet" in build_report(reports).markdown
-    assert "No human ratings yet" in build_report(reports, None).human_markdown
+    assert "No human ratings yet" in build_report(reports, human=None).human_markdown

@@ -610,6 +610,7 @@ def test_sd_checkpoints_on_kubernetes_always_deletes_its_node_group(
     import dagster_k8s
 
     from recap_dagster.assets import t2i
+    from recap_dagster.orchestration.partitions import variant_seed_key
     from recap_dagster.t2i.stream import CaptionSource, StreamSpec
     from recap_dagster.t2i.train import TrainJob
 
@@ -629,14 +630,14 @@ def test_sd_checkpoints_on_kubernetes_always_deletes_its_node_group(
     monkeypatch.setattr(dagster_k8s, "PipesK8sClient", PreemptedNodeZero)
     data = StreamSpec("s3://b/cache", "vae", ("00000",), CaptionSource(root="s3://b/shards"))
     job = TrainJob("/models/sd", "v1", "s3://b/recap", ("state",), ("snapshots",), data)
-    context = dg.build_asset_context(partition_key="recap_mix")
+    context = dg.build_asset_context(partition_key=variant_seed_key("recap_mix", 0))
     with pytest.raises(RuntimeError, match="preempted"):
         t2i._train_on_kubernetes(context, job, processes=8, nodes=3)
 
     (run,) = runs
     spec = run["base_pod_spec"]
     name = spec["subdomain"]
-    assert name.startswith("recap-sd-recap-mix-") and spec["hostname"] == f"{name}-0"
+    assert name.startswith("recap-sd-recap-mix-seed-0-") and spec["hostname"] == f"{name}-0"
     assert run["namespace"] == "recap" and spec["containers"][0]["image"] == IMAGE
     assert "--nnodes=3" in spec["containers"][0]["command"]
     posts = [(path, body) for path, body in created if not path.startswith("DELETE")]

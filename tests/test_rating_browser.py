@@ -64,7 +64,7 @@ def metric_report(objects: float, fid: float) -> dict:
                "count_error": 1.2 - objects, "position_accuracy": objects / 2}  # fmt: skip
     curve = [{"step": s, "fid": fid + 100 / s, "object_accuracy": objects * s / 400}
              for s in (100, 200, 400)]  # fmt: skip
-    return {"overall": overall, "per_category": {}, "curve": curve}
+    return {"seed": 0, "overall": overall, "per_category": {}, "curve": curve}
 
 
 def test_two_raters_rate_in_chromium_and_the_report_counts_them(tmp_path: Path) -> None:
@@ -160,9 +160,9 @@ def test_two_raters_rate_in_chromium_and_the_report_counts_them(tmp_path: Path) 
             assert report["ratings"] == len(given) and report["raters"] == ["ann", "bob"]
 
             # The RECAP report as recap_report builds it: Table 1, then the human study.
-            automatic = {"alttext": metric_report(0.4, 30.0), "recap_short": metric_report(
-                0.45, 28.0), "recap_mix": metric_report(0.5, 27.0)}  # fmt: skip
-            built = build_report(automatic, report)
+            automatic = {"alttext": [metric_report(0.4, 30.0)], "recap_short": [metric_report(
+                0.45, 28.0)], "recap_mix": [metric_report(0.5, 27.0)]}  # fmt: skip
+            built = build_report(automatic, human=report)
             assert "win rate vs alttext" in built.human_markdown in built.markdown
             page.set_content(markdown_page(built.markdown))
             report_shot = screenshot(page, "human_eval_report", full_page=True)

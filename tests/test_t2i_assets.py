@@ -28,7 +28,11 @@ from recap_dagster.miniworld.resources import (
     miniworld_sources,
 )
 from recap_dagster.miniworld.scenes import Scene
-from recap_dagster.orchestration.partitions import CAPTION_VARIANTS, shard_group_partitions
+from recap_dagster.orchestration.partitions import (
+    CAPTION_VARIANTS,
+    shard_group_partitions,
+    variant_seed_key,
+)
 from recap_dagster.resources import (
     ComputeResource,
     ModelsResource,
@@ -46,7 +50,14 @@ SD_CONFIG = {
     "micro_batch_size": 8,
     "sample_prompts": 4,
 }
-METRIC_CONFIG = {"num_inference_steps": 2, "reference_images": 32, "batch_size": 16}
+METRIC_CONFIG = {
+    "num_inference_steps": 2,
+    "reference_images": 32,
+    "batch_size": 16,
+    "images_per_prompt": 2,
+}
+#: Every variant with seed 0, the two the verdict compares with a second seed too.
+PARTITIONS = [(v, 0) for v in CAPTION_VARIANTS] + [("alttext", 1), ("recap_mix", 1)]
 
 
 def _write_recaptions(storage: Storage, corpus: str) -> list[str]:
@@ -131,11 +142,12 @@ def test_variants_reports_and_recap_report(
         assert corpus_meta["groups"].value == len(groups)
         assert corpus_meta["shards"].value == len(shards)
         assert corpus_meta["pending_groups"].value == 0
-        for variant in CAPTION_VARIANTS:
+        noise: dict[tuple[str, int], list] = {}
+        for variant, seed in PARTITIONS:
             result = dg.materialize(
                 [*ASSETS, *ASSET_CHECKS],
                 selection=[sd_checkpoints.key, metric_reports.key],
-                partition_key=variant,
+                partition_key=variant_seed_key(variant, seed),
                 instance=instance,
                 resources=resources,
                 run_config={
@@ -153,19 +165,33 @@ def test_variants_reports_and_recap_report(
             assert any("step 4/4 (100%) loss" in m for m in messages)
             assert any(m.startswith("snapshot step-000002") for m in messages)
             assert "data:image/png;base64" in sd_meta["samples"].value
-            assert storage.dir_complete("checkpoints", "sd", variant, "final")
-            assert (
-                Path(storage.uri("checkpoints", "sd", variant, "final")) / "model_index.json"
-            ).exists()
-            report = json.loads(storage.read_text("reports", "metrics", f"{variant}.json"))
-            assert [p["step"] for p in report["curve"]] == [2, 4]
-            measured = {"fid", "clip_score", "object_accuracy", "count_error", "position_accuracy"}
+            final = ("checkpoints", "sd", variant, f"seed-{seed}", "final")
+            assert storage.dir_complete(*final)
+            assert (Path(storage.uri(*final)) / "model_index.json").exists()
+            report = json.loads(
+                storage.read_text("reports", "metrics", variant, f"seed-{seed}.json")
+            )
+            assert report["seed"] == seed and [p["step"] for p in report["curve"]] == [2, 4]
+            measured = {"fid", "kid", "kid_std", "clip_score", "object_accuracy", "count_error",
+                        "position_accuracy", "position_chance", "position_given_found"}  # fmt: skip
             assert measured <= set(report["overall"])
             metric_meta = result.asset_materializations_for_node("metric_reports")[0].metadata
             assert 0.0 <= metric_meta["clip_score"].value <= 100.0
+            # Every graded image, two per prompt, each with its own noise seed.
+            rows = storage.read_parquet("reports", "metrics", variant, f"seed-{seed}.rows.parquet")
+            assert metric_meta["graded_rows"].value.endswith(f"{variant}/seed-{seed}.rows.parquet")
+            assert rows.num_rows == report["overall"]["n"]
+            table = rows.to_pylist()
+            assert {r["seed"] for r in table} == {seed} and {r["image"] for r in table} == {0, 1}
+            assert len({r["image_seed"] for r in table}) == len(table)  # per (prompt, image)
+            noise[(variant, seed)] = [
+                (r["prompt_index"], r["image"], r["image_seed"]) for r in table
+            ]
             assert set(report["per_category"]) == {
                 "single_object", "two_objects", "counting", "colours", "position"
             }  # fmt: skip
+
+        assert len(set(map(tuple, noise.values()))) == 1  # the same noise for every variant
 
         result = dg.materialize(
             [*ASSETS, *ASSET_CHECKS],
@@ -185,6 +211,9 @@ def test_variants_reports_and_recap_report(
         table = metadata["table"]  # typed: numbers sort as numbers in the UI
         rows = {r.data["variant"]: r.data for r in table.records}
         assert set(rows) == set(CAPTION_VARIANTS)
+        assert rows["recap_mix"]["seeds"] == 2 and rows["recap_short"]["seeds"] == 1
+        assert rows["recap_mix"]["object_accuracy_low"] is not None  # an interval over 2 seeds
+        assert rows["recap_short"]["object_accuracy_low"] is None  # none from one seed
         types = {c.name: c.type for c in table.schema.columns}
         assert types["fid"] == "float" and types["variant"] == "string"
         assert types["clip_score"] == "float"
@@ -193,16 +222,27 @@ def test_variants_reports_and_recap_report(
         assert storage.exists("reports", "recap_report.md")
         assert storage.exists("reports", "recap_fid_vs_steps.png")
         assert storage.exists("reports", "recap_object_accuracy_vs_steps.png")
+        against = {(r.data["variant"], r.data["metric"]): r.data
+                   for r in metadata["against_alttext"].records}  # fmt: skip
+        mix = against[("recap_mix", "object_accuracy")]
+        assert mix["seeds"] == 2 and mix["difference_t_low"] is not None
+        assert mix["verdict"] in ("better", "worse", "not distinguishable")
+        assert against[("recap_short", "object_accuracy")]["verdict"] == "not distinguishable"
+        position = {r.data["variant"]: r.data for r in metadata["position"].records}
+        assert position["recap_mix"]["chance"] is not None
         (check,) = result.get_asset_check_evaluations()
         assert check.check_name == "recap_mix_beats_alttext"
-        assert check.severity == dg.AssetCheckSeverity.WARN
         assert "object_accuracy" in check.description
+        # Four optimizer steps: nothing is shown either way (an error only if worse).
+        expected = dg.AssetCheckSeverity.ERROR if "WORSE" in check.description else (
+            dg.AssetCheckSeverity.WARN)  # fmt: skip
+        assert check.severity == expected and not check.passed
 
         def fine_tune_alttext(config: dict) -> dict:
             result = dg.materialize(
                 [*ASSETS, *ASSET_CHECKS],
                 selection=[sd_checkpoints.key],
-                partition_key="alttext",
+                partition_key=variant_seed_key("alttext", 0),
                 instance=instance,
                 resources=resources,
                 run_config={"ops": {"sd_checkpoints": {"config": config}}},

@@ -13,7 +13,7 @@ from recap_dagster.assets.metadata import typed_table
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
 from recap_dagster.assets.t2i import metric_reports
 from recap_dagster.evaluation import human, human_stats
-from recap_dagster.orchestration.partitions import caption_variants_partitions
+from recap_dagster.orchestration.partitions import CAPTION_VARIANTS
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.resources import StorageResource
 
@@ -52,8 +52,9 @@ def human_eval_task(
     storage: StorageResource,
 ) -> dg.MaterializeResult:
     store = storage.get()
-    indexes = human.read_image_indexes(store, caption_variants_partitions.get_partition_keys())
-    task = human.build_task(indexes, settings_from_config(human.TaskSettings, config))
+    settings = settings_from_config(human.TaskSettings, config)
+    indexes = human.read_image_indexes(store, CAPTION_VARIANTS, settings.training_seed)
+    task = human.build_task(indexes, settings)
     uri = human.write_task(store, task)
     context.log.info(f"rating task {task['version']}: {len(task['questions'])} questions")
     items = list(task["items"].values())

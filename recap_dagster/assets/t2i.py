@@ -9,6 +9,7 @@ import uuid
 import dagster as dg
 from pydantic import Field
 
+from recap_dagster import settings
 from recap_dagster.assets.inputs import base_t2i_model, eval_prompt_file
 from recap_dagster.assets.metadata import typed_table
 from recap_dagster.assets.run_config import config_from_settings, settings_from_config
@@ -27,7 +28,11 @@ from recap_dagster.orchestration.k8s_training import (
     group_name,
     node0_pod,
 )
-from recap_dagster.orchestration.partitions import caption_variants_partitions
+from recap_dagster.orchestration.partitions import (
+    CAPTION_VARIANTS,
+    variant_and_seed,
+    variant_seed_partitions,
+)
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.orchestration.retries import TRANSIENT_RETRY_POLICY, retry_only_transient
 from recap_dagster.orchestration.versions import current_data_version
@@ -38,6 +43,7 @@ from recap_dagster.resources import (
     StorageResource,
     WorldResource,
 )
+from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import runs
 from recap_dagster.t2i.manifest import MANIFEST_PARTS, read_manifest
 from recap_dagster.t2i.model import load_pipeline, local_model_dir
@@ -55,9 +61,31 @@ from recap_dagster.t2i.training_data import variant_captions
 from recap_dagster.training import devices
 
 SD_DIR = ("checkpoints", "sd")
+REPORT_JSON = ("reports", "recap_report.json")
 SD_STATE_DIR = "sd_training"
 LOCAL_LAUNCHER, K8S_LAUNCHER = "local", "k8s"
+
+
+def run_parts(variant: str, seed: int) -> tuple[str, str]:
+    """Where a variant-and-seed partition keeps its checkpoints, training state and
+    reports, under their folders: ``<variant>/seed-<seed>``."""
+    return variant, f"seed-{seed}"
+
+
 SAMPLE_SEED = 1234
+COMPARISON_NOTES = {
+    "difference_t": "variant minus alttext, paired on seed, prompt and image",
+    "difference_t_low": "t over seeds, Bonferroni-corrected for three metrics",
+    "difference_bootstrap_low": "bootstrap over seeds then prompts, corrected likewise",
+    "verdict": "better/worse only when both intervals exclude zero on the same side",
+    "paper_difference": "the paper's relative change at alttext's value",
+}
+POSITION_NOTES = {
+    "chance": "exact-cell accuracy of placement ignoring the text, given the objects found",
+    "given_found": "position accuracy over images where every placed object was found",
+    "relative_position": "GenEval's form: placed objects stand as the prompt's do",
+    "above_chance": "accuracy minus chance above zero over seeds (95% t interval)",
+}
 # Column descriptions of the report tables: what an empty cell and a delta column mean.
 REPORT_COLUMN_NOTES = {
     **{m: "empty: not graded (the world has no image grader)" for m in report_core.IMAGE_COLUMNS},
@@ -73,6 +101,7 @@ SDFineTuneConfig = config_from_settings(
     "SDFineTuneConfig",
     "RECAP step 3: the trainer's settings (TrainConfig) plus how the step runs it.",
     op="sd_checkpoints",
+    exclude=("seed",),  # the partition's
     processes=(int, Field(default=0, description=devices.PROCESSES_DESCRIPTION)),
     dataloader_workers=(
         int,
@@ -118,7 +147,7 @@ SDFineTuneConfig = config_from_settings(
 
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
-    partitions_def=caption_variants_partitions,
+    partitions_def=variant_seed_partitions,
     # The shard groups reach training through training_corpus, whose version changes with
     # theirs; the prompts give the sample grid.
     deps=[training_corpus, base_t2i_model, eval_prompt_file],
@@ -129,7 +158,8 @@ SDFineTuneConfig = config_from_settings(
     kinds={"pytorch", "diffusers"},
     tags={"recap/gpu": "1"},
     description="The base text-to-image model fine-tuned on the shards of training_corpus with one "
-    "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample), by "
+    "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample) and "
+    "one training seed (the partition: variant x seed, RECAP_TRAINING_SEEDS), by "
     "the standalone trainer (torchrun, `processes` processes) launched through Dagster "
     "Pipes. Streams the latent cache; resumes from its training state under the storage "
     "root after an interruption, on any machine.",
@@ -145,7 +175,8 @@ def sd_checkpoints(
     world: WorldResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    variant = context.partition_key
+    variant, seed = variant_and_seed(context)
+    run_dir = run_parts(variant, seed)
     store = storage.get()
     corpus = read_manifest(store)
     shards = corpus.shards
@@ -155,7 +186,7 @@ def sd_checkpoints(
     base_version = current_data_version(context.instance, base_t2i_model.key)
     if base_version is None:
         raise ValueError("base_t2i_model has no observed version: observe it first")
-    train_config = settings_from_config(TrainConfig, config)
+    train_config = settings_from_config(TrainConfig, config, seed=seed)
     if config.launcher not in (LOCAL_LAUNCHER, K8S_LAUNCHER):
         raise ValueError(f"launcher must be {LOCAL_LAUNCHER} or {K8S_LAUNCHER}")
     if config.nodes < 1 or (config.nodes > 1 and config.launcher != K8S_LAUNCHER):
@@ -168,8 +199,8 @@ def sd_checkpoints(
         base_model=base,
         base_version=base_version,
         storage_root=store.root,
-        state_parts=(SD_STATE_DIR, variant),
-        snapshot_parts=(*SD_DIR, variant),
+        state_parts=(SD_STATE_DIR, *run_dir),
+        snapshot_parts=(*SD_DIR, *run_dir),
         data=training_stream(
             train_config,
             base_model=base,
@@ -181,40 +212,42 @@ def sd_checkpoints(
         config=train_config,
         mixed_precision=compute.training_precision(),
         num_workers=config.dataloader_workers,
-        snapshot_meta={"variant": variant},
+        snapshot_meta={"variant": variant, "seed": seed},
     )
     removed = runs.remove_runs(store, job, config.remove_runs) if config.remove_runs else []
     choice = runs.choose_run(store, job, new_run=config.new_run)
     job = choice.job
     context.log.info(
-        f"{variant}: {choice.message}; {processes} process(es) on each of {config.nodes} node(s)"
+        f"{variant} seed {seed}: {choice.message}; {processes} process(es) on each of "
+        f"{config.nodes} node(s)"
     )
     if on_k8s:
         _train_on_kubernetes(context, job, processes, config.nodes)
     else:
         _train_here(context, job, processes, pipes_subprocess_client)
-    run = json.loads(store.read_text(SD_STATE_DIR, variant, "last_run.json"))
-    snapshots = json.loads(store.read_text(*SD_DIR, variant, SNAPSHOTS_FILE))
+    run = json.loads(store.read_text(SD_STATE_DIR, *run_dir, "last_run.json"))
+    snapshots = json.loads(store.read_text(*SD_DIR, *run_dir, SNAPSHOTS_FILE))
 
     truths = world.get().read_eval_prompts(sources.eval_prompts_path)[: config.sample_prompts]
-    with store.local_dir(*SD_DIR, variant, "final") as local:
+    with store.local_dir(*SD_DIR, *run_dir, "final") as local:
         pipe = load_pipeline(local, device=compute.torch_device(), dtype=compute.torch_dtype())
     samples = generate(pipe, [t.prompt for t in truths], [SAMPLE_SEED] * len(truths))
     grid = image_grid(samples, columns=8, cell=64)
-    store.write_bytes(grid, "reports", f"sd_{variant}_samples.png")
+    store.write_bytes(grid, "reports", f"sd_{variant}_seed{seed}_samples.png")
     loss_png = line_plot(
         {variant: run["losses"]},
-        title=f"fine-tuning loss ({variant})",
+        title=f"fine-tuning loss ({variant}, seed {seed})",
         xlabel="step",
         ylabel="loss",
         smooth=20,
     )
-    store.write_bytes(loss_png, "reports", f"sd_{variant}_loss.png")
+    store.write_bytes(loss_png, "reports", f"sd_{variant}_seed{seed}_loss.png")
     final_version = snapshots[-1]["version"]
     return dg.MaterializeResult(
         metadata={
-            "dagster/uri": dg.MetadataValue.path(store.uri(*SD_DIR, variant, "final")),
+            "dagster/uri": dg.MetadataValue.path(store.uri(*SD_DIR, *run_dir, "final")),
             "variant": variant,
+            "seed": seed,
             "version": final_version,
             "training_shards": len(job.data.shards),
             "shards_waiting_for_next_run": len(set(shards) - set(job.data.shards)),
@@ -282,7 +315,10 @@ def _train_on_kubernetes(
     # and a new rendezvous id): the run id, then a fresh suffix per attempt.
     group = NodeGroup(
         name=group_name(
-            "recap-sd", context.partition_key, context.run_id[:8], uuid.uuid4().hex[:6]
+            "recap-sd",
+            "-".join(run_parts(*variant_and_seed(context))),
+            context.run_id[:8],
+            uuid.uuid4().hex[:6],
         ),
         namespace=os.environ.get("DAGSTER_K8S_NAMESPACE", "default"),
         image=os.environ["DAGSTER_CURRENT_IMAGE"],
@@ -317,7 +353,7 @@ MetricReportConfig = config_from_settings(
 
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
-    partitions_def=caption_variants_partitions,
+    partitions_def=variant_seed_partitions,
     # FID's reference images are the training corpus' own.
     deps=[sd_checkpoints, eval_prompt_file, training_corpus],
     pool=GPU_POOL,
@@ -325,9 +361,10 @@ MetricReportConfig = config_from_settings(
     group_name="evaluation",
     kinds={"pytorch", "torchmetrics"},
     tags={"recap/gpu": "1"},
-    description="FID, CLIP score (when configured), object accuracy, counting error and "
-    "position accuracy of one variant on held-out prompts, overall and per category, for "
-    "the final checkpoint and every snapshot.",
+    description="FID and KID, CLIP score (when configured), object accuracy, counting error "
+    "and position accuracy (against chance, given found, relative) of one variant's "
+    "fine-tune with one training seed on held-out prompts, overall and per category, for "
+    "the final checkpoint and every snapshot; every graded image saved as parquet.",
 )
 @retry_only_transient
 def metric_reports(
@@ -339,13 +376,14 @@ def metric_reports(
     storage: StorageResource,
     world: WorldResource,
 ) -> dg.MaterializeResult:
-    variant = context.partition_key
+    variant, seed = variant_and_seed(context)
     store = storage.get()
     the_world = world.get()
     result = evaluation.evaluate_variant(
         store,
         variant,
-        checkpoint_parts=SD_DIR,
+        seed,
+        checkpoint_parts=(*SD_DIR, *run_parts(variant, seed)),
         world=the_world,
         prompts=the_world.read_eval_prompts(sources.eval_prompts_path),
         shards_root=sources.shards_root,
@@ -360,7 +398,10 @@ def metric_reports(
     return dg.MaterializeResult(
         metadata={
             "dagster/uri": dg.MetadataValue.path(store.uri(*result.report_parts)),
+            "graded_rows": dg.MetadataValue.path(store.uri(*result.rows_parts)),
             "world": the_world.name,
+            "variant": variant,
+            "seed": seed,
             **{k: v for k, v in overall.items() if isinstance(v, float | int)},
             "fid_features": overall["fid_features"],
             "metrics": typed_table(report_core.category_rows(result.report), REPORT_COLUMN_NOTES),
@@ -374,26 +415,41 @@ def metric_reports(
     )
 
 
+def read_evaluations(store: Storage) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Every metric report on record (variant -> one per training seed) and its graded rows
+    (variant -> rows over its seeds); a seed's rows only where its report exists."""
+    reports: dict[str, list[dict]] = {}
+    rows: dict[str, list[dict]] = {}
+    for variant in CAPTION_VARIANTS:
+        for seed in settings.training_seeds():
+            if not store.exists(*evaluation.report_parts(variant, seed)):
+                continue
+            reports.setdefault(variant, []).append(
+                json.loads(store.read_text(*evaluation.report_parts(variant, seed)))
+            )
+            if store.exists(*evaluation.rows_parts(variant, seed)):
+                table = store.read_parquet(*evaluation.rows_parts(variant, seed))
+                rows.setdefault(variant, []).extend(table.to_pylist())
+    return reports, rows
+
+
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     # By key: assets/human_eval.py builds on metric_reports from this module.
     deps=[metric_reports, dg.AssetKey("human_eval_report")],
     group_name="evaluation",
     kinds={"markdown"},
-    description="All variants side by side like the paper's Table 1 (with deltas against "
-    "alttext), the human study beside them (or that nothing is rated yet) and "
-    "metric-versus-steps curves like its Figure 5.",
+    description="All variants side by side like the paper's Table 1, as means over training "
+    "seeds with 95% intervals; each against alttext with paired intervals and a verdict per "
+    "metric; position against chance; the human study beside them (or that nothing is "
+    "rated yet) and metric-versus-steps curves like its Figure 5.",
 )
 @retry_only_transient
 def recap_report(
     context: dg.AssetExecutionContext, storage: StorageResource, sources: DataSourcesResource
 ) -> dg.MaterializeResult:
     store = storage.get()
-    reports = {
-        variant: json.loads(store.read_text("reports", "metrics", f"{variant}.json"))
-        for variant in caption_variants_partitions.get_partition_keys()
-        if store.exists("reports", "metrics", f"{variant}.json")
-    }
+    reports, rows = read_evaluations(store)
     if "alttext" not in reports:
         raise ValueError("recap_report needs the alttext metric report as its baseline")
     human = (
@@ -408,9 +464,12 @@ def recap_report(
             store, read_manifest(store).shards, clip_token_counter(sources.tokenizer_path)
         )
         caption_rows = caption_stats.stats_rows(columns, list(reports))
-    built = report_core.build_report(reports, human, caption_rows, shards_read)
+    built = report_core.build_report(
+        reports, rows, human=human, caption_rows=caption_rows, shards_read=shards_read
+    )
     store.write_text(built.markdown, "reports", "recap_report.md")
-    store.write_text(json.dumps(built.table, indent=2), "reports", "recap_report.json")
+    document = {"table": built.table, "comparison": built.comparisons, "position": built.positions}
+    store.write_text(json.dumps(document, indent=2), *REPORT_JSON)
     for name, png in built.figures.items():
         store.write_bytes(png, "reports", name)
     context.log.info("\n" + built.table_markdown)
@@ -418,10 +477,13 @@ def recap_report(
         metadata={
             "dagster/uri": dg.MetadataValue.path(store.uri("reports", "recap_report.md")),
             "table": typed_table(built.rows, REPORT_COLUMN_NOTES),
+            "against_alttext": typed_table(built.comparisons, COMPARISON_NOTES),
+            "position": typed_table(built.positions, POSITION_NOTES),
             "figures": dg.MetadataValue.md(
                 "\n\n".join(markdown_image(png, name) for name, png in built.figures.items())
             ),
             "variants": len(reports),
+            "seeds": dg.MetadataValue.json({v: len(r) for v, r in reports.items()}),
             "human_evaluation": dg.MetadataValue.md(built.human_markdown),
             "captions": typed_table(caption_rows, caption_stats.STATS_COLUMNS),
             "captions_shards_read": shards_read,
@@ -433,15 +495,18 @@ def recap_report(
 
 @dg.asset_check(
     asset=recap_report,
-    description="Warns unless recap_mix beats alttext on object accuracy, counting error and "
-    "position accuracy.",
+    description="recap_mix against alttext on object accuracy, counting error and position "
+    "accuracy, paired over seeds and prompts: passes when better on all three, warns when "
+    "any is not distinguishable, fails (error) when it is worse on any.",
 )
 def recap_mix_beats_alttext(storage: StorageResource) -> dg.AssetCheckResult:
-    table = json.loads(storage.get().read_text("reports", "recap_report.json"))
-    verdict = report_core.mix_beats_alttext(table)
+    document = json.loads(storage.get().read_text(*REPORT_JSON))
+    verdict = report_core.mix_beats_alttext(document["comparison"])
     return dg.AssetCheckResult(
         passed=verdict.passed,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.ERROR
+        if verdict.severity == "error"
+        else dg.AssetCheckSeverity.WARN,
         description=verdict.description,
         metadata=verdict.metadata,
     )

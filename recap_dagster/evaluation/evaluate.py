@@ -1,24 +1,28 @@
 """Evaluating one caption variant's text-to-image checkpoints (plain Python, no Dagster).
 
-The ``metric_reports`` asset's work: read the real reference images FID compares against,
-generate images for the world's evaluation prompts from every snapshot of the variant,
-have the world grade them, and write the variant's metric report (JSON), its per-category
-sample grids and its final images (for the human evaluation) under the storage root.
+The ``metric_reports`` asset's work, for one variant's fine-tune with one training seed:
+read the real reference images FID compares against, generate K images per evaluation
+prompt from every snapshot, have the world grade them, and write the metric report (JSON),
+every graded image of the final snapshot (parquet: the comparison across seeds pairs
+them), per-category sample grids and the final images (for the human evaluation) under
+the storage root.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from recap_dagster.corpus.reading import iter_shard
 from recap_dagster.evaluation import report as report_core
 from recap_dagster.evaluation.human import save_generated_images
-from recap_dagster.evaluation.metrics import MetricReport, evaluate_generations
+from recap_dagster.evaluation.metrics import MetricReport, as_jpeg, evaluate_generations
 from recap_dagster.evaluation.world import EvalPrompt, World
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i.model import load_pipeline
@@ -27,6 +31,25 @@ from recap_dagster.t2i.train import SNAPSHOTS_FILE
 from recap_dagster.training.substrate import setting
 
 REPORT_DIR = ("reports", "metrics")
+#: Typed columns of the graded rows (the rest are the world's metrics, floats or null).
+ROW_KEYS = ("variant", "seed", "prompt_index", "image", "image_seed", "prompt", "category")
+
+
+def report_parts(variant: str, seed: int) -> tuple[str, ...]:
+    """Where the metric report (JSON) of a variant's fine-tune with ``seed`` lies."""
+    return (*REPORT_DIR, variant, f"seed-{seed}.json")
+
+
+def rows_parts(variant: str, seed: int) -> tuple[str, ...]:
+    """Where its graded rows (parquet, one per generated image) lie, beside the report."""
+    return (*REPORT_DIR, variant, f"seed-{seed}.rows.parquet")
+
+
+def image_seed(prompt: str, image: int) -> int:
+    """The noise seed of the ``image``-th image of ``prompt``: its own per (prompt, image),
+    the same for every variant and training seed, so their images pair."""
+    digest = hashlib.sha256(f"{prompt}\0{image}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass
@@ -35,11 +58,20 @@ class EvalSettings:
 
     guidance_scale: float = setting(5.0, "Classifier-free guidance scale.")
     num_inference_steps: int = setting(20, "Denoising steps per image.")
-    seeds_per_prompt: int = setting(1, "Images per prompt (fixed seeds).")
+    images_per_prompt: int = setting(
+        1,
+        "Images per prompt; each (prompt, image) has its own noise seed, shared by every "
+        "variant and training seed.",
+    )
     batch_size: int = setting(
         100, "Images per pipeline call (the VAE decodes them one at a time: sliced)."
     )
-    reference_images: int = setting(1000, "Real corpus images FID compares against.")
+    reference_images: int = setting(1000, "Real corpus images FID and KID compare against.")
+    jpeg_quality: int = setting(
+        95,
+        "Generated images are JPEG-encoded at this quality before they are graded and "
+        "compared, like the corpus's real images (0: kept lossless).",
+    )
     evaluate_snapshots: bool = setting(
         True, "Also evaluate intermediate snapshots (metric vs steps)."
     )
@@ -50,20 +82,22 @@ class EvalSettings:
     )
     rating_images: int = setting(
         400,
-        "Final images saved as PNG (the first N prompt x seed pairs) for the human "
+        "Final images saved as PNG (the first N prompt x image pairs) for the human "
         "evaluation's rating task; 0: none.",
     )
 
 
 @dataclass
 class VariantEvaluation:
-    """What evaluating a variant produced: the final checkpoint's report, the metric curve
-    over snapshots, the per-category sample grids (PNG) and where the JSON report lies."""
+    """What evaluating a fine-tune produced: the final checkpoint's report, the metric curve
+    over snapshots, the per-category sample grids (PNG) and where the JSON report and the
+    graded rows lie."""
 
     report: MetricReport
     curve: list[dict]
     grids: dict[str, bytes]
     report_parts: tuple[str, ...]
+    rows_parts: tuple[str, ...]
     payload: dict = field(default_factory=dict)
 
 
@@ -79,9 +113,22 @@ def reference_images(shards_root: str, shards: Sequence[str], limit: int) -> lis
     return images
 
 
+def rows_table(rows: Sequence[dict]) -> pa.Table:
+    """Graded rows as a table: the keys typed, every metric a float (null: not graded)."""
+    metrics = [k for k in rows[0] if k not in ROW_KEYS and k != "detected"] if rows else []
+    schema = pa.schema(
+        [("variant", pa.string()), ("seed", pa.int64()), ("prompt_index", pa.int64()),
+         ("image", pa.int64()), ("image_seed", pa.int64()), ("prompt", pa.string()),
+         ("category", pa.string()), *((m, pa.float64()) for m in metrics),
+         ("detected", pa.string())]
+    )  # fmt: skip
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
+
+
 def evaluate_variant(
     store: Storage,
     variant: str,
+    seed: int,
     *,
     checkpoint_parts: Sequence[str],
     world: World,
@@ -94,20 +141,26 @@ def evaluate_variant(
     clip_model: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> VariantEvaluation:
-    """Generate and grade images of every snapshot under ``checkpoint_parts/variant``
-    (only the last with ``evaluate_snapshots`` off) and write the variant's report.
+    """Generate and grade images of every snapshot under ``checkpoint_parts`` (a variant's
+    fine-tune with training seed ``seed``; only the last snapshot with
+    ``evaluate_snapshots`` off) and write its report and the final snapshot's graded rows.
     ``clip_model`` (a CLIP-family directory or hub id; None: not scored) adds CLIP score."""
-    snapshots = json.loads(store.read_text(*checkpoint_parts, variant, SNAPSHOTS_FILE))
+    snapshots = json.loads(store.read_text(*checkpoint_parts, SNAPSHOTS_FILE))
     if not settings.evaluate_snapshots:
         snapshots = snapshots[-1:]
-    repeated = [p for p in prompts for _ in range(settings.seeds_per_prompt)]
-    seeds = [i % settings.seeds_per_prompt for i in range(len(repeated))]
+    k = settings.images_per_prompt
+    if k < 1:
+        raise ValueError("images_per_prompt must be at least 1")
+    repeated = [p for p in prompts for _ in range(k)]
+    prompt_indices = [i // k for i in range(len(repeated))]
+    images_of = [i % k for i in range(len(repeated))]
+    seeds = [image_seed(p.prompt, n) for p, n in zip(repeated, images_of, strict=True)]
     reference = reference_images(shards_root, shards, settings.reference_images)
     curve: list[dict] = []
     final: MetricReport | None = None
     final_images: list[Image.Image] = []
     for snapshot in snapshots:
-        with store.local_dir(*checkpoint_parts, variant, snapshot["name"]) as local:
+        with store.local_dir(*checkpoint_parts, snapshot["name"]) as local:
             pipe = load_pipeline(local, device=device, dtype=dtype)
         images = generate(
             pipe,
@@ -117,6 +170,7 @@ def evaluate_variant(
             num_inference_steps=settings.num_inference_steps,
             batch_size=settings.batch_size,
         )
+        images = as_jpeg(images, settings.jpeg_quality)
         final = evaluate_generations(
             images,
             repeated,
@@ -127,26 +181,36 @@ def evaluate_variant(
             device=device,
         )
         curve.append({"step": snapshot["step"], **final.overall})
-        log(f"{variant} step {snapshot['step']}: {final.overall}")
+        log(f"{variant} seed {seed} step {snapshot['step']}: {final.overall}")
         final_images = images
     if final is None:
-        raise ValueError(f"{variant} has no snapshot to evaluate")
+        raise ValueError(f"{variant} seed {seed} has no snapshot to evaluate")
+    final.rows = [
+        {"variant": variant, "seed": seed, "prompt_index": index, "image": n,
+         "image_seed": image_seed_, **row}
+        for row, index, n, image_seed_ in zip(
+            final.rows, prompt_indices, images_of, seeds, strict=True
+        )
+    ]  # fmt: skip
+    store.write_parquet(rows_table(final.rows), *rows_parts(variant, seed))
     grids = report_core.category_grids(final_images, repeated)
     for category, png in grids.items():
-        store.write_bytes(png, *REPORT_DIR, f"{variant}_{category}.png")
-    # Same prompts and seeds for every variant: the human evaluation pairs these images.
+        store.write_bytes(png, *REPORT_DIR, variant, f"seed-{seed}_{category}.png")
+    # Same prompts and noise seeds for every variant: the human evaluation pairs these.
     save_generated_images(
         store,
         variant,
+        seed,
         final_images,
         repeated,
-        [i // settings.seeds_per_prompt for i in range(len(repeated))],
+        prompt_indices,
         seeds,
         checkpoint_version=snapshots[-1]["version"],
         limit=settings.rating_images,
     )
     payload = {
         "variant": variant,
+        "seed": seed,
         "world": world.name,
         "overall": final.overall,
         "per_category": final.per_category,
@@ -154,7 +218,9 @@ def evaluate_variant(
         "settings": asdict(settings),
         "clip_model": clip_model or None,
         "checkpoint_version": snapshots[-1]["version"],
+        "rows": "/".join(rows_parts(variant, seed)[len(REPORT_DIR) :]),
     }
-    parts = (*REPORT_DIR, f"{variant}.json")
+    parts = report_parts(variant, seed)
+    # Written last: a report that exists has its rows beside it.
     store.write_text(json.dumps(payload, indent=2), *parts)
-    return VariantEvaluation(final, curve, grids, parts, payload)
+    return VariantEvaluation(final, curve, grids, parts, rows_parts(variant, seed), payload)

@@ -66,6 +66,11 @@ class TaskSettings:
         default=0,
         metadata={"description": "Seed of the prompt sample, the side shuffle and the ids."},
     )
+    training_seed: int = field(
+        default=0,
+        metadata={"description": "Whose images are rated: the fine-tunes with this training "
+                  "seed (one per variant; a study rates one draw of each)."},
+    )  # fmt: skip
 
 
 class AnswerError(ValueError):
@@ -85,9 +90,15 @@ class DuplicateAnswer(AnswerError):
 # -- the evaluation's images ----------------------------------------------------------------
 
 
+def images_parts(variant: str, training_seed: int) -> tuple[str, ...]:
+    """Where the rating images of a variant's fine-tune with ``training_seed`` lie."""
+    return (*IMAGES_DIR, variant, f"seed-{training_seed}")
+
+
 def save_generated_images(
     store: Storage,
     variant: str,
+    training_seed: int,
     images: Sequence[Image.Image],
     prompts: Sequence[Any],
     prompt_indices: Sequence[int],
@@ -96,31 +107,37 @@ def save_generated_images(
     checkpoint_version: str,
     limit: int,
 ) -> int:
-    """Save the first ``limit`` images (PNG) of ``variant`` with an index of their prompt,
-    category, prompt index and seed; return how many. ``prompts`` are ``EvalPrompt``s."""
+    """Save the first ``limit`` images (PNG) of ``variant``'s fine-tune with
+    ``training_seed`` with an index of their prompt, category, prompt index and noise seed
+    (``seeds``); return how many. ``prompts`` are ``EvalPrompt``s."""
     rows = []
     pairs = list(zip(images, prompts, prompt_indices, seeds, strict=True))
     for image, prompt, index, seed in pairs[:limit]:
         name = f"{index:05d}_{seed}.png"
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        store.write_bytes(buffer.getvalue(), *IMAGES_DIR, variant, name)
+        store.write_bytes(buffer.getvalue(), *images_parts(variant, training_seed), name)
         rows.append(
             {"prompt_index": index, "seed": seed, "prompt": prompt.prompt,
              "category": prompt.category, "file": name}
         )  # fmt: skip
-    index_doc = {"variant": variant, "checkpoint_version": checkpoint_version, "images": rows}
+    index_doc = {"variant": variant, "training_seed": training_seed,
+                 "checkpoint_version": checkpoint_version, "images": rows}  # fmt: skip
     # Written last: a reader that finds the index finds every image it names.
-    store.write_text(json.dumps(index_doc, indent=1), *IMAGES_DIR, variant, IMAGE_INDEX)
+    store.write_text(json.dumps(index_doc, indent=1), *images_parts(variant, training_seed),
+                     IMAGE_INDEX)  # fmt: skip
     return len(rows)
 
 
-def read_image_indexes(store: Storage, variants: Sequence[str]) -> dict[str, dict]:
-    """The saved image index of each of ``variants`` that has one."""
+def read_image_indexes(
+    store: Storage, variants: Sequence[str], training_seed: int
+) -> dict[str, dict]:
+    """The saved image index of each of ``variants`` whose fine-tune with
+    ``training_seed`` has one."""
     return {
-        v: json.loads(store.read_text(*IMAGES_DIR, v, IMAGE_INDEX))
+        v: json.loads(store.read_text(*images_parts(v, training_seed), IMAGE_INDEX))
         for v in variants
-        if store.exists(*IMAGES_DIR, v, IMAGE_INDEX)
+        if store.exists(*images_parts(v, training_seed), IMAGE_INDEX)
     }
 
 
@@ -163,7 +180,10 @@ def build_task(indexes: dict[str, dict], settings: TaskSettings) -> dict:
             "category": first["category"],
             "prompt_index": key[0],
             "seed": key[1],
-            "images": {v: [*IMAGES_DIR, v, by_variant[v][key]["file"]] for v in variants},
+            "images": {
+                v: [*images_parts(v, indexes[v]["training_seed"]), by_variant[v][key]["file"]]
+                for v in variants
+            },
         }
         for variant in variants:
             questions.append(

@@ -20,6 +20,7 @@ could be graded on (no detector configured) is None: "not graded".
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -44,8 +45,11 @@ def means(rows: Sequence[dict]) -> dict[str, float | None]:
         out[metric] = sum(values) / len(values) if values else None
     # Placement judged only where every placed object was found: a model that cannot draw
     # the object cannot show whether it places it.
-    found = [float(r["position_accuracy"]) for r in rows
-             if r.get("position_found") == 1.0 and r.get("position_accuracy") is not None]  # fmt: skip
+    found = [
+        float(r["position_accuracy"])
+        for r in rows
+        if r.get("position_found") == 1.0 and r.get("position_accuracy") is not None
+    ]
     out["position_given_found"] = sum(found) / len(found) if found else None
     return out
 
@@ -111,28 +115,54 @@ def _to_uint8(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def frechet_distance(
+def distribution_distances(
     real: Sequence[Image.Image],
     fake: Sequence[Image.Image],
     *,
     inception_weights: str | None = None,
     batch_size: int = 256,
-) -> tuple[float, str]:
-    """FID between two image sets; returns (value, name of the feature extractor used)."""
+) -> dict[str, float | str]:
+    """FID and KID (its mean and its spread over subsets) between two image sets, on the
+    same features; ``fid_features`` names the extractor. KID is unbiased at small sample
+    sizes, where FID is not: the two side by side show how far FID can be trusted."""
     from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
 
     if inception_weights:
-        metric = FrechetInceptionDistance(
+        fid = FrechetInceptionDistance(
             feature=2048, feature_extractor_weights_path=inception_weights
         )
         size, extractor = 299, "inception-v3 (torch-fidelity weights)"
+        features: nn.Module = fid.inception
     else:
-        metric = FrechetInceptionDistance(feature=RandomConvFeatures())
+        features = RandomConvFeatures()
+        fid = FrechetInceptionDistance(feature=features)
         size, extractor = FID_IMAGE_SIZE, "miniworld random-conv-64"
+    subset = max(2, min(len(real), len(fake), 1000))
+    kid = KernelInceptionDistance(feature=features, subsets=100, subset_size=subset)
     for images, is_real in ((real, True), (fake, False)):
         for start in range(0, len(images), batch_size):
-            metric.update(_to_uint8(images[start : start + batch_size], size), real=is_real)
-    return float(metric.compute()), extractor
+            batch = _to_uint8(images[start : start + batch_size], size)
+            fid.update(batch, real=is_real)
+            kid.update(batch, real=is_real)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+            "fid_features": extractor}  # fmt: skip
+
+
+def as_jpeg(images: Sequence[Image.Image], quality: int) -> list[Image.Image]:
+    """``images`` encoded as JPEG at ``quality`` and decoded again, so generated images
+    carry the same compression as the real ones they are compared with (0: unchanged)."""
+    if quality <= 0:
+        return list(images)
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            out.append(decoded.convert("RGB"))
+    return out
 
 
 def clip_score(
@@ -176,9 +206,7 @@ def evaluate_generations(
     """The paper's metrics for images generated from ``prompts``, graded by ``world``."""
     rows = grade_generations(world, images, prompts)
     overall, per_category = summarize(rows)
-    overall["fid"], overall["fid_features"] = frechet_distance(
-        reference, images, inception_weights=inception_weights
-    )
+    overall.update(distribution_distances(reference, images, inception_weights=inception_weights))
     if clip_model:
         overall["clip_score"] = clip_score(
             clip_model, images, [p.prompt for p in prompts], device=device

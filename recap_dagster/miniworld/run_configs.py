@@ -12,14 +12,15 @@ import yaml
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-#: Ops whose config holds the fine-tunes' training seed (``--seed``).
-SEEDED_OPS = ("captioner_checkpoint", "sd_checkpoints")
+#: Ops whose config holds the training seed (``--seed``): the captioner's fine-tune. The
+#: text-to-image fine-tunes take theirs from their partitions (RECAP_TRAINING_SEEDS).
+SEEDED_OPS = ("captioner_checkpoint",)
 
 SettingsT = TypeVar("SettingsT")
 
 
 def profile_run_config(profile: str, seed: int = 0) -> dict[str, Any]:
-    """The profile's run config with ``seed`` as the fine-tunes' training seed."""
+    """The profile's run config with ``seed`` as the captioner fine-tune's training seed."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
     data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
