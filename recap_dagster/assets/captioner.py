@@ -147,7 +147,8 @@ def captioner_checkpoint(
         settings_from_config(FineTuneConfig, config, mixed_precision=compute.training_precision()),
         on_step=lambda step, loss: (
             context.log.info(f"step {step}/{config.steps} loss {loss:.4f}")
-            if step % max(1, config.steps // 10) == 0
+            # Step 1 too: the main job's estimate counts it by its steps from the start.
+            if step == 1 or step % max(1, config.steps // 10) == 0
             else None
         ),
     )

@@ -163,7 +163,8 @@ def base_captioner_model(
     recipe = _recipe(BASE_CAPTIONER_RECIPES, config.recipe)
 
     def on_step(step: int, loss: float) -> None:
-        if step % 100 == 0 or step == recipe.steps:
+        # Step 1 too: the main job's estimate counts it by its steps from the start.
+        if step == 1 or step % 100 == 0 or step == recipe.steps:
             context.log.info(f"base captioner step {step}/{recipe.steps}, loss {loss:.3f}")
 
     out = build_base_captioner(
@@ -224,7 +225,7 @@ def clip_model(
     recipe = _recipe(CLIP_RECIPES, config.recipe)
 
     def on_step(step: int, loss: float) -> None:
-        if step % 100 == 0 or step == recipe.steps:
+        if step == 1 or step % 100 == 0 or step == recipe.steps:
             context.log.info(f"CLIP step {step}/{recipe.steps}, loss {loss:.3f}")
 
     out = build_miniworld_clip(

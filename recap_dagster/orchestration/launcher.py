@@ -4,7 +4,8 @@
 sends the UI's own GraphQL mutations (launch an asset backfill) and queries (the
 backfill's per-asset counts); ``follow_backfill`` prints where the work is: the assets
 done out of those targeted, the steps running now with their latest log line (the
-trainers log their step, loss and time left), elapsed time and an estimate of the rest.
+trainers log their step, loss and time left), elapsed time and an estimate of the rest,
+which counts a running trainer's asset partition by the share of its steps done ("step k/n").
 No Dagster import: everything goes through the instance's public GraphQL API.
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,18 @@ TERMINAL_BACKFILL_STATES = {
 
 #: Share of the (weighted) work done before the time left is estimated.
 MIN_DONE_FOR_ESTIMATE = 0.05
+
+#: How the trainers log their progress: "step 1300/2500 (52%) loss ..." (t2i through Pipes),
+#: "step 30/300 loss ..." (captioner), "base captioner step 100/2500, loss ..." (miniworld).
+STEP_PROGRESS = re.compile(r"\bstep (\d+)/(\d+)\b")
+
+#: Events after which a step no longer runs: its last "step k/n" no longer tells the rest.
+_STEP_ENDS = {
+    "ExecutionStepSuccessEvent",
+    "ExecutionStepFailureEvent",
+    "ExecutionStepSkippedEvent",
+    "ExecutionStepUpForRetryEvent",
+}
 
 
 class LaunchError(RuntimeError):
@@ -355,25 +369,30 @@ class DagsterGraphQL:
                 lines.append(f"{where} (run {run['runId'][:8]}): {' '.join(message.split())}")
         return lines
 
-    def running_steps(self, runs: RunsFilter, cursors: dict[str, str]) -> list[str]:
-        """One line per started run of ``runs``: its step and newest log message."""
-        lines = []
+    def running_steps(self, runs: RunsFilter, logs: RunLogs) -> list[RunningStep]:
+        """Each started run of ``runs``: its newest step and log message, and the progress of
+        its running steps; reads each run's logs on from where ``logs`` says it stopped."""
+        running = []
         for run in self._runs(runs, "STARTED"):
             run_id = run["runId"]
             tags = {t["key"]: t["value"] for t in run["tags"]}
-            logs = self.query(_LOGS, {"runId": run_id, "after": cursors.get(run_id)})
-            connection = logs["logsForRun"]
-            cursors[run_id] = connection.get("cursor") or cursors.get(run_id)
+            answer = self.query(_LOGS, {"runId": run_id, "after": logs.cursors.get(run_id)})
+            connection = answer["logsForRun"]
+            logs.cursors[run_id] = connection.get("cursor") or logs.cursors.get(run_id)
             events = [e for e in connection.get("events", []) if e.get("message")]
             if events:
-                cursors[run_id + "/step"] = events[-1].get("stepKey") or ""
-                cursors[run_id + "/last"] = events[-1]["message"]
-            step = cursors.get(run_id + "/step") or "run"
-            partition = tags.get("dagster/partition")
-            where = f"{step} [{partition}]" if partition else step
-            last = _one_line(cursors.get(run_id + "/last", ""))
-            lines.append(f"{where} (run {run_id[:8]}): {last}")
-        return lines
+                logs.newest[run_id] = (events[-1].get("stepKey") or "", events[-1]["message"])
+            logs.progress[run_id] = step_progress(events, logs.progress.get(run_id))
+            step, message = logs.newest.get(run_id, ("", ""))
+            # A step's key is its asset key's path joined by "__" (assets of one job).
+            assets = {
+                "__".join(a["path"]): "/".join(a["path"]) for a in run["assetSelection"] or []
+            }
+            progress = {assets.get(s, s): p for s, p in logs.progress[run_id].items()}
+            running.append(
+                RunningStep(run_id, step or "run", tags.get("dagster/partition"), message, progress)
+            )
+        return running
 
 
 #: A GraphQL ``RunsFilter``: which runs to look at.
@@ -393,6 +412,61 @@ def of_run(run_id: str) -> RunsFilter:
 def _one_line(text: str, width: int = 150) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def step_progress(
+    events: Iterable[dict], known: dict[str, tuple[int, int]] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Step key -> (k, n) of the latest "step k/n" each running step of a run logged: read on
+    from ``known`` (what its earlier events said) through ``events`` (its newer log events,
+    oldest first, as ``logsForRun`` gives them); a step that ended drops out."""
+    progress = dict(known or {})
+    for event in events:
+        step = event.get("stepKey")
+        if not step:
+            continue
+        if event.get("__typename") in _STEP_ENDS:
+            progress.pop(step, None)
+            continue
+        found = STEP_PROGRESS.findall(event.get("message") or "")
+        if found and int(found[-1][1]) > 0:
+            k, n = int(found[-1][0]), int(found[-1][1])
+            progress[step] = (min(k, n), n)
+    return progress
+
+
+@dataclass
+class RunLogs:
+    """What ``running_steps`` has read so far of each started run's logs (by run id)."""
+
+    cursors: dict[str, str] = field(default_factory=dict)  # the last event read
+    newest: dict[str, tuple[str, str]] = field(default_factory=dict)  # (step key, message)
+    progress: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step_progress
+
+
+@dataclass
+class RunningStep:
+    """A started run: its newest step and log message, and its running steps' progress."""
+
+    run_id: str
+    step: str
+    partition: str | None
+    message: str
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)  # asset key -> (k, n)
+
+    @property
+    def line(self) -> str:
+        where = f"{self.step} [{self.partition}]" if self.partition else self.step
+        return f"{where} (run {self.run_id[:8]}): {_one_line(self.message)}"
+
+
+def known_fractions(running: Iterable[RunningStep]) -> dict[str, list[float]]:
+    """Asset key -> k/n of each of its in-progress partitions whose step logged "step k/n"."""
+    fractions: dict[str, list[float]] = {}
+    for run in running:
+        for key, (k, n) in run.progress.items():
+            fractions.setdefault(key, []).append(k / n)
+    return fractions
 
 
 @dataclass
@@ -419,13 +493,20 @@ class BackfillProgress:
         failed = any(a.failed for a in self.assets.values())
         return self.status in {"COMPLETED", "COMPLETED_SUCCESS"} and not failed
 
-    def counts(self, weights: dict[str, float]) -> tuple[float, float]:
-        """(work done, work targeted), each asset partition weighted by ``weights``; one in
-        progress counts as half done."""
-        done = sum(
-            weights.get(k, 1.0) * (a.materialized + 0.5 * a.in_progress)
-            for k, a in self.assets.items()
-        )
+    def counts(
+        self, weights: dict[str, float], fractions: dict[str, list[float]] | None = None
+    ) -> tuple[float, float]:
+        """(work done, work targeted), each asset partition weighted by ``weights``. One in
+        progress counts by the share of its steps done (``fractions``: ``known_fractions``),
+        as half done only where no progress is known yet."""
+        fractions = fractions or {}
+        done = 0.0
+        for key, asset in self.assets.items():
+            # The backfill's counts and the runs' logs are read apart: never more known
+            # fractions than partitions in progress.
+            known = fractions.get(key, [])[: asset.in_progress]
+            in_progress = sum(known) + 0.5 * (asset.in_progress - len(known))
+            done += weights.get(key, 1.0) * (asset.materialized + in_progress)
         total = sum(weights.get(k, 1.0) * a.targeted for k, a in self.assets.items())
         return done, total
 
@@ -447,22 +528,26 @@ def follow_backfill(
     """Poll the backfill until it ends; tell ``say`` what runs and how far it is.
 
     The estimate of the time left assumes the rest goes at the pace so far, each asset
-    partition counted with its ``weights`` entry (its relative cost; default 1).
+    partition counted with its ``weights`` entry (its relative cost; default 1) times the
+    share of it done: whole when materialized, k/n while its trainer logs "step k/n".
     """
     weights = weights or {}
     start = time.monotonic()
-    cursors: dict[str, str] = {}
+    logs = RunLogs()
     last_report, last_lines = 0.0, [""]
     while True:
         progress = client.backfill(backfill_id)
         now = time.monotonic()
         if progress.done:
             return progress
-        lines = client.running_steps(of_backfill(backfill_id), cursors)
+        running = client.running_steps(of_backfill(backfill_id), logs)
+        lines = [r.line for r in running]
         if lines != last_lines or now - last_report >= report_every:
-            done, total = progress.counts(weights)
+            done, total = progress.counts(weights, known_fractions(running))
             elapsed = now - start
-            # Too little done says nothing yet about the pace of the rest.
+            # Too little done says nothing yet about the pace of the rest. Past that, a
+            # trainer just started (step 1/2500) adds ~0 to ``done``, as it should: counted
+            # as half done, it made the rest look nearly over.
             eta = ", estimating the time left"
             if done >= MIN_DONE_FOR_ESTIMATE * total:
                 eta = f", about {_duration(elapsed * (total - done) / done)} left"
@@ -484,10 +569,10 @@ def follow_run(
     """Poll the run until it ends, telling ``say`` its newest step message whenever it
     changes; its final status."""
     start = time.monotonic()
-    cursors: dict[str, str] = {}
+    logs = RunLogs()
     last_lines: list[str] = []
     while (status := client.run_status(run_id)) not in TERMINAL_RUN_STATES:
-        lines = client.running_steps(of_run(run_id), cursors)
+        lines = [r.line for r in client.running_steps(of_run(run_id), logs)]
         if lines and lines != last_lines:
             say(f"run {run_id[:8]} {status.lower()}, elapsed {_duration(time.monotonic() - start)}")
             for line in lines:

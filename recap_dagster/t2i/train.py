@@ -672,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
 
         def progress(step: int, steps: int, loss: float, rate: float) -> None:
-            if step % every == 0 or step == steps:
+            # Step 1 too: the main job's estimate counts it by its steps from the start.
+            if step == 1 or step % every == 0 or step == steps:
                 say(_progress_line(step, steps, loss, rate, started))
 
         def snapshot(entry: dict[str, Any]) -> None:

@@ -1,0 +1,166 @@
+"""The main job's report of a backfill: running trainers count by their own "step k/n" in the
+estimate of the time left. A fake GraphQL client: no network, no dagster dev."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from recap_dagster.orchestration import launcher
+from recap_dagster.orchestration.launcher import (
+    AssetProgress,
+    BackfillProgress,
+    DagsterGraphQL,
+    RunLogs,
+    known_fractions,
+    step_progress,
+)
+
+
+def _log(step: str, message: str, kind: str = "LogMessageEvent") -> dict:
+    return {"__typename": kind, "stepKey": step, "message": message}
+
+
+def test_the_latest_step_k_of_n_of_each_running_step() -> None:
+    events = [
+        _log("base_captioner_model", "Started execution of step", "ExecutionStepStartEvent"),
+        _log("base_captioner_model", "base captioner step 1/2500, loss 6.021"),
+        _log("base_captioner_model", "base captioner step 1300/2500, loss 2.113"),
+        # The t2i trainer through Pipes; a snapshot line's "(step 500, ...)" is no progress.
+        _log("sd_checkpoints", "step 500/1000 (50%) loss 0.1234 9.1 samples/s, elapsed 60 s"),
+        _log("sd_checkpoints", "snapshot step-000500 (step 500, version abc)"),
+        _log("captioner_checkpoint", "step 30/300 loss 1.2000"),
+        _log("", "run-level message step 7/8"),  # no step: no asset partition to count
+    ]
+    assert step_progress(events) == {
+        "base_captioner_model": (1300, 2500),
+        "sd_checkpoints": (500, 1000),
+        "captioner_checkpoint": (30, 300),
+    }
+    # Read on from there: a step that ended drops out (the backfill counts it materialized).
+    later = [
+        _log("captioner_checkpoint", "Finished", "ExecutionStepSuccessEvent"),
+        _log("sd_checkpoints", "step 600/1000 (60%) loss 0.1100"),
+    ]
+    assert step_progress(later, step_progress(events)) == {
+        "base_captioner_model": (1300, 2500),
+        "sd_checkpoints": (600, 1000),
+    }
+
+
+def test_an_in_progress_partition_counts_by_its_steps() -> None:
+    progress = BackfillProgress("b", "REQUESTED")
+    progress.assets = {
+        "miniworld_corpus": AssetProgress(1, 1, 0, 0),
+        "base_captioner_model": AssetProgress(1, 0, 1, 0),
+        "sd_checkpoints": AssetProgress(2, 0, 2, 0),
+    }
+    weights = {"miniworld_corpus": 1.0, "base_captioner_model": 9.0, "sd_checkpoints": 10.0}
+    # Step 1,300 of 2,500: 0.52 of its weight; sd_checkpoints' two have no progress yet.
+    done, total = progress.counts(weights, {"base_captioner_model": [1300 / 2500]})
+    assert done == pytest.approx(1.0 + 9.0 * 0.52 + 10.0 * 2 * 0.5)
+    assert total == pytest.approx(1.0 + 9.0 + 20.0)
+    # One of the two known; more fractions than partitions in progress are never counted.
+    fractions = {"sd_checkpoints": [0.25, 0.0, 0.9], "base_captioner_model": [0.0]}
+    done, _ = progress.counts(weights, fractions)
+    assert done == pytest.approx(1.0 + 0.0 + 10.0 * 0.25)
+    # Without progress: half done, as before.
+    done, _ = progress.counts(weights)
+    assert done == pytest.approx(1.0 + 4.5 + 10.0)
+
+
+class _FakeInstance(DagsterGraphQL):
+    """Answers the backfill, runs and logs queries from canned data, step by step."""
+
+    def __init__(self, backfills: list[dict], logs: list[list[dict]]) -> None:
+        super().__init__("http://fake")
+        self.backfills, self.logs = backfills, logs
+
+    def query(self, query: str, variables: dict | None = None) -> dict:
+        if query is launcher._BACKFILL_STATUS:
+            return {"partitionBackfillOrError": self.backfills.pop(0)}
+        if query is launcher._RUNS:
+            run = {
+                "runId": "run-base-captioner",
+                "startTime": 0.0,
+                "assetSelection": [{"path": ["base_captioner_model"]}],
+                "tags": [{"key": "dagster/backfill", "value": "b"}],
+            }
+            return {"runsOrError": {"results": [run]}}
+        if query is launcher._LOGS:
+            return {"logsForRun": {"cursor": "c", "events": self.logs.pop(0)}}
+        raise AssertionError(query)
+
+
+def _backfill(status: str, base_captioner: tuple[int, int]) -> dict:
+    def counts(key: str, targeted: int, materialized: int, in_progress: int) -> dict:
+        return {
+            "assetKey": {"path": [key]},
+            "numPartitionsTargeted": targeted,
+            "numPartitionsMaterialized": materialized,
+            "numPartitionsInProgress": in_progress,
+            "numPartitionsFailed": 0,
+        }
+
+    statuses = [counts("miniworld_corpus", 1, 1, 0), counts("base_t2i_model", 1, 1, 0)]
+    statuses.append(counts("base_captioner_model", 1, *base_captioner))
+    statuses.append(counts("sd_checkpoints", 1, 0, 0))
+    return {
+        "__typename": "PartitionBackfill",
+        "status": status,
+        "error": None,
+        "assetBackfillData": {"assetBackfillStatuses": statuses},
+    }
+
+
+def test_the_time_left_follows_the_trainers_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's case: "about 0:00:49 left" as a 2,500-step base captioner started."""
+    clock = iter([0.0, 70.0, 100.0, 200.0, 300.0])
+    fake_time = SimpleNamespace(monotonic=lambda: next(clock), sleep=lambda _: None)
+    monkeypatch.setattr(launcher, "time", fake_time)
+    # The main job's weights (WORK_WEIGHTS) of these four: 26 in all.
+    weights = {
+        "miniworld_corpus": 1.0,
+        "base_t2i_model": 6.0,
+        "base_captioner_model": 9.0,
+        "sd_checkpoints": 10.0,
+    }
+    client = _FakeInstance(
+        [_backfill("REQUESTED", (0, 1))] * 3 + [_backfill("COMPLETED_SUCCESS", (1, 0))],
+        [
+            [_log("base_captioner_model", "base captioner step 1/2500, loss 6.021")],
+            [_log("base_captioner_model", "base captioner step 1300/2500, loss 2.113")],
+            [_log("base_captioner_model", "Started", "ExecutionStepStartEvent")],
+        ],
+    )
+    said: list[str] = []
+    progress = launcher.follow_backfill(client, "b", said.append, weights=weights, every=0)
+    assert progress.succeeded
+    reports = [line for line in said if "asset partitions done" in line]
+    # Corpus (1) and base t2i (6) done in 70 s, the captioner at step 1 (9 / 2500): 19 left
+    # at that pace, 0:03:09 (counted half done, it said 0:01:28).
+    assert reports[0] == (
+        "2/4 asset partitions done (27% of the work), elapsed 0:01:10, about 0:03:09 left"
+    )
+    # Step 1,300 of 2,500 counts 0.52 of its 9: 11.68 done, 14.32 left.
+    assert reports[1] == (
+        "2/4 asset partitions done (45% of the work), elapsed 0:01:40, about 0:02:02 left"
+    )
+    # A newer message without progress keeps the step's last: the same 11.68 at 200 s.
+    assert reports[2].endswith("elapsed 0:03:20, about 0:04:05 left")
+    assert "  running: base_captioner_model (run run-base): Started" in said
+
+
+def test_a_step_s_progress_is_keyed_by_its_asset() -> None:
+    client = _FakeInstance(
+        [], [[_log("base_captioner_model", "base captioner step 100/2500, loss 3.0")]]
+    )
+    logs = RunLogs()
+    (running,) = client.running_steps(launcher.of_backfill("b"), logs)
+    assert running.progress == {"base_captioner_model": (100, 2500)}
+    assert known_fractions([running]) == {"base_captioner_model": [0.04]}
+    assert running.line == (
+        "base_captioner_model (run run-base): base captioner step 100/2500, loss 3.0"
+    )
+    assert logs.cursors == {"run-base-captioner": "c"}
