@@ -427,12 +427,12 @@ def test_real_asset_fails_bad_input_without_retry(miniworld_paths, tmp_path: Pat
     """sd_checkpoints with no recaptioned shard is a data problem: one attempt, no retry
     (retries would wait 30 s, 90 s, 210 s for nothing)."""
     from recap_dagster.assets.t2i import sd_checkpoints
-    from recap_dagster.orchestration.partitions import variant_seed_key
     from recap_dagster.miniworld.resources import (
         MiniworldResource,
         MiniworldWorldResource,
         miniworld_sources,
     )
+    from recap_dagster.orchestration.partitions import variant_seed_key
     from recap_dagster.resources import (
         ComputeResource,
         ModelsResource,
