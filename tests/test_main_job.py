@@ -43,15 +43,15 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     assert "recap-miniworld pipeline (quick, seed 1) succeeded" in out
     # It said where it was: progress, elapsed and left, and what each running step logs.
     assert "Dagster UI at http://127.0.0.1:" in out
-    # 16 asset partitions: 6 unpartitioned assets outside the miniworld group, 4 variants
-    # each of sd_checkpoints and metric_reports, and recaptioned_shards and t2i_latents for
-    # the quick corpus's one shard group.
+    # 20 asset partitions: 6 unpartitioned assets outside the miniworld group, the quick
+    # profile's 6 variant x seed partitions each of sd_checkpoints and metric_reports, and
+    # recaptioned_shards and t2i_latents for the quick corpus's one shard group.
     assert re.search(
-        r"\d+/16 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
+        r"\d+/20 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
         r"0:\d\d:\d\d left",
         out,
     )
-    assert re.search(r"running: (sd_checkpoints|metric_reports) \[\w+\] \(run \w{8}\): ", out)
+    assert re.search(r"running: (sd_checkpoints|metric_reports) \[\d\|\w+\] \(run \w{8}\): ", out)
     assert "| recap_mix |" in out and "| alttext |" in out
     # The UI and the job share one run config: the profile with the seed.
     run_config = yaml.safe_load((workdir / "run_config.yaml").read_text())
@@ -62,8 +62,9 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
         "checkpoints/captioner/_SUCCESS",
         "recaptioned/00000.parquet",
         "recaptioned/00001.parquet",
-        "checkpoints/sd/recap_mix/final/model_index.json",
-        "reports/metrics/recap_mix.json",
+        "checkpoints/sd/recap_mix/seed-1/final/model_index.json",
+        "reports/metrics/recap_mix/seed-1.json",
+        "reports/metrics/recap_mix/seed-1.rows.parquet",
         "reports/recap_report.md",
         "reports/recap_fid_vs_steps.png",
     ):
@@ -85,7 +86,8 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
             partitions = instance.get_materialized_partitions(dg.AssetKey("recaptioned_shards"))
             assert partitions == {"00000-00099"}  # one group holds both shards
             assert instance.get_materialized_partitions(dg.AssetKey("sd_checkpoints")) == {
-                "alttext", "recap_short", "recap_long", "recap_mix"
+                "0|alttext", "1|alttext", "0|recap_mix", "1|recap_mix", "0|recap_short",
+                "0|recap_long",
             }  # fmt: skip
             # Launched as backfills through the daemon, as from the UI.
             backfill_runs = [r for r in instance.get_runs() if "dagster/backfill" in r.tags]

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "--seed",
         type=int,
         default=0,
-        help="training seed of the captioner and text-to-image fine-tunes (default 0)",
+        help="training seed of the captioner fine-tune (default 0; the text-to-image "
+        "fine-tunes' seeds are the profile's main_job seeds)",
     )
     pipeline.add_argument("--port", type=int, default=0, help="UI port (default: a free one)")
     sub.add_parser("generate", help="generate a miniworld (see: recap-miniworld generate -h)")

@@ -25,7 +25,7 @@ from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.evaluation.report import rows_markdown
 from recap_dagster.miniworld.assets import MINIWORLD_GROUP
 from recap_dagster.miniworld.definitions import ASSETS
-from recap_dagster.miniworld.run_configs import profile_run_config
+from recap_dagster.miniworld.run_configs import profile_run_config, profile_seeds
 from recap_dagster.orchestration.launcher import (
     DagsterGraphQL,
     LaunchError,
@@ -35,7 +35,7 @@ from recap_dagster.orchestration.launcher import (
     of_backfill,
     of_run,
 )
-from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions, variant_seed_key
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 
 #: Relative cost of one partition of each asset in the miniworld's default profile
@@ -118,13 +118,30 @@ def _wait_for_shard_groups(instance: dg.DagsterInstance, timeout: float = 300) -
         time.sleep(2)
 
 
+#: The assets partitioned by caption variant x training seed: the main job backfills the
+#: profile's planned partitions of them (the backfill dialog's partition selection).
+SEEDED_ASSETS = ("sd_checkpoints", "metric_reports")
+
+
+def planned_partitions(seeds: dict[str, list[int]]) -> list[str]:
+    """The variant x seed partition keys of a profile's seed plan."""
+    return [str(variant_seed_key(v, s)) for v, values in seeds.items() for s in values]
+
+
 def run_backfill(
-    client: DagsterGraphQL, summary: PipelineSummary, step: str, keys: list[str]
+    client: DagsterGraphQL,
+    summary: PipelineSummary,
+    step: str,
+    keys: list[str],
+    partitions: dict[str, list[str]] | None = None,
 ) -> bool:
-    """Backfill every partition of ``keys``, follow it to its end and record the outcome
-    (with why each failed run failed) in ``summary``."""
+    """Backfill every partition of ``keys`` (only the listed ones of those in
+    ``partitions``), follow it to its end and record the outcome (with why each failed run
+    failed) in ``summary``."""
     start = time.perf_counter()
-    backfill_id = client.launch_backfill(keys, title=f"recap-miniworld: {step}")
+    backfill_id = client.launch_backfill(
+        keys, title=f"recap-miniworld: {step}", partitions=partitions
+    )
     _say(f"{step}: backfill {backfill_id} of {len(keys)} assets launched")
     progress = follow_backfill(client, backfill_id, _say, weights=WORK_WEIGHTS)
     failed = [k for k, a in progress.assets.items() if a.failed]
@@ -175,10 +192,14 @@ def _read_report(
 
 
 def _materialize_all(
-    client: DagsterGraphQL, instance: dg.DagsterInstance, summary: PipelineSummary
+    client: DagsterGraphQL,
+    instance: dg.DagsterInstance,
+    summary: PipelineSummary,
+    seeds: dict[str, list[int]],
 ) -> None:
     """The miniworld's inputs in one run, then, once the sensor registered the shard
-    groups, a backfill of everything else; the report's table into ``summary``."""
+    groups, a backfill of everything else (the fine-tunes and their evaluations: the
+    ``seeds`` plan's partitions); the report's table into ``summary``."""
     client.wait_for_location()
     if not run_assets(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
         return
@@ -186,22 +207,33 @@ def _materialize_all(
     _say("waiting for the laion_shard_sensor to register the shard groups ...")
     groups = _wait_for_shard_groups(instance)
     summary.add("laion_shard_groups", time.perf_counter() - start, f"{len(groups)} group(s)")
+    planned = planned_partitions(seeds)
     if run_backfill(
-        client, summary, "RECAP (materialize all)", _keys(exclude_group=MINIWORLD_GROUP)
+        client,
+        summary,
+        "RECAP (materialize all)",
+        _keys(exclude_group=MINIWORLD_GROUP),
+        partitions=dict.fromkeys(SEEDED_ASSETS, planned),
     ):
         _read_report(instance, client, summary)
 
 
 def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> PipelineSummary:
-    """Run the main job; ``seed`` is the training seed of the captioner and text-to-image
-    fine-tunes (the miniworld and the cached base models do not depend on it)."""
+    """Run the main job; ``seed`` is the training seed of the captioner fine-tune (the
+    text-to-image fine-tunes use the profile's seed plan; the miniworld and the cached
+    base models depend on neither)."""
     summary = PipelineSummary(f"{profile}, seed {seed}")
+    seeds = profile_seeds(profile)
     home = settings.ensure_dagster_home()
     run_config = write_run_config(profile, seed)
     env = {
         "RECAP_WORKDIR": str(settings.workdir()),
         "DAGSTER_HOME": str(home),
         "RECAP_RUN_CONFIG": str(run_config),
+        # The seed dimension of the fine-tunes' partitions: every seed the plan uses.
+        "RECAP_TRAINING_SEEDS": ",".join(
+            str(s) for s in sorted({s for values in seeds.values() for s in values})
+        ),
         # The miniworld's shards are a local folder, cheap to list: the sensor looks every
         # 5 s (the sensor daemon's own loop) instead of every minute, so the shard groups
         # are registered seconds after the corpus is written.
@@ -215,7 +247,7 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
     workspace = settings.PROJECT_ROOT / "workspace.yaml"
     with dagster_dev(workspace, env, log, port=port) as url:
         _say(f"Dagster UI at {url} (log {log}); run config {run_config}")
-        _materialize_all(DagsterGraphQL(url), instance, summary)
+        _materialize_all(DagsterGraphQL(url), instance, summary, seeds)
         stopping = time.perf_counter()
         _say("stopping dagster dev ...")
     summary.add("stop dagster dev", time.perf_counter() - stopping, "webserver, daemon")

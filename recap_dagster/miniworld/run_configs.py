@@ -21,13 +21,27 @@ SettingsT = TypeVar("SettingsT")
 
 def profile_run_config(profile: str, seed: int = 0) -> dict[str, Any]:
     """The profile's run config with ``seed`` as the captioner fine-tune's training seed."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    data = _profile(profile)
+    data.pop("main_job", None)  # the main job's own plan, not run config
     ops = data.setdefault("ops", {})
     for op in SEEDED_OPS:
         ops.setdefault(op, {}).setdefault("config", {})["seed"] = seed
     return data
+
+
+def _profile(profile: str) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    return yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+
+
+def profile_seeds(profile: str) -> dict[str, list[int]]:
+    """The training seeds the main job fine-tunes each caption variant with under
+    ``profile`` (its ``main_job: seeds:``); RECAP_TRAINING_SEEDS is their union."""
+    seeds = _profile(profile).get("main_job", {}).get("seeds")
+    if not seeds:
+        raise ValueError(f"profile {profile!r} names no main_job seeds")
+    return {variant: [int(s) for s in values] for variant, values in seeds.items()}
 
 
 def op_settings(settings: type[SettingsT], profile: str, op: str) -> SettingsT:

@@ -292,13 +292,26 @@ class DagsterGraphQL:
             raise LaunchError(f"run {run_id}: {data}")
         return data["status"]
 
-    def launch_backfill(self, keys: Sequence[str], title: str) -> str:
-        """Backfill every partition of ``keys`` (the UI's "Materialize all" on them)."""
-        params = {
-            "assetSelection": [{"path": key.split("/")} for key in keys],
-            "allPartitions": True,
-            "title": title,
-        }
+    def launch_backfill(
+        self, keys: Sequence[str], title: str, partitions: dict[str, list[str]] | None = None
+    ) -> str:
+        """Backfill every partition of ``keys`` (the UI's "Materialize all" on them), but
+        only the listed partitions of the keys in ``partitions`` (the backfill dialog's
+        partition selection)."""
+        params: dict = {"title": title}
+        if partitions:
+            params["partitionsByAssets"] = [
+                {"assetKey": {"path": key.split("/")}}
+                if key not in partitions
+                else {
+                    "assetKey": {"path": key.split("/")},
+                    "partitions": {"ranges": [{"start": p, "end": p} for p in partitions[key]]},
+                }
+                for key in keys
+            ]
+        else:
+            params |= {"assetSelection": [{"path": key.split("/")} for key in keys],
+                       "allPartitions": True}  # fmt: skip
         result = self.query(_LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
         if result["__typename"] != "LaunchBackfillSuccess":
             raise LaunchError(f"backfill {title!r} not launched: {result}")
