@@ -98,6 +98,8 @@ def production_resources() -> dict:
             # Held-out human captions judge step 1 (references); unset: not judged.
             human_captions_heldout_path=os.environ.get("RECAP_HUMAN_CAPTIONS_HELDOUT", ""),
             eval_prompts_path=dg.EnvVar("RECAP_EVAL_PROMPTS"),
+            # Prompts to tune on (disjoint from the test prompts); unset: none.
+            validation_prompts_path=os.environ.get("RECAP_VALIDATION_PROMPTS", ""),
             tokenizer_path=dg.EnvVar("RECAP_TOKENIZER"),
         ),
         "storage": StorageResource(root=dg.EnvVar("RECAP_STORAGE_ROOT")),

@@ -229,13 +229,22 @@ def test_splits_are_disjoint(world: MiniworldPaths) -> None:
 
 
 def test_eval_prompts(world: MiniworldPaths) -> None:
+    """Validation (to tune on) and test (to report on) prompts: each category full where the
+    world has enough distinct prompts, and no test prompt asks what a validation one asks."""
+    validation = read_eval_prompts(world.validation_prompts)
     prompts = read_eval_prompts(world.eval_prompts)
-    by_category = Counter(p.category for p in prompts)
+    by_category = Counter(p.category for p in validation)
     assert set(by_category) == set(CATEGORIES)
     assert all(n == SMALL.eval_prompts_per_category for n in by_category.values())
+    tested = Counter(p.category for p in prompts)
+    assert tested["single_object"] == 18 - 12  # the kinds validation left
+    assert all(tested[c] == 12 for c in CATEGORIES if c != "single_object")
+    asked = {frozenset(p.requirements) for p in validation}
+    assert not asked & {frozenset(p.requirements) for p in prompts}
+    assert not {p.prompt for p in validation} & {p.prompt for p in prompts}
     assert len({(p.category, p.prompt) for p in prompts}) == len(prompts)
     rng = random.Random(0)
-    for p in prompts:
+    for p in prompts + validation:
         assert p.requirements
         scene = scene_from_requirements(p.requirements, rng)
         grade = grade_caption(p.prompt, scene)
@@ -335,3 +344,23 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = read_manifest(tmp_path)
     assert manifest is not None and manifest["config"]["seed"] == 9
     assert manifest["counts"]["corpus_images"] == 5
+
+
+def test_validation_prompts_must_not_be_test_prompts(world: MiniworldPaths, tmp_path) -> None:
+    """Evaluating on validation prompts (to tune) refuses a set that shares a prompt with
+    the test set the report is on."""
+    from recap_dagster.evaluation.evaluate import read_prompts
+    from recap_dagster.miniworld.world import MiniworldWorld
+
+    the_world = MiniworldWorld()
+    test, validation = world.eval_prompts, world.validation_prompts
+    assert read_prompts(the_world, "test", test, validation) == the_world.read_eval_prompts(test)
+    assert len(read_prompts(the_world, "validation", test, validation)) > 0
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text(Path(validation).read_text() + Path(test).read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="1 validation prompt\\(s\\) are test prompts too"):
+        read_prompts(the_world, "validation", test, str(leaky))
+    with pytest.raises(ValueError, match="no validation prompts"):
+        read_prompts(the_world, "validation", test, "")
+    with pytest.raises(ValueError, match="prompt_set must be"):
+        read_prompts(the_world, "train", test, validation)

@@ -379,18 +379,25 @@ def metric_reports(
     variant, seed = variant_and_seed(context)
     store = storage.get()
     the_world = world.get()
+    eval_settings = settings_from_config(evaluation.EvalSettings, config)
+    prompts = evaluation.read_prompts(
+        the_world,
+        eval_settings.prompt_set,
+        sources.eval_prompts_path,
+        sources.validation_prompts_path,
+    )
     result = evaluation.evaluate_variant(
         store,
         variant,
         seed,
         checkpoint_parts=(*SD_DIR, *run_parts(variant, seed)),
         world=the_world,
-        prompts=the_world.read_eval_prompts(sources.eval_prompts_path),
+        prompts=prompts,
         shards_root=sources.shards_root,
         shards=read_manifest(store).shards,
         device=compute.torch_device(),
         dtype=compute.torch_dtype(),
-        settings=settings_from_config(evaluation.EvalSettings, config),
+        settings=eval_settings,
         clip_model=models.clip or None,
         log=context.log.info,
     )
@@ -402,6 +409,7 @@ def metric_reports(
             "world": the_world.name,
             "variant": variant,
             "seed": seed,
+            "prompt_set": eval_settings.prompt_set,
             **{k: v for k, v in overall.items() if isinstance(v, float | int)},
             "fid_features": overall["fid_features"],
             "metrics": typed_table(report_core.category_rows(result.report), REPORT_COLUMN_NOTES),

@@ -31,18 +31,45 @@ from recap_dagster.t2i.train import SNAPSHOTS_FILE
 from recap_dagster.training.substrate import setting
 
 REPORT_DIR = ("reports", "metrics")
+TEST, VALIDATION = "test", "validation"
 #: Typed columns of the graded rows (the rest are the world's metrics, floats or null).
 ROW_KEYS = ("variant", "seed", "prompt_index", "image", "image_seed", "prompt", "category")
 
 
-def report_parts(variant: str, seed: int) -> tuple[str, ...]:
+def _report_dir(variant: str, prompt_set: str) -> tuple[str, ...]:
+    # Validation reports apart: the RECAP report reads the test ones only.
+    return (*REPORT_DIR, variant) if prompt_set == TEST else (*REPORT_DIR, prompt_set, variant)
+
+
+def report_parts(variant: str, seed: int, prompt_set: str = TEST) -> tuple[str, ...]:
     """Where the metric report (JSON) of a variant's fine-tune with ``seed`` lies."""
-    return (*REPORT_DIR, variant, f"seed-{seed}.json")
+    return (*_report_dir(variant, prompt_set), f"seed-{seed}.json")
 
 
-def rows_parts(variant: str, seed: int) -> tuple[str, ...]:
+def rows_parts(variant: str, seed: int, prompt_set: str = TEST) -> tuple[str, ...]:
     """Where its graded rows (parquet, one per generated image) lie, beside the report."""
-    return (*REPORT_DIR, variant, f"seed-{seed}.rows.parquet")
+    return (*_report_dir(variant, prompt_set), f"seed-{seed}.rows.parquet")
+
+
+def read_prompts(
+    world: World, prompt_set: str, test_path: str, validation_path: str
+) -> list[EvalPrompt]:
+    """The evaluation prompts of ``prompt_set``: the test prompts (the report's) or the
+    validation prompts (to tune on), which must share no prompt with the test ones."""
+    if prompt_set == TEST:
+        return world.read_eval_prompts(test_path)
+    if prompt_set != VALIDATION:
+        raise ValueError(f"prompt_set must be {TEST!r} or {VALIDATION!r}, not {prompt_set!r}")
+    if not validation_path:
+        raise ValueError("no validation prompts: set sources.validation_prompts_path")
+    validation = world.read_eval_prompts(validation_path)
+    shared = {p.prompt for p in validation} & {p.prompt for p in world.read_eval_prompts(test_path)}
+    if shared:
+        raise ValueError(
+            f"{len(shared)} validation prompt(s) are test prompts too (e.g. "
+            f"{sorted(shared)[0]!r}): tuning on them would leak into the report"
+        )
+    return validation
 
 
 def image_seed(prompt: str, image: int) -> int:
@@ -67,6 +94,11 @@ class EvalSettings:
         100, "Images per pipeline call (the VAE decodes them one at a time: sliced)."
     )
     reference_images: int = setting(1000, "Real corpus images FID and KID compare against.")
+    prompt_set: str = setting(
+        TEST,
+        "test: the held-out prompts the RECAP report is on; validation: the disjoint set to "
+        "tune settings on (reports under reports/metrics/validation/, never in the report).",
+    )
     jpeg_quality: int = setting(
         95,
         "Generated images are JPEG-encoded at this quality before they are graded and "
@@ -192,10 +224,11 @@ def evaluate_variant(
             final.rows, prompt_indices, images_of, seeds, strict=True
         )
     ]  # fmt: skip
-    store.write_parquet(rows_table(final.rows), *rows_parts(variant, seed))
+    prompt_set = settings.prompt_set
+    store.write_parquet(rows_table(final.rows), *rows_parts(variant, seed, prompt_set))
     grids = report_core.category_grids(final_images, repeated)
     for category, png in grids.items():
-        store.write_bytes(png, *REPORT_DIR, variant, f"seed-{seed}_{category}.png")
+        store.write_bytes(png, *_report_dir(variant, prompt_set), f"seed-{seed}_{category}.png")
     # Same prompts and noise seeds for every variant: the human evaluation pairs these.
     save_generated_images(
         store,
@@ -206,11 +239,12 @@ def evaluate_variant(
         prompt_indices,
         seeds,
         checkpoint_version=snapshots[-1]["version"],
-        limit=settings.rating_images,
+        limit=settings.rating_images if prompt_set == TEST else 0,
     )
     payload = {
         "variant": variant,
         "seed": seed,
+        "prompt_set": prompt_set,
         "world": world.name,
         "overall": final.overall,
         "per_category": final.per_category,
@@ -218,9 +252,11 @@ def evaluate_variant(
         "settings": asdict(settings),
         "clip_model": clip_model or None,
         "checkpoint_version": snapshots[-1]["version"],
-        "rows": "/".join(rows_parts(variant, seed)[len(REPORT_DIR) :]),
+        "rows": rows_parts(variant, seed, prompt_set)[-1],
     }
-    parts = report_parts(variant, seed)
+    parts = report_parts(variant, seed, prompt_set)
     # Written last: a report that exists has its rows beside it.
     store.write_text(json.dumps(payload, indent=2), *parts)
-    return VariantEvaluation(final, curve, grids, parts, rows_parts(variant, seed), payload)
+    return VariantEvaluation(
+        final, curve, grids, parts, rows_parts(variant, seed, prompt_set), payload
+    )

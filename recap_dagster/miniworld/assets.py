@@ -110,6 +110,7 @@ def miniworld_corpus(
     wanted = {
         "human_captions_path": paths.human_captions,
         "eval_prompts_path": paths.eval_prompts,
+        "validation_prompts_path": paths.validation_prompts,
         "tokenizer_path": paths.tokenizer,
     }
     for name, path in wanted.items():

@@ -9,7 +9,8 @@ Layout under ``out_dir``::
     human_captions/             captions.jsonl + images/{key}.png (fine-tuning set)
     human_captions_heldout/     same format, disjoint images (caption-quality measurement)
     captioner_pretrain/pretrain.parquet   png bytes + terse caption + scene (base captioner)
-    eval_prompts.jsonl          PromptTruth rows
+    eval_prompts.jsonl          PromptTruth rows: the test prompts the report is on
+    validation_prompts.jsonl    PromptTruth rows: the prompts to tune on, disjoint from test
     tokenizer/                  CLIP-style BPE (CLIPTokenizer.from_pretrained loads it)
     manifest.json               config, counts, content hash; written last
 
@@ -28,7 +29,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from itertools import combinations
 from pathlib import Path
@@ -57,7 +58,7 @@ from recap_dagster.miniworld.scenes import (
 from recap_dagster.training.substrate import setting
 
 # Bump when the generated content changes for the same config, so caches are invalidated.
-MINIWORLD_VERSION = 2  # 2: broken_fraction (corrupt image bytes in the corpus)
+MINIWORLD_VERSION = 3  # 2: broken_fraction (corrupt image bytes); 3: validation prompts
 CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position")
 
 PRETRAIN_SCHEMA = pa.schema(
@@ -102,7 +103,8 @@ class MiniworldPaths:
     human_captions: str  # captions.jsonl
     human_captions_heldout: str  # captions.jsonl
     captioner_pretrain: str  # pretrain.parquet
-    eval_prompts: str  # eval_prompts.jsonl
+    eval_prompts: str  # eval_prompts.jsonl (test)
+    validation_prompts: str  # validation_prompts.jsonl
     tokenizer: str  # directory
     manifest: str  # manifest.json
 
@@ -116,6 +118,7 @@ class MiniworldPaths:
             human_captions_heldout=str(root / "human_captions_heldout" / "captions.jsonl"),
             captioner_pretrain=str(root / "captioner_pretrain" / "pretrain.parquet"),
             eval_prompts=str(root / "eval_prompts.jsonl"),
+            validation_prompts=str(root / "validation_prompts.jsonl"),
             tokenizer=str(root / "tokenizer"),
             manifest=str(root / "manifest.json"),
         )
@@ -128,6 +131,7 @@ class MiniworldPaths:
             Path(self.human_captions_heldout).parent,
             Path(self.captioner_pretrain).parent,
             Path(self.eval_prompts),
+            Path(self.validation_prompts),
             Path(self.tokenizer),
         ]
 
@@ -354,19 +358,36 @@ def _prompt_candidates(category: str, rng: random.Random, wanted: int) -> list[t
     return rng.sample(options, min(wanted, len(options)))
 
 
-def make_eval_prompts(seed: int, per_category: int) -> list[PromptTruth]:
+def make_eval_prompts(
+    seed: int, per_category: int, *, domain: str = "eval", exclude: Sequence[PromptTruth] = ()
+) -> list[PromptTruth]:
     """Distinct GenEval-like prompts with their truth, ``per_category`` per category (fewer
-    where the miniworld has fewer distinct prompts: 18 single objects)."""
+    where the miniworld has fewer distinct prompts: 18 single objects), none asking for
+    what a prompt of ``exclude`` asks for (the same requirements in any order)."""
+    taken = {frozenset(p.requirements) for p in exclude}
     prompts = []
     for category in CATEGORIES:
-        rng = random.Random(item_seed(seed, f"eval/{category}", 0))
+        rng = random.Random(item_seed(seed, f"{domain}/{category}", 0))
         seen: set[str] = set()
-        for requirements in _prompt_candidates(category, rng, per_category):
+        candidates = _prompt_candidates(category, rng, per_category + len(taken))
+        for requirements in candidates:
+            if frozenset(requirements) in taken:
+                continue
             text = prompt_text(requirements, category, rng)
-            if text not in seen:
+            if text not in seen and len(seen) < per_category:
                 seen.add(text)
                 prompts.append(PromptTruth(text, category, tuple(requirements)))
     return prompts
+
+
+def make_prompt_sets(seed: int, per_category: int) -> tuple[list[PromptTruth], list[PromptTruth]]:
+    """(validation, test): two disjoint prompt sets. Validation is the set the miniworld's
+    profiles were tuned on (the single set before the split, drawn the same way); test
+    asks for nothing validation asks for, so a report on it was never tuned on. The
+    miniworld has 18 single objects, all in validation at the default size: test then has
+    no single-object prompts."""
+    validation = make_eval_prompts(seed, per_category)
+    return validation, make_eval_prompts(seed, per_category, domain="test", exclude=validation)
 
 
 # --------------------------------------------------------------------------------------
@@ -455,10 +476,12 @@ def generate_miniworld(
     texts += [row[k] for row in human + heldout for k in ("short", "long")]
     texts += _write_pretrain(Path(paths.captioner_pretrain), config, hasher)
 
-    prompts = make_eval_prompts(config.seed, config.eval_prompts_per_category)
+    validation, prompts = make_prompt_sets(config.seed, config.eval_prompts_per_category)
     _write_jsonl(Path(paths.eval_prompts), [p.to_dict() for p in prompts])
+    _write_jsonl(Path(paths.validation_prompts), [p.to_dict() for p in validation])
     hasher.update(Path(paths.eval_prompts).read_bytes())
-    texts += [p.prompt for p in prompts]
+    hasher.update(Path(paths.validation_prompts).read_bytes())
+    texts += [p.prompt for p in prompts + validation]
 
     texts += vocabulary_texts() + _language_sample(config.seed, 1000)
     train_clip_tokenizer(texts, paths.tokenizer)
@@ -466,6 +489,7 @@ def generate_miniworld(
     vocab = json.loads((Path(paths.tokenizer) / "vocab.json").read_text(encoding="utf-8"))
 
     per_category = {c: sum(1 for p in prompts if p.category == c) for c in CATEGORIES}
+    validation_per_category = {c: sum(1 for p in validation if p.category == c) for c in CATEGORIES}
     manifest = {
         "version": MINIWORLD_VERSION,
         "config": asdict(config),
@@ -478,6 +502,7 @@ def generate_miniworld(
             "human_heldout": len(heldout),
             "pretrain_images": config.pretrain_images,
             "eval_prompts": per_category,
+            "validation_prompts": validation_per_category,
             "tokenizer_vocab": len(vocab),
         },
         "layout": {

@@ -35,4 +35,5 @@ def miniworld_sources(miniworld_dir: str, shards_root: str | None = None) -> Dat
         human_captions_heldout_path=paths.human_captions_heldout,
         tokenizer_path=paths.tokenizer,
         eval_prompts_path=paths.eval_prompts,
+        validation_prompts_path=paths.validation_prompts,
     )

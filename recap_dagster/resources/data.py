@@ -25,7 +25,14 @@ class DataSourcesResource(dg.ConfigurableResource):
     )
     eval_prompts_path: str = Field(
         default="",
-        description="JSONL of held-out evaluation prompts with ground truth (GenEval-like).",
+        description="JSONL of held-out test prompts with ground truth (GenEval-like): what "
+        "the report is on. Never tune on them.",
+    )
+    validation_prompts_path: str = Field(
+        default="",
+        description="JSONL of validation prompts (same format, disjoint from the test "
+        "prompts): what settings are tuned on (metric_reports with prompt_set validation); "
+        "empty: none.",
     )
     tokenizer_path: str = Field(
         description="Directory of the CLIP tokenizer used for the 77-token caption limit.",
