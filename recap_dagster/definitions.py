@@ -31,6 +31,7 @@ from recap_dagster.assets.latents import t2i_latents, t2i_latents_checks
 from recap_dagster.assets.metadata import with_code_reference, with_owners
 from recap_dagster.assets.recaption import recaptioned_shards, recaptioned_shards_checks
 from recap_dagster.assets.t2i import (
+    base_metric_report,
     metric_reports,
     recap_mix_beats_alttext,
     recap_report,
@@ -66,6 +67,7 @@ RECAP_ASSETS = [
     training_corpus,
     sd_checkpoints,
     metric_reports,
+    base_metric_report,
     human_eval_task,
     human_eval_report,
     recap_report,

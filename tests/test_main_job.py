@@ -43,11 +43,11 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     assert "recap-miniworld pipeline (quick, seed 1) succeeded" in out
     # It said where it was: progress, elapsed and left, and what each running step logs.
     assert "Dagster UI at http://127.0.0.1:" in out
-    # 20 asset partitions: 6 unpartitioned assets outside the miniworld group, the quick
+    # 21 asset partitions: 7 unpartitioned assets outside the miniworld group, the quick
     # profile's 6 variant x seed partitions each of sd_checkpoints and metric_reports, and
     # recaptioned_shards and t2i_latents for the quick corpus's one shard group.
     assert re.search(
-        r"\d+/20 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
+        r"\d+/21 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
         r"0:\d\d:\d\d left",
         out,
     )

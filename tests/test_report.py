@@ -46,8 +46,12 @@ def _world(gain: float) -> tuple[dict, dict]:
 
 def test_table_over_seeds_comparison_position_and_figures() -> None:
     reports, rows = _world(gain=0.4)
+    reports["base"] = [_report(0, 0.1, 1.2, 0.0, 9.0)]  # the floor: one evaluation
+    rows["base"] = _rows("base", 0, 0.1, 1.2, 0.0)
     built = build_report(reports, rows)
     by_variant = {r["variant"]: r for r in built.rows}
+    assert by_variant["base"]["seeds"] == 1 and by_variant["base"]["object_accuracy"] == 0.1
+    assert "base" not in {c["variant"] for c in built.comparisons}  # a row, not a verdict
     mix = by_variant["recap_mix"]
     assert mix["seeds"] == 5 and mix["object_accuracy"] == 0.62
     assert mix["object_accuracy_low"] < 0.62 < mix["object_accuracy_high"]  # t over 5 seeds

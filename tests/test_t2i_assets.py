@@ -14,7 +14,12 @@ from recorded import record_recaptions
 from recap_dagster.assets.human_eval import human_eval_report, human_eval_task
 from recap_dagster.assets.inputs import base_t2i_model
 from recap_dagster.assets.latents import t2i_latents
-from recap_dagster.assets.t2i import metric_reports, recap_report, sd_checkpoints
+from recap_dagster.assets.t2i import (
+    base_metric_report,
+    metric_reports,
+    recap_report,
+    sd_checkpoints,
+)
 from recap_dagster.assets.training_corpus import training_corpus
 from recap_dagster.captioner.recaption import SCHEMA, output_parts
 from recap_dagster.corpus.listing import list_shards
@@ -196,10 +201,12 @@ def test_variants_reports_and_recap_report(
         result = dg.materialize(
             [*ASSETS, *ASSET_CHECKS],
             # The human evaluation's task from the variants' saved images, its (empty) report.
-            selection=[human_eval_task.key, human_eval_report.key, recap_report.key],
+            selection=[human_eval_task.key, human_eval_report.key, recap_report.key,
+                       base_metric_report.key],  # the floor: the base model's row
             instance=instance,
             resources=resources,
-        )
+            run_config={"ops": {"base_metric_report": {"config": METRIC_CONFIG}}},
+        )  # fmt: skip
         assert result.success
         task = result.asset_materializations_for_node("human_eval_task")[0].metadata
         variants = task["variants"].value.split(", ")
@@ -210,7 +217,9 @@ def test_variants_reports_and_recap_report(
         assert "No human ratings yet" in metadata["human_evaluation"].value
         table = metadata["table"]  # typed: numbers sort as numbers in the UI
         rows = {r.data["variant"]: r.data for r in table.records}
-        assert set(rows) == set(CAPTION_VARIANTS)
+        assert set(rows) == {"base", *CAPTION_VARIANTS}
+        assert rows["base"]["seeds"] == 1 and rows["base"]["object_accuracy"] is not None
+        assert storage.exists("reports", "metrics", "base", "seed-0.rows.parquet")
         assert rows["recap_mix"]["seeds"] == 2 and rows["recap_short"]["seeds"] == 1
         assert rows["recap_mix"]["object_accuracy_low"] is not None  # an interval over 2 seeds
         assert rows["recap_short"]["object_accuracy_low"] is None  # none from one seed

@@ -19,6 +19,7 @@ from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.evaluation import caption_stats, human_stats
 from recap_dagster.evaluation import evaluate as evaluation
 from recap_dagster.evaluation import report as report_core
+from recap_dagster.evaluation.comparison import FLOOR
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.orchestration.k8s_gpu import gpu_op_tags, training_gpus
 from recap_dagster.orchestration.k8s_training import (
@@ -377,6 +378,55 @@ def metric_reports(
     world: WorldResource,
 ) -> dg.MaterializeResult:
     variant, seed = variant_and_seed(context)
+    where = {"checkpoint_parts": (*SD_DIR, *run_parts(variant, seed))}
+    return _evaluate(
+        context, config, models, compute, sources, storage, world, variant, seed, where
+    )
+
+
+@dg.asset(
+    retry_policy=TRANSIENT_RETRY_POLICY,
+    deps=[base_t2i_model, eval_prompt_file, training_corpus],
+    pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
+    group_name="evaluation",
+    kinds={"pytorch", "torchmetrics"},
+    tags={"recap/gpu": "1"},
+    description="The floor: the base text-to-image model before any fine-tuning, evaluated "
+    "as each variant is (the same settings, prompts and noise seeds); the RECAP report's "
+    "`base` row, which tells 'RECAP helps' from 'the fine-tune taught nothing'.",
+)
+@retry_only_transient
+def base_metric_report(
+    context: dg.AssetExecutionContext,
+    config: MetricReportConfig,
+    models: ModelsResource,
+    compute: ComputeResource,
+    sources: DataSourcesResource,
+    storage: StorageResource,
+    world: WorldResource,
+) -> dg.MaterializeResult:
+    version = current_data_version(context.instance, base_t2i_model.key)
+    if version is None:
+        raise ValueError("base_t2i_model has no observed version: observe it first")
+    where = {"base_model": (local_model_dir(models.base_t2i), version)}
+    return _evaluate(context, config, models, compute, sources, storage, world, FLOOR, 0, where)
+
+
+def _evaluate(
+    context: dg.AssetExecutionContext,
+    config: dg.Config,
+    models: ModelsResource,
+    compute: ComputeResource,
+    sources: DataSourcesResource,
+    storage: StorageResource,
+    world: WorldResource,
+    variant: str,
+    seed: int,
+    where: dict,
+) -> dg.MaterializeResult:
+    """One model's evaluation (``where``: its checkpoints or the base model) and its
+    metadata."""
     store = storage.get()
     the_world = world.get()
     eval_settings = settings_from_config(evaluation.EvalSettings, config)
@@ -390,7 +440,7 @@ def metric_reports(
         store,
         variant,
         seed,
-        checkpoint_parts=(*SD_DIR, *run_parts(variant, seed)),
+        **where,
         world=the_world,
         prompts=prompts,
         shards_root=sources.shards_root,
@@ -428,8 +478,9 @@ def read_evaluations(store: Storage) -> tuple[dict[str, list[dict]], dict[str, l
     (variant -> rows over its seeds); a seed's rows only where its report exists."""
     reports: dict[str, list[dict]] = {}
     rows: dict[str, list[dict]] = {}
-    for variant in CAPTION_VARIANTS:
-        for seed in settings.training_seeds():
+    for variant in (FLOOR, *CAPTION_VARIANTS):
+        # The base model has no training seed: its one evaluation is filed under seed 0.
+        for seed in [0] if variant == FLOOR else settings.training_seeds():
             if not store.exists(*evaluation.report_parts(variant, seed)):
                 continue
             reports.setdefault(variant, []).append(
@@ -444,7 +495,7 @@ def read_evaluations(store: Storage) -> tuple[dict[str, list[dict]], dict[str, l
 @dg.asset(
     retry_policy=TRANSIENT_RETRY_POLICY,
     # By key: assets/human_eval.py builds on metric_reports from this module.
-    deps=[metric_reports, dg.AssetKey("human_eval_report")],
+    deps=[metric_reports, base_metric_report, dg.AssetKey("human_eval_report")],
     group_name="evaluation",
     kinds={"markdown"},
     description="All variants side by side like the paper's Table 1, as means over training "

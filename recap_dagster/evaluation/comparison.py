@@ -23,6 +23,8 @@ import numpy as np
 from scipy import stats
 
 BASELINE = "alttext"
+#: The floor's row: the base model before any fine-tuning, evaluated like the variants.
+FLOOR = "base"
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 

@@ -162,7 +162,8 @@ def evaluate_variant(
     variant: str,
     seed: int,
     *,
-    checkpoint_parts: Sequence[str],
+    checkpoint_parts: Sequence[str] = (),
+    base_model: tuple[str, str] | None = None,
     world: World,
     prompts: Sequence[EvalPrompt],
     shards_root: str,
@@ -175,9 +176,13 @@ def evaluate_variant(
 ) -> VariantEvaluation:
     """Generate and grade images of every snapshot under ``checkpoint_parts`` (a variant's
     fine-tune with training seed ``seed``; only the last snapshot with
-    ``evaluate_snapshots`` off) and write its report and the final snapshot's graded rows.
+    ``evaluate_snapshots`` off), or of ``base_model`` (its local directory and version: the
+    floor, step 0), and write its report and the final snapshot's graded rows.
     ``clip_model`` (a CLIP-family directory or hub id; None: not scored) adds CLIP score."""
-    snapshots = json.loads(store.read_text(*checkpoint_parts, SNAPSHOTS_FILE))
+    if base_model is not None:
+        snapshots = [{"step": 0, "name": base_model[0], "version": base_model[1]}]
+    else:
+        snapshots = json.loads(store.read_text(*checkpoint_parts, SNAPSHOTS_FILE))
     if not settings.evaluate_snapshots:
         snapshots = snapshots[-1:]
     k = settings.images_per_prompt
@@ -192,8 +197,11 @@ def evaluate_variant(
     final: MetricReport | None = None
     final_images: list[Image.Image] = []
     for snapshot in snapshots:
-        with store.local_dir(*checkpoint_parts, snapshot["name"]) as local:
-            pipe = load_pipeline(local, device=device, dtype=dtype)
+        if base_model is not None:
+            pipe = load_pipeline(base_model[0], device=device, dtype=dtype)
+        else:
+            with store.local_dir(*checkpoint_parts, snapshot["name"]) as local:
+                pipe = load_pipeline(local, device=device, dtype=dtype)
         images = generate(
             pipe,
             [p.prompt for p in repeated],
@@ -229,18 +237,19 @@ def evaluate_variant(
     grids = report_core.category_grids(final_images, repeated)
     for category, png in grids.items():
         store.write_bytes(png, *_report_dir(variant, prompt_set), f"seed-{seed}_{category}.png")
-    # Same prompts and noise seeds for every variant: the human evaluation pairs these.
-    save_generated_images(
-        store,
-        variant,
-        seed,
-        final_images,
-        repeated,
-        prompt_indices,
-        seeds,
-        checkpoint_version=snapshots[-1]["version"],
-        limit=settings.rating_images if prompt_set == TEST else 0,
-    )
+    if prompt_set == TEST and base_model is None:
+        # Same prompts and noise seeds for every variant: the human evaluation pairs these.
+        save_generated_images(
+            store,
+            variant,
+            seed,
+            final_images,
+            repeated,
+            prompt_indices,
+            seeds,
+            checkpoint_version=snapshots[-1]["version"],
+            limit=settings.rating_images,
+        )
     payload = {
         "variant": variant,
         "seed": seed,

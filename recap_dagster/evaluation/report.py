@@ -34,6 +34,7 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
 )
 BASELINE = comparison.BASELINE
 MIX = "recap_mix"
+FLOOR = comparison.FLOOR
 IMAGE_COLUMNS = ("object_accuracy", "count_error", "count_accuracy", "position_accuracy",
                  "all_correct")  # fmt: skip
 #: What a table shows for a metric the world could not grade (no detector configured).
@@ -336,7 +337,9 @@ def build_report(
     ]
     table, variant_rows = _variant_rows(reports, columns)
     table_markdown = rows_markdown(variant_rows)
-    results = comparison.compare_variants(rows) if BASELINE in rows else []
+    # The floor is a reference row, not a variant a verdict is given on.
+    fine_tunes = {v: r for v, r in rows.items() if v != FLOOR}
+    results = comparison.compare_variants(fine_tunes) if BASELINE in fine_tunes else []
     positions = position_rows(rows)
     figures = {}
     for metric, label, filename in (
@@ -363,7 +366,8 @@ def build_report(
             "# RECAP report",
             "Each value is the mean over the variant's training seeds with its 95% t "
             "interval (none from one seed); relative change against `alttext` in "
-            "parentheses. FID and KID compare generated with real images on the same "
+            "parentheses. `base`: the base model before fine-tuning (the floor). FID and "
+            "KID compare generated with real images on the same "
             f"features ({fid_features}); KID is unbiased at small sample sizes.",
             table_markdown,
             comparison_markdown(results),

@@ -50,6 +50,7 @@ WORK_WEIGHTS = {
     "training_corpus": 0.1,
     "sd_checkpoints": 10.0,
     "metric_reports": 1.5,
+    "base_metric_report": 1.5,
     "human_eval_task": 0.1,
     "human_eval_report": 0.1,
 }
