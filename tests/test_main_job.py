@@ -43,11 +43,11 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     assert "recap-miniworld pipeline (quick, seed 1) succeeded" in out
     # It said where it was: progress, elapsed and left, and what each running step logs.
     assert "Dagster UI at http://127.0.0.1:" in out
-    # 21 asset partitions: 7 unpartitioned assets outside the miniworld group, the quick
-    # profile's 6 variant x seed partitions each of sd_checkpoints and metric_reports, and
+    # 23 asset partitions: 7 unpartitioned assets outside the miniworld group, the quick
+    # profile's 7 variant x seed partitions each of sd_checkpoints and metric_reports, and
     # recaptioned_shards and t2i_latents for the quick corpus's one shard group.
     assert re.search(
-        r"\d+/21 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
+        r"\d+/23 asset partitions done \(\d+% of the work\), elapsed 0:\d\d:\d\d, about "
         r"0:\d\d:\d\d left",
         out,
     )
@@ -87,7 +87,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
             assert partitions == {"00000-00099"}  # one group holds both shards
             assert instance.get_materialized_partitions(dg.AssetKey("sd_checkpoints")) == {
                 "0|alttext", "1|alttext", "0|recap_mix", "1|recap_mix", "0|recap_short",
-                "0|recap_long",
+                "0|recap_long", "0|oracle",
             }  # fmt: skip
             # Launched as backfills through the daemon, as from the UI.
             backfill_runs = [r for r in instance.get_runs() if "dagster/backfill" in r.tags]

@@ -564,3 +564,27 @@ def test_dataset_without_workers_keeps_pil_images(tmp_path):
     batches = list(loader)
     assert [len(b) for b in batches] == [2, 1]
     assert all(isinstance(r.image, Image.Image) for b in batches for r in b)
+
+
+def test_additional_columns_are_kept_as_img2dataset_keeps_them(tmp_path):
+    """img2dataset's save_additional_columns: string columns in the parquet and the json
+    (the miniworld keeps what each image truly shows there: the oracle's captions)."""
+    from recap_dagster.t2i.training_data import require_captions, variant_captions
+
+    records = records_for(0, 3)
+    for i, record in enumerate(records):
+        record.additional = {"true_short": f"short {i}", "true_long": None if i else "long 0"}
+    write_shard(str(tmp_path), 0, records, additional_columns=("true_short", "true_long"))
+    table = pq.read_table(tmp_path / "00000.parquet")
+    assert table.column_names == [*IMG2DATASET_COLUMNS, "true_short", "true_long"]
+    assert table.column("true_long").to_pylist() == ["long 0", None, None]
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        meta = json.loads(tar.extractfile(f"{sample_key(0, 1)}.json").read())
+    assert meta["true_short"] == "short 1"
+    oracle = variant_captions(str(tmp_path / "storage"), "oracle", str(tmp_path))
+    require_captions(oracle, "00000")
+    assert oracle.read("00000")[sample_key(0, 0)] == ("short 0", "long 0")
+    write_shard(str(tmp_path / "plain"), 0, records_for(0, 2))  # a corpus without them
+    plain = variant_captions(str(tmp_path / "storage"), "oracle", str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match=r"has no column \['true_short', 'true_long'\]"):
+        require_captions(plain, "00000")

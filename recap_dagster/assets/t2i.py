@@ -58,7 +58,7 @@ from recap_dagster.t2i.train import (
     training_stream,
     write_job,
 )
-from recap_dagster.t2i.training_data import variant_captions
+from recap_dagster.t2i.training_data import require_captions, variant_captions
 from recap_dagster.training import devices
 
 SD_DIR = ("checkpoints", "sd")
@@ -159,7 +159,8 @@ SDFineTuneConfig = config_from_settings(
     kinds={"pytorch", "diffusers"},
     tags={"recap/gpu": "1"},
     description="The base text-to-image model fine-tuned on the shards of training_corpus with one "
-    "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample) and "
+    "caption variant (alttext, recap_short, recap_long, recap_mix = 50/50 per sample; oracle: "
+    "the true descriptions, where the world knows them: the ceiling) and "
     "one training seed (the partition: variant x seed, RECAP_TRAINING_SEEDS), by "
     "the standalone trainer (torchrun, `processes` processes) launched through Dagster "
     "Pipes. Streams the latent cache; resumes from its training state under the storage "
@@ -196,6 +197,9 @@ def sd_checkpoints(
     # A k8s node's processes are its pod's GPUs, not this (orchestrating) pod's devices.
     processes = (config.processes or training_gpus()) if on_k8s else None
     processes = processes or devices.process_count(config.processes)
+    captions = variant_captions(store.root, variant, sources.shards_root, RECAPTIONED_DIR)
+    if shards:
+        require_captions(captions, shards[0])
     job = TrainJob(
         base_model=base,
         base_version=base_version,
@@ -208,7 +212,7 @@ def sd_checkpoints(
             latents_root=store.root,
             vae_version=corpus.vae_version,
             shards=shards,
-            captions=variant_captions(store.root, variant, RECAPTIONED_DIR),
+            captions=captions,
         ),
         config=train_config,
         mixed_precision=compute.training_precision(),

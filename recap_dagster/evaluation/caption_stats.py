@@ -157,11 +157,13 @@ def corpus_caption_stats(
 
 
 def stats_rows(columns: dict[str, ColumnStats], variants: Sequence[str]) -> list[dict]:
-    """One row per variant: its caption columns pooled (RECAP Mix draws both equally)."""
+    """One row per variant: its caption columns pooled (RECAP Mix draws both equally).
+    Variants without caption columns here (the base model, the oracle's true captions in
+    the corpus shards) have no row."""
     rows = []
     for variant in variants:
-        names = VARIANT_COLUMNS[variant]
-        if not all(n in columns for n in names):
+        names = VARIANT_COLUMNS.get(variant, ())
+        if not names or not all(n in columns for n in names):
             continue
         pooled = sum((columns[n] for n in names), ColumnStats())
         rows.append({"variant": variant, "captions": " + ".join(names), **pooled.summary()})

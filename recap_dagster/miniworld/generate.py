@@ -55,6 +55,7 @@ from recap_dagster.miniworld.scenes import (
     render,
     sample_scene,
 )
+from recap_dagster.t2i.training_data import ORACLE_COLUMNS
 from recap_dagster.training.substrate import setting
 
 # Bump when the generated content changes for the same config, so caches are invalidated.
@@ -239,7 +240,14 @@ def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
             jpeg = _corrupt(jpeg, broken[index])
             metadata["corrupt"] = broken[index]
             size = None
+        # What the image truly shows, for the oracle fine-tune (the ceiling): an rng of its
+        # own, so the image, alt text and URL are what they were without it.
+        truth_rng = random.Random(item_seed(config.seed, f"truth/{shard}", index))
+        short_column, long_column = ORACLE_COLUMNS
+        truth = {short_column: short_caption(scene, truth_rng),
+                 long_column: long_caption(scene, truth_rng)}  # fmt: skip
         hasher.update(key.encode() + jpeg + alt.encode() + url.encode())
+        hasher.update("".join(truth.values()).encode())
         yield ShardRecord(
             key=key,
             image_bytes=jpeg,
@@ -248,6 +256,7 @@ def _corpus_records(config: MiniworldConfig, shard: int, hasher) -> Iterator:
             metadata=metadata,
             width=size,
             height=size,
+            additional=truth,
         )
 
 
@@ -465,7 +474,12 @@ def generate_miniworld(
     for shard in range(config.shards):
         records = list(_corpus_records(config, shard, hasher))
         texts += [r.caption for r in records]
-        stats.append(write_shard(paths.corpus, shard, records, output_format="webdataset"))
+        stats.append(
+            write_shard(
+                paths.corpus, shard, records, output_format="webdataset",
+                additional_columns=ORACLE_COLUMNS,
+            )
+        )  # fmt: skip
 
     human = _write_human_set(
         Path(paths.human_captions), "human", config.human_captions, config, hasher

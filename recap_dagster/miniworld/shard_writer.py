@@ -12,9 +12,9 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -47,9 +47,11 @@ class ShardRecord:
     height: int | None = None
     status: str = SOURCE_SUCCESS
     error_message: str | None = None
+    #: img2dataset's ``save_additional_columns``: input columns kept beside the caption.
+    additional: dict[str, str | None] = field(default_factory=dict)
 
 
-def _schema(output_format: str) -> pa.Schema:
+def _schema(output_format: str, additional: Sequence[str] = ()) -> pa.Schema:
     fields = [
         pa.field(EXTRA_METADATA_FIELD, pa.string()),
         pa.field("caption", pa.string()),
@@ -64,6 +66,7 @@ def _schema(output_format: str) -> pa.Schema:
         pa.field("exif", pa.string()),
         pa.field("sha256", pa.string()),
     ]
+    fields += [pa.field(name, pa.string()) for name in additional]
     if output_format == FORMAT_PARQUET:
         fields.append(pa.field("jpg", pa.binary()))
     return pa.schema(fields)
@@ -93,7 +96,9 @@ def _check_key(key: str, seen: set[str]) -> None:
     seen.add(key)
 
 
-def _row(record: ShardRecord, output_format: str) -> tuple[dict[str, Any], bytes | None]:
+def _row(
+    record: ShardRecord, output_format: str, additional: Sequence[str] = ()
+) -> tuple[dict[str, Any], bytes | None]:
     """The parquet row / json metadata for a record, and the image bytes to store (if any)."""
     status, error = record.status, record.error_message
     image_bytes = record.image_bytes
@@ -121,6 +126,7 @@ def _row(record: ShardRecord, output_format: str) -> tuple[dict[str, Any], bytes
         "original_height": height,
         "exif": exif,
         "sha256": digest,
+        **{name: record.additional.get(name) for name in additional},
     }
     if output_format == FORMAT_PARQUET:
         row["jpg"] = image_bytes
@@ -143,13 +149,17 @@ def _fsync(path: str) -> None:
 
 
 def _stage_files(
-    staging: str, name: str, records: Iterable[ShardRecord], output_format: str
+    staging: str,
+    name: str,
+    records: Iterable[ShardRecord],
+    output_format: str,
+    additional: Sequence[str] = (),
 ) -> tuple[dict[str, str], Counter, Counter]:
     """Write the data files into ``staging``.
 
     Returns ({suffix: staged path}, img2dataset's status_dict, counts per row status).
     """
-    schema = _schema(output_format)
+    schema = _schema(output_format, additional)
     paths = {".parquet": os.path.join(staging, f"{name}.parquet")}
     if output_format == FORMAT_WEBDATASET:
         paths[".tar"] = os.path.join(staging, f"{name}.tar")
@@ -162,7 +172,7 @@ def _stage_files(
         tar = stack.enter_context(tarfile.open(paths[".tar"], "w")) if ".tar" in paths else None
         for record in records:
             _check_key(record.key, seen)
-            row, image_bytes = _row(record, output_format)
+            row, image_bytes = _row(record, output_format, additional)
             status = row["status"]
             counts[status] += 1
             # img2dataset counts successes as "success" and failures by their error message
@@ -229,6 +239,7 @@ def write_shard(
     shard_index: int,
     records: Iterable[ShardRecord],
     output_format: str = FORMAT_WEBDATASET,
+    additional_columns: Sequence[str] = (),
 ) -> dict:
     """Write one shard as img2dataset does, atomically; return its stats dict.
 
@@ -236,6 +247,8 @@ def write_shard(
     final names unless the whole shard was written; ``_stats.json`` is written last.
     A ``"success"`` record without image bytes is stored as ``"failed_to_download"``; a
     record with any other status keeps its row but no image, as img2dataset does.
+    ``additional_columns``: string columns taken from each record's ``additional`` (as
+    img2dataset's ``save_additional_columns`` keeps input columns).
     """
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
@@ -251,7 +264,9 @@ def write_shard(
         staging = tempfile.mkdtemp(prefix=f"recap-shard-{name}-")
     try:
         start = time.time()
-        staged, status_dict, counts = _stage_files(staging, name, records, output_format)
+        staged, status_dict, counts = _stage_files(
+            staging, name, records, output_format, additional_columns
+        )
         end = time.time()
         stats = {
             "count": sum(counts.values()),

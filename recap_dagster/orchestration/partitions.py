@@ -6,12 +6,14 @@ from __future__ import annotations
 import dagster as dg
 
 from recap_dagster import settings
+from recap_dagster.t2i.training_data import VARIANTS
 
 # Keys are shard groups ("00100-00199", recap_dagster.corpus.shard_groups): LAION-5B's 585,000
 # shards make 5,850 partitions, well under the 100,000 Dagster advises per asset.
 shard_group_partitions = dg.DynamicPartitionsDefinition(name="laion_shard_groups")
 
-CAPTION_VARIANTS = ("alttext", "recap_short", "recap_long", "recap_mix")
+# alttext, the three RECAP variants and the oracle (true descriptions: the ceiling).
+CAPTION_VARIANTS = VARIANTS
 caption_variants_partitions = dg.StaticPartitionsDefinition(list(CAPTION_VARIANTS))
 
 # One training run is one draw of the training noise: a comparison needs several per
