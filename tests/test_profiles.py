@@ -122,5 +122,15 @@ def test_a_typo_in_the_run_config_is_an_error(tmp_path: Path) -> None:
 
 
 def test_profile_files_are_listed() -> None:
-    assert set(PROFILES) == {"default", "quick"}
+    assert set(PROFILES) == {"confirm", "default", "quick"}
     assert all((PROFILES_DIR / f"{p}.yaml").is_file() for p in PROFILES)
+
+
+def test_confirm_is_the_default_recipe_with_five_seeds_of_every_variant() -> None:
+    from recap_dagster.miniworld.run_configs import profile_seeds
+    from recap_dagster.t2i.training_data import VARIANTS
+
+    assert profile_run_config("confirm", seed=2) == profile_run_config("default", seed=2)
+    assert profile_seeds("confirm") == {v: [0, 1, 2, 3, 4] for v in VARIANTS}
+    default = profile_seeds("default")
+    assert len(default["alttext"]) >= 3 and len(default["recap_mix"]) >= 3

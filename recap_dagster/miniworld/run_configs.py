@@ -30,9 +30,21 @@ def profile_run_config(profile: str, seed: int = 0) -> dict[str, Any]:
 
 
 def _profile(profile: str) -> dict[str, Any]:
+    """A profile's file; ``extends: <profile>`` takes that profile's ops (the same
+    recipes) and replaces only what this file names (``main_job``, ops' settings)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    return yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    merged = _profile(parent)
+    for op, entry in data.get("ops", {}).items():
+        config = merged.setdefault("ops", {}).setdefault(op, {}).setdefault("config", {})
+        config.update(entry.get("config", {}))
+    if "main_job" in data:
+        merged["main_job"] = data["main_job"]
+    return merged
 
 
 def profile_seeds(profile: str) -> dict[str, list[int]]:
