@@ -58,6 +58,8 @@ def test_from_an_empty_instance_to_the_report_in_the_ui(tmp_path: Path) -> None:
     env = {
         "RECAP_WORKDIR": str(tmp_path / "recap"),
         "RECAP_RUN_CONFIG": str(PROFILES_DIR / "quick.yaml"),
+        # One training seed: "Materialize all" fine-tunes each variant once.
+        "RECAP_TRAINING_SEEDS": "0",
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(home))
@@ -114,13 +116,13 @@ def test_from_an_empty_instance_to_the_report_in_the_ui(tmp_path: Path) -> None:
         page.goto(f"{url}/assets/recap_report")
         page.get_by_text("recap_mix").first.wait_for(timeout=LOAD_TIMEOUT_MS)
         text = page.locator("body").inner_text()
-        for variant in ("alttext", "recap_short", "recap_long", "recap_mix"):
+        for variant in ("base", "alttext", "recap_short", "recap_long", "recap_mix", "oracle"):
             assert variant in text, variant
         screenshot(page, "scratch_4_report", full_page=True)
 
     # Everything ran through the instance: one run per shard group and per variant.
     assert instance.get_materialized_partitions(dg.AssetKey("sd_checkpoints")) == {
-        "alttext", "recap_short", "recap_long", "recap_mix"
+        "0|alttext", "0|recap_short", "0|recap_long", "0|recap_mix", "0|oracle"
     }  # fmt: skip
     assert instance.get_materialized_partitions(dg.AssetKey("recaptioned_shards")) == {
         "00000-00099"
