@@ -38,13 +38,15 @@ def test_the_latest_step_k_of_n_of_each_running_step() -> None:
         "sd_checkpoints": (500, 1000),
         "captioner_checkpoint": (30, 300),
     }
-    # Read on from there: a step that ended drops out (the backfill counts it materialized).
+    # Read on from there: a step that succeeded is whole (its run may still count it in
+    # progress while another step runs), one that failed drops out.
     later = [
         _log("captioner_checkpoint", "Finished", "ExecutionStepSuccessEvent"),
+        _log("base_captioner_model", "Failed", "ExecutionStepFailureEvent"),
         _log("sd_checkpoints", "step 600/1000 (60%) loss 0.1100"),
     ]
     assert step_progress(later, step_progress(events)) == {
-        "base_captioner_model": (1300, 2500),
+        "captioner_checkpoint": (300, 300),
         "sd_checkpoints": (600, 1000),
     }
 
