@@ -356,16 +356,22 @@ MetricReportConfig = config_from_settings(
 )
 
 
+#: What every evaluation asset is: a retried step on a GPU of the pool.
+EVALUATION_ASSET = {
+    "retry_policy": TRANSIENT_RETRY_POLICY,
+    "pool": GPU_POOL,
+    "op_tags": gpu_op_tags(),
+    "group_name": "evaluation",
+    "kinds": {"pytorch", "torchmetrics"},
+    "tags": {"recap/gpu": "1"},
+}
+
+
 @dg.asset(
-    retry_policy=TRANSIENT_RETRY_POLICY,
+    **EVALUATION_ASSET,
     partitions_def=variant_seed_partitions,
     # FID's reference images are the training corpus' own.
     deps=[sd_checkpoints, eval_prompt_file, training_corpus],
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
-    group_name="evaluation",
-    kinds={"pytorch", "torchmetrics"},
-    tags={"recap/gpu": "1"},
     description="FID and KID, CLIP score (when configured), object accuracy, counting error "
     "and position accuracy (against chance, given found, relative) of one variant's "
     "fine-tune with one training seed on held-out prompts, overall and per category, for "
@@ -389,13 +395,8 @@ def metric_reports(
 
 
 @dg.asset(
-    retry_policy=TRANSIENT_RETRY_POLICY,
+    **EVALUATION_ASSET,
     deps=[base_t2i_model, eval_prompt_file, training_corpus],
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
-    group_name="evaluation",
-    kinds={"pytorch", "torchmetrics"},
-    tags={"recap/gpu": "1"},
     description="The floor: the base text-to-image model before any fine-tuning, evaluated "
     "as each variant is (the same settings, prompts and noise seeds); the RECAP report's "
     "`base` row, which tells 'RECAP helps' from 'the fine-tune taught nothing'.",
