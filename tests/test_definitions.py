@@ -101,9 +101,9 @@ def test_definitions_contents() -> None:
 READERS = {
     "human_caption_file": {"human_captions"},
     "caption_tokenizer": {"human_captions", "recaptioned_shards"},
-    "eval_prompt_file": {"metric_reports"},
+    "eval_prompt_file": {"metric_reports", "base_metric_report"},
     "base_captioner_model": {"captioner_checkpoint"},
-    "base_t2i_model": {"t2i_latents", "sd_checkpoints"},
+    "base_t2i_model": {"t2i_latents", "sd_checkpoints", "base_metric_report"},
 }
 
 

@@ -20,7 +20,7 @@ from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.definitions import ASSET_CHECKS, RECAP_ASSETS, recap_definitions
 from recap_dagster.miniworld.captions import vocabulary_texts
 from recap_dagster.miniworld.tiny_captioner import build_tiny_captioner
-from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions, variant_seed_key
 from recap_dagster.resources import (
     ComputeResource,
     DataSourcesResource,
@@ -132,7 +132,7 @@ def test_every_recap_asset_runs_on_production_inputs(
             assert "scored rows" in checks["recaptioned_clip_vs_alt_text"].description
         assert materialize(["training_corpus"]).success
         for variant in VARIANTS:
-            result = materialize(["sd_checkpoints", "metric_reports"], variant)
+            result = materialize(["sd_checkpoints", "metric_reports"], variant_seed_key(variant, 0))
             meta = result.asset_materializations_for_node("metric_reports")[0].metadata
             assert meta["world"].value == "geneval"
             assert meta["fid"].value > 0

@@ -15,6 +15,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import dagster as dg
 import pytest
@@ -40,7 +41,7 @@ from recap_dagster.miniworld.resources import (
     MiniworldWorldResource,
     miniworld_sources,
 )
-from recap_dagster.orchestration.partitions import shard_group_partitions
+from recap_dagster.orchestration.partitions import shard_group_partitions, variant_seed_key
 from recap_dagster.orchestration.versions import DATA_VERSION_TAG
 from recap_dagster.resources import ComputeResource, ModelsResource, StorageResource
 from recap_dagster.t2i.latents import LATENTS_DIR, latent_vae_version
@@ -59,6 +60,7 @@ PRODUCTION_ENV = (
     "RECAP_STORAGE_ROOT",
 )
 STALE = "STALE"
+MIX_SEED_0 = str(variant_seed_key("recap_mix", 0))
 
 
 def _corpus(root: Path, storage: Path, vae: str) -> list[str]:
@@ -156,7 +158,7 @@ def _record_fine_tune(instance: dg.DagsterInstance, corpus_version: str) -> None
     tags["dagster/input_data_version/eval_prompt_file"] = "prompts-v1"
     tags["dagster/input_event_pointer/eval_prompt_file"] = str(prompts.storage_id)
     instance.report_runless_asset_event(
-        dg.AssetMaterialization(sd_checkpoints.key, partition="recap_mix", tags=tags)
+        dg.AssetMaterialization(sd_checkpoints.key, partition=MIX_SEED_0, tags=tags)
     )
 
 
@@ -171,7 +173,7 @@ def _screenshot_stale_checkpoint(home: Path, tmp_path: Path) -> None:
         chromium_page(tmp_path / "chromium") as page,
     ):
         # The partition's page: "Unsynced (1)"; clicked, it names the cause.
-        page.goto(f"{url}/assets/sd_checkpoints?view=partitions&partition=recap_mix")
+        page.goto(f"{url}/assets/sd_checkpoints?view=partitions&partition={quote(MIX_SEED_0)}")
         badge = page.get_by_text("Unsynced (1)").first
         badge.wait_for(timeout=120_000)
         badge.click()
@@ -237,7 +239,7 @@ def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
         _record_group_runs(instance, groups, "captioner-v1", vae)
         first = corpus_version()
         _record_fine_tune(instance, first)
-        assert status(sd_checkpoints.key, "recap_mix") == "FRESH"
+        assert status(sd_checkpoints.key, MIX_SEED_0) == "FRESH"
         assert status(training_corpus.key) == "FRESH"
 
         # A new captioner: the manifest is stale at once (a direct edge), and the schedule
@@ -254,19 +256,19 @@ def test_a_new_captioner_makes_the_fine_tunes_stale_at_150_groups(
         _record_group_runs(instance, groups, "v2", vae)
         second = corpus_version()
         assert second != first
-        assert status(sd_checkpoints.key, "recap_mix") == STALE
+        assert status(sd_checkpoints.key, MIX_SEED_0) == STALE
         resolver = get_stale_status_resolver(instance, [None, *assets[: -len(ASSET_CHECKS)]])
-        causes = resolver.get_stale_root_causes(sd_checkpoints.key, "recap_mix")
+        causes = resolver.get_stale_root_causes(sd_checkpoints.key, MIX_SEED_0)
         assert [c.key.asset_key for c in causes] == [training_corpus.key]
         _screenshot_stale_checkpoint(home, tmp_path)
 
         # A new base model (observed): the manifest is stale again.
         _record_fine_tune(instance, second)
-        assert status(sd_checkpoints.key, "recap_mix") == "FRESH"
+        assert status(sd_checkpoints.key, MIX_SEED_0) == "FRESH"
         instance.report_runless_asset_event(
             dg.AssetObservation(base_t2i_model.key, tags={DATA_VERSION_TAG: "base-v2"})
         )
         assert status(training_corpus.key) == STALE
-        assert status(sd_checkpoints.key, "recap_mix") == STALE  # a direct input too
+        assert status(sd_checkpoints.key, MIX_SEED_0) == STALE  # a direct input too
         assert _schedule_tick(instance) == groups  # latents of the new VAE for every group
         print(f"staleness at {GROUPS} groups: schedule ticks {TICKS}")
