@@ -183,6 +183,7 @@ def test_project_gpu_assets_are_in_the_gpu_pool() -> None:
         "t2i_latents",
         "sd_checkpoints",
         "metric_reports",
+        "base_metric_report",
     }
     assert {pool for pool in pools.values()} <= {"gpu", None}  # no other pool to configure
 
@@ -397,6 +398,7 @@ RETRIED_ASSETS = {
     "t2i_latents",
     "sd_checkpoints",
     "metric_reports",
+    "base_metric_report",
     "human_eval_task",
     "human_eval_report",
     "recap_report",

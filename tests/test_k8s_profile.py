@@ -44,7 +44,7 @@ PROFILE = ROOT / "deploy" / "k8s" / "dagster.yaml"
 README = ROOT / "deploy" / "k8s" / "README.md"
 GPU_ASSETS = {
     "captioner_checkpoint", "recaptioned_shards", "t2i_latents", "sd_checkpoints",
-    "metric_reports",
+    "metric_reports", "base_metric_report",
 }  # fmt: skip
 IMAGE = "registry.example.com/recap-dagster:test"
 PROFILE_ENV = {

@@ -59,7 +59,7 @@ def test_two_processes_return_in_rank_order_and_a_failure_keeps_its_cause() -> N
 # A feeder (this script's process) forks a DataLoader-like worker and waits to be killed.
 # "early": the worker runs its init at once and goes on; "late": it only runs it once the
 # feeder is dead, the fork-then-kill race of a run killed just as its loader starts.
-_FEEDER = """
+_FEEDER = r"""
 import os, sys, time
 from functools import partial
 from recap_dagster.training.per_device import dataloader_worker_init
@@ -70,10 +70,10 @@ if os.fork() == 0:
     if sys.argv[1] == "late":
         os.read(read, 1)  # EOF: the feeder is gone
     init(0)
-    print("initialised", flush=True)
+    os.write(1, b"initialised\n")  # one write each: the two processes share the pipe
     time.sleep(3600)
 os.close(read)
-print("forked", flush=True)
+os.write(1, b"forked\n")
 time.sleep(3600)
 """
 

@@ -576,7 +576,7 @@ def test_additional_columns_are_kept_as_img2dataset_keeps_them(tmp_path):
         record.additional = {"true_short": f"short {i}", "true_long": None if i else "long 0"}
     write_shard(str(tmp_path), 0, records, additional_columns=("true_short", "true_long"))
     table = pq.read_table(tmp_path / "00000.parquet")
-    assert table.column_names == [*IMG2DATASET_COLUMNS, "true_short", "true_long"]
+    assert table.column_names == ["true_short", "true_long", *IMG2DATASET_COLUMNS]
     assert table.column("true_long").to_pylist() == ["long 0", None, None]
     with tarfile.open(tmp_path / "00000.tar") as tar:
         meta = json.loads(tar.extractfile(f"{sample_key(0, 1)}.json").read())

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from browser import REPO, chromium_page, dagster_dev, screenshot
 
-from recap_dagster.miniworld.run_configs import PROFILES_DIR
+from recap_dagster.miniworld.run_configs import profile_run_config
 from recap_dagster.orchestration.partitions import shard_group_partitions
 
 pytestmark = pytest.mark.slow
@@ -55,9 +56,11 @@ def test_from_an_empty_instance_to_the_report_in_the_ui(tmp_path: Path) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    run_config = tmp_path / "run_config.yaml"  # as recap-miniworld run-config writes it
+    run_config.write_text(yaml.safe_dump(profile_run_config("quick")))
     env = {
         "RECAP_WORKDIR": str(tmp_path / "recap"),
-        "RECAP_RUN_CONFIG": str(PROFILES_DIR / "quick.yaml"),
+        "RECAP_RUN_CONFIG": str(run_config),
         # One training seed: "Materialize all" fine-tunes each variant once.
         "RECAP_TRAINING_SEEDS": "0",
     }

@@ -3,6 +3,8 @@
 - ``recap-miniworld pipeline [--profile default|quick] [--seed N]``: the main job — the
   whole RECAP graph on the miniworld, launched through the local Dagster instance.
 - ``recap-miniworld generate --out DIR ...``: only generate a miniworld.
+- ``recap-miniworld run-config [--profile P]``: write a profile's run config (what
+  ``RECAP_RUN_CONFIG`` names) to ``$RECAP_WORKDIR/run_config.yaml``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    from recap_dagster.miniworld.pipeline import run_pipeline
+    from recap_dagster.miniworld.pipeline import run_pipeline, write_run_config
     from recap_dagster.miniworld.run_configs import PROFILES
     from recap_dagster.orchestration.launcher import LaunchError
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         default="default",
         choices=PROFILES,
-        help="default: the documented miniworld sizes; quick: tiny sizes for tests",
+        help="default: the documented miniworld sizes; quick: tiny sizes for tests; "
+        "confirm: the default sizes with five seeds of every variant",
     )
     pipeline.add_argument(
         "--seed",
@@ -45,7 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     pipeline.add_argument("--port", type=int, default=0, help="UI port (default: a free one)")
     sub.add_parser("generate", help="generate a miniworld (see: recap-miniworld generate -h)")
+    run_config = sub.add_parser(
+        "run-config", help="write a profile's run config to $RECAP_WORKDIR/run_config.yaml"
+    )
+    run_config.add_argument("--profile", default="default", choices=PROFILES)
+    run_config.add_argument("--seed", type=int, default=0, help="the captioner's seed")
     args = parser.parse_args(argv)
+    if args.command == "run-config":
+        print(write_run_config(args.profile, args.seed))
+        return 0
     # A terminated job stops the dagster dev it started (its `finally`), not only itself.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

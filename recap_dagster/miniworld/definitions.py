@@ -3,8 +3,8 @@
 ``workspace.yaml`` loads this module. Everything lives under ``$RECAP_WORKDIR``
 (``settings.py``); asset config defaults come from the run-config file named by
 ``RECAP_RUN_CONFIG`` (the main job writes its profile's to
-``$RECAP_WORKDIR/run_config.yaml``; ``./dev ui`` serves that file, else
-``miniworld/profiles/default.yaml``).
+``$RECAP_WORKDIR/run_config.yaml``; ``./dev ui`` serves that file, writing the default
+profile's first when there is none).
 """
 
 import dagster as dg

@@ -52,7 +52,9 @@ class ShardRecord:
 
 
 def _schema(output_format: str, additional: Sequence[str] = ()) -> pa.Schema:
-    fields = [
+    # img2dataset puts the input's additional columns first.
+    fields = [pa.field(name, pa.string()) for name in additional]
+    fields += [
         pa.field(EXTRA_METADATA_FIELD, pa.string()),
         pa.field("caption", pa.string()),
         pa.field("url", pa.string()),
@@ -66,7 +68,6 @@ def _schema(output_format: str, additional: Sequence[str] = ()) -> pa.Schema:
         pa.field("exif", pa.string()),
         pa.field("sha256", pa.string()),
     ]
-    fields += [pa.field(name, pa.string()) for name in additional]
     if output_format == FORMAT_PARQUET:
         fields.append(pa.field("jpg", pa.binary()))
     return pa.schema(fields)
@@ -114,6 +115,7 @@ def _row(
         height = probed_h if height is None else height
         digest = hashlib.sha256(image_bytes).hexdigest()
     row: dict[str, Any] = {
+        **{name: record.additional.get(name) for name in additional},
         EXTRA_METADATA_FIELD: None if record.metadata is None else json.dumps(record.metadata),
         "caption": record.caption,
         "url": record.url,
@@ -126,7 +128,6 @@ def _row(
         "original_height": height,
         "exif": exif,
         "sha256": digest,
-        **{name: record.additional.get(name) for name in additional},
     }
     if output_format == FORMAT_PARQUET:
         row["jpg"] = image_bytes
