@@ -63,6 +63,8 @@ def test_table_over_seeds_comparison_position_and_figures() -> None:
     assert "## Against alttext" in built.markdown and "**better**" in built.markdown
     position = {p["variant"]: p for p in built.positions}
     assert position["recap_mix"]["chance"] is not None and position["recap_mix"]["above_chance"]
+    assert position["base"]["above_chance"] is None  # one evaluation: not judged
+    assert "Not judged (one seed): base." in built.markdown
     assert set(built.figures) == {"recap_fid_vs_steps.png", "recap_object_accuracy_vs_steps.png"}
     assert all(png.startswith(b"\x89PNG") for png in built.figures.values())
     assert "clip_score" not in built.table["alttext"]  # columns nobody measured are left out

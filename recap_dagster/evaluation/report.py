@@ -163,7 +163,7 @@ def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, 
     """Per variant: position accuracy beside its chance level (placement ignoring the text,
     given what was found), the ratio, position given the objects found and the relation
     form, each a mean over seeds; and whether accuracy minus chance is above zero over
-    seeds (the t interval of the seeds' excess)."""
+    seeds (the t interval of the seeds' excess; None from one seed: not judged)."""
     out = []
     for variant, rows in rows_by_variant.items():
         accuracy = comparison.seed_means(rows, "position_accuracy")
@@ -189,7 +189,9 @@ def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, 
                 "times_chance": None if not mean_chance else round(mean_acc / mean_chance, 2),
                 "given_found": _mean(given),
                 "relative_position": _mean(relative),
-                "above_chance": None if excess is None else excess.excludes_zero() > 0,
+                "above_chance": None
+                if excess is None or excess.low is None
+                else excess.excludes_zero() > 0,
             }
         )
     return out
@@ -203,12 +205,18 @@ def position_markdown(rows: Sequence[dict[str, object]]) -> str:
     if not rows:
         return "No position prompts were graded."
     cells = [[_fmt(v, NOT_GRADED) for v in row.values()] for row in rows]
-    at_chance = [r["variant"] for r in rows if r["above_chance"] is False]
-    note = (
-        f"At chance (accuracy minus chance not above zero over seeds): {', '.join(at_chance)}."
-        if at_chance
-        else "Every variant places objects above chance."
-    )
+    at_chance = [str(r["variant"]) for r in rows if r["above_chance"] is False]
+    unjudged = [str(r["variant"]) for r in rows if r["above_chance"] is None]
+    notes = []
+    if at_chance:
+        notes.append(
+            f"At chance (accuracy minus chance not above zero over seeds): {', '.join(at_chance)}."
+        )
+    if unjudged:
+        notes.append(f"Not judged (one seed): {', '.join(unjudged)}.")
+    if not notes:
+        notes.append("Every variant places objects above chance.")
+    note = " ".join(notes)
     return "\n\n".join(
         [
             "## Position against chance",
