@@ -698,8 +698,6 @@ def _wait_all(procs, tmp_path: Path, name: str) -> None:
     assert codes == [0] * len(procs), logs()
 
 
-# Never beside another multi-node launch: two at once on one machine hung once in 2 tries.
-@pytest.mark.xdist_group("torchrun_nodes")
 def test_two_nodes_match_one_node_with_two_processes(world, tmp_path: Path) -> None:
     """2 nodes x 1 process (c10d rendezvous on loopback, separate local dirs) = 1 node x 2
     processes: the same global batch (2 x micro-batch 4), checkpoints on the way."""
@@ -731,8 +729,6 @@ def test_two_nodes_match_one_node_with_two_processes(world, tmp_path: Path) -> N
                 if p.name.startswith(".")]  # fmt: skip
 
 
-# Never beside another multi-node launch: two at once on one machine hung once in 2 tries.
-@pytest.mark.xdist_group("torchrun_nodes")
 def test_both_nodes_killed_after_a_checkpoint_resume_it(world, tmp_path: Path) -> None:
     """Kill both nodes' whole process trees mid-run; both restarted (new local dirs) resume
     from the last checkpoint and end with the weights of an uninterrupted 2-node run."""

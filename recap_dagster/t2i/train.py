@@ -33,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ from recap_dagster.storage.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import runs
 from recap_dagster.t2i.stream import CaptionSource, DataPosition, LatentStream, StreamSpec
-from recap_dagster.training.per_device import dataloader_worker_init
 from recap_dagster.training.substrate import (
     Checkpoints,
     check_lr_scheduler,
@@ -517,7 +515,6 @@ def train(
         num_workers=job.num_workers,
         persistent_workers=False,
         prefetch_factor=4 if job.num_workers else None,
-        worker_init_fn=partial(dataloader_worker_init, parent=os.getpid()),
     )
     batches = iter(loader)
     snapshot_steps = set(milestones(config.steps, config.snapshot_every))
