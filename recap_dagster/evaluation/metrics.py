@@ -43,15 +43,18 @@ def means(rows: Sequence[dict]) -> dict[str, float | None]:
     for metric in IMAGE_METRICS:
         values = [float(r[metric]) for r in rows if r.get(metric) is not None]
         out[metric] = sum(values) / len(values) if values else None
-    # Placement judged only where every placed object was found: a model that cannot draw
-    # the object cannot show whether it places it.
-    found = [
-        float(r["position_accuracy"])
-        for r in rows
-        if r.get("position_found") == 1.0 and r.get("position_accuracy") is not None
-    ]
+    found = [float(r["position_accuracy"]) for r in all_placed_found(rows)]
     out["position_given_found"] = sum(found) / len(found) if found else None
     return out
+
+
+def all_placed_found(rows: Sequence[dict]) -> list[dict]:
+    """The rows whose every placed object was found: where placement can be judged (a model
+    that cannot draw the object cannot show whether it places it)."""
+    return [
+        r for r in rows
+        if r.get("position_found") == 1.0 and r.get("position_accuracy") is not None
+    ]  # fmt: skip
 
 
 def summarize(rows: Sequence[dict]) -> tuple[dict[str, float | None], dict[str, dict]]:

@@ -17,7 +17,7 @@ from PIL import Image
 from recap_dagster.evaluation import comparison
 from recap_dagster.evaluation.comparison import Interval, MetricComparison, t_interval
 from recap_dagster.evaluation.human_stats import human_markdown
-from recap_dagster.evaluation.metrics import MetricReport
+from recap_dagster.evaluation.metrics import MetricReport, all_placed_found
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.evaluation.world import EvalPrompt
 
@@ -170,9 +170,7 @@ def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, 
         chance = comparison.seed_means(rows, "position_chance")
         if not accuracy:
             continue
-        given = comparison.seed_means(
-            [r for r in rows if r.get("position_found") == 1.0], "position_accuracy"
-        )
+        given = comparison.seed_means(all_placed_found(rows), "position_accuracy")
         relative = comparison.seed_means(rows, "relative_position")
         common = sorted(set(accuracy) & set(chance))
         excess: Interval | None = (
