@@ -12,9 +12,13 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 import yaml
 
 from recap_dagster.miniworld.run_configs import PROFILES, PROFILES_DIR, profile_run_config
+from recap_dagster.orchestration.pool_watchdog import GPU_POOL
+from recap_dagster.resources import ComputeResource
+from recap_dagster.resources.compute import DEFAULT_THREADS
 
 OPS_WITH_CONFIG = (
     "miniworld_corpus",
@@ -134,3 +138,32 @@ def test_confirm_is_the_default_recipe_with_five_seeds_of_every_variant() -> Non
     assert profile_seeds("confirm") == {v: [0, 1, 2, 3, 4] for v in VARIANTS}
     default = profile_seeds("default")
     assert len(default["alttext"]) >= 3 and len(default["recap_mix"]) >= 3
+    from recap_dagster.miniworld.run_configs import profile_side_by_side
+
+    # confirm extends default's main job: its seeds replace default's, the rest is kept.
+    assert profile_side_by_side("confirm") == profile_side_by_side("default") == 2
+
+
+def test_steps_side_by_side_share_the_cores(tmp_path: Path) -> None:
+    """On a CPU each step of the gpu pool gets an equal share of torch's threads: two
+    slots, half each; the trainer's processes split the step's share."""
+    threads = {}
+
+    @dg.asset(pool=GPU_POOL)
+    def step(compute: ComputeResource) -> None:
+        compute.torch_device()
+        threads["step"], threads["torch"] = compute.threads(), torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            for slots, expected in ((1, DEFAULT_THREADS), (2, max(1, DEFAULT_THREADS // 2))):
+                instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
+                resources = {"compute": ComputeResource(device="cpu")}
+                assert dg.materialize([step], instance=instance, resources=resources).success
+                assert threads == {"step": expected, "torch": expected}
+            resources = {"compute": ComputeResource(device="cpu", cpu_threads=3)}
+            assert dg.materialize([step], instance=instance, resources=resources).success
+            assert threads == {"step": 3, "torch": 3}
+    finally:
+        torch.set_num_threads(before)

@@ -229,7 +229,7 @@ def sd_checkpoints(
     if on_k8s:
         _train_on_kubernetes(context, job, processes, config.nodes)
     else:
-        _train_here(context, job, processes, pipes_subprocess_client)
+        _train_here(context, job, processes, compute, pipes_subprocess_client)
     run = json.loads(store.read_text(SD_STATE_DIR, *run_dir, "last_run.json"))
     snapshots = json.loads(store.read_text(*SD_DIR, *run_dir, SNAPSHOTS_FILE))
 
@@ -292,16 +292,14 @@ def _train_here(
     context: dg.AssetExecutionContext,
     job: TrainJob,
     processes: int,
+    compute: ComputeResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> None:
     """torchrun on this machine, one node, through Pipes."""
     with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
         job_file = write_job(job, tmp)
-        # torchrun would set one thread per process; keep the user's setting, else share.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(
-            max(1, (os.cpu_count() or 1) // processes)
-        )
-        env = {"OMP_NUM_THREADS": threads}
+        # torchrun would set one thread per process: they share this step's threads.
+        env = {"OMP_NUM_THREADS": str(max(1, compute.threads() // processes))}
         pipes_subprocess_client.run(
             context=context, command=launch_command(job_file, processes), env=env
         )

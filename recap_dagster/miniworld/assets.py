@@ -195,8 +195,12 @@ def base_t2i_model(
     config: BaseT2IRecipe,
     miniworld: MiniworldResource,
     models: ModelsResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     recipe = _recipe(BASE_T2I_RECIPES, config.recipe)
+    # Its share of the CPU threads (beside the base captioner in the main job); the trainer
+    # picks its device itself.
+    compute.torch_device()
     context.log.info(f"building the base text-to-image model ({config.recipe}) if not cached")
     out = build_miniworld_base(miniworld.root, models.base_t2i, recipe)
     return dg.MaterializeResult(
@@ -248,3 +252,6 @@ def clip_model(
 
 
 MINIWORLD_ASSETS = [miniworld_corpus, base_captioner_model, base_t2i_model, clip_model]
+#: The miniworld's models in runs side by side once it is generated: the base captioner
+#: takes about as long as the other two together.
+MODEL_RUNS = (["base_captioner_model"], ["base_t2i_model", "clip_model"])

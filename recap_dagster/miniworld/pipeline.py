@@ -17,21 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+import torch
 import yaml
 
 from recap_dagster import settings
 from recap_dagster.corpus.listing import list_shards
 from recap_dagster.corpus.shard_groups import groups_of
 from recap_dagster.evaluation.report import rows_markdown
-from recap_dagster.miniworld.assets import MINIWORLD_GROUP
+from recap_dagster.miniworld.assets import MINIWORLD_GROUP, MODEL_RUNS
 from recap_dagster.miniworld.definitions import ASSETS
-from recap_dagster.miniworld.run_configs import profile_run_config, profile_seeds
+from recap_dagster.miniworld.run_configs import (
+    profile_run_config,
+    profile_seeds,
+    profile_side_by_side,
+)
 from recap_dagster.orchestration.launcher import (
     DagsterGraphQL,
     LaunchError,
     dagster_dev,
     follow_backfill,
-    follow_run,
+    follow_runs,
     of_backfill,
     of_run,
 )
@@ -160,18 +165,22 @@ def run_backfill(
 
 
 def run_assets(
-    client: DagsterGraphQL, summary: PipelineSummary, step: str, keys: list[str]
+    client: DagsterGraphQL, summary: PipelineSummary, step: str, *key_sets: list[str]
 ) -> bool:
-    """Materialize the unpartitioned ``keys`` in one run, follow it to its end and record
-    the outcome (with why it failed) in ``summary``."""
+    """Materialize the unpartitioned assets of each of ``key_sets`` in a run of its own, the
+    runs side by side; follow them to their end and record the outcome (with why a run
+    failed) in ``summary``."""
     start = time.perf_counter()
-    run_id = client.launch_run(keys)
-    _say(f"{step}: run {run_id[:8]} of {len(keys)} assets launched")
-    status = follow_run(client, run_id, _say)
-    summary.add(step, time.perf_counter() - start, f"run {run_id[:8]}: {status}")
-    succeeded = status == "SUCCESS"
+    run_ids = [client.launch_run(keys) for keys in key_sets]
+    for run_id, keys in zip(run_ids, key_sets, strict=True):
+        _say(f"{step}: run {run_id[:8]} of {len(keys)} assets launched")
+    statuses = follow_runs(client, run_ids, _say)
+    outcome = ", ".join(f"run {run_id[:8]}: {status}" for run_id, status in statuses.items())
+    summary.add(step, time.perf_counter() - start, outcome)
+    succeeded = all(status == "SUCCESS" for status in statuses.values())
     if not succeeded:
-        summary.lines.extend(f"  failed: {line}" for line in client.failures(of_run(run_id)))
+        failed = [run_id for run_id, status in statuses.items() if status != "SUCCESS"]
+        summary.lines.extend(f"  failed: {line}" for line in client.failures(of_run(*failed)))
     summary.succeeded &= succeeded
     return succeeded
 
@@ -198,11 +207,16 @@ def _materialize_all(
     summary: PipelineSummary,
     seeds: dict[str, list[int]],
 ) -> None:
-    """The miniworld's inputs in one run, then, once the sensor registered the shard
-    groups, a backfill of everything else (the fine-tunes and their evaluations: the
-    ``seeds`` plan's partitions); the report's table into ``summary``."""
+    """The miniworld, then its base models (runs side by side), then, once the sensor
+    registered the shard groups, a backfill of everything else (the fine-tunes and their
+    evaluations: the ``seeds`` plan's partitions); the report's table into ``summary``."""
     client.wait_for_location()
-    if not run_assets(client, summary, "miniworld inputs", _keys(group=MINIWORLD_GROUP)):
+    models = [key for keys in MODEL_RUNS for key in keys]
+    generator = [key for key in _keys(group=MINIWORLD_GROUP) if key not in models]
+    if not (
+        run_assets(client, summary, "miniworld", generator)
+        and run_assets(client, summary, "miniworld base models", *MODEL_RUNS)
+    ):
         return
     start = time.perf_counter()
     _say("waiting for the laion_shard_sensor to register the shard groups ...")
@@ -242,8 +256,11 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
     }
     instance = dg.DagsterInstance.get()
     # Create the gpu pool's slots now: Dagster creates them at the first claim, and two
-    # runs of a backfill doing that at once can each get a slot.
-    instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
+    # runs of a backfill doing that at once can each get a slot. On a CPU machine the
+    # profile may let steps share the cores (each gets its share of the threads: two
+    # trainings side by side outpace one with every core).
+    slots = 1 if torch.cuda.is_available() else profile_side_by_side(profile)
+    instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
     log = settings.workdir() / "dagster_dev.log"
     workspace = settings.PROJECT_ROOT / "workspace.yaml"
     with dagster_dev(workspace, env, log, port=port) as url:

@@ -42,8 +42,7 @@ def _profile(profile: str) -> dict[str, Any]:
     for op, entry in data.get("ops", {}).items():
         config = merged.setdefault("ops", {}).setdefault(op, {}).setdefault("config", {})
         config.update(entry.get("config", {}))
-    if "main_job" in data:
-        merged["main_job"] = data["main_job"]
+    merged["main_job"] = {**merged.get("main_job", {}), **data.get("main_job", {})}
     return merged
 
 
@@ -54,6 +53,13 @@ def profile_seeds(profile: str) -> dict[str, list[int]]:
     if not seeds:
         raise ValueError(f"profile {profile!r} names no main_job seeds")
     return {variant: [int(s) for s in values] for variant, values in seeds.items()}
+
+
+def profile_side_by_side(profile: str) -> int:
+    """How many pooled steps (fine-tunes, evaluations) the main job runs at once on a CPU
+    machine under ``profile`` (its ``main_job: side_by_side``, default 1): the gpu pool's
+    slots, each step with an equal share of the cores."""
+    return int(_profile(profile).get("main_job", {}).get("side_by_side", 1))
 
 
 def op_settings(settings: type[SettingsT], profile: str, op: str) -> SettingsT:

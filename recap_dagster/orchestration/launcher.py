@@ -420,8 +420,8 @@ def of_backfill(backfill_id: str) -> RunsFilter:
     return {"tags": [{"key": "dagster/backfill", "value": backfill_id}]}
 
 
-def of_run(run_id: str) -> RunsFilter:
-    return {"runIds": [run_id]}
+def of_run(*run_ids: str) -> RunsFilter:
+    return {"runIds": list(run_ids)}
 
 
 def _one_line(text: str, width: int = 150) -> str:
@@ -583,20 +583,27 @@ def follow_backfill(
         time.sleep(every)
 
 
-def follow_run(
-    client: DagsterGraphQL, run_id: str, say: Callable[[str], None], *, every: float = 1.0
-) -> str:
-    """Poll the run until it ends, telling ``say`` its newest step message whenever it
-    changes; its final status."""
+def follow_runs(
+    client: DagsterGraphQL,
+    run_ids: Sequence[str],
+    say: Callable[[str], None],
+    *,
+    every: float = 1.0,
+) -> dict[str, str]:
+    """Poll runs side by side until all end, telling ``say`` their newest step messages
+    whenever they change; each run's final status."""
     start = time.monotonic()
     logs = RunLogs()
     last_lines: list[str] = []
-    while (status := client.run_status(run_id)) not in TERMINAL_RUN_STATES:
-        lines = [r.line for r in client.running_steps(of_run(run_id), logs)]
+    statuses = {run_id: client.run_status(run_id) for run_id in run_ids}
+    while any(s not in TERMINAL_RUN_STATES for s in statuses.values()):
+        lines = [r.line for r in client.running_steps(of_run(*run_ids), logs)]
         if lines and lines != last_lines:
-            say(f"run {run_id[:8]} {status.lower()}, elapsed {_duration(time.monotonic() - start)}")
+            runs = ", ".join(f"{r[:8]} {s.lower()}" for r, s in statuses.items())
+            say(f"run {runs}, elapsed {_duration(time.monotonic() - start)}")
             for line in lines:
                 say(f"  running: {line}")
             last_lines = lines
         time.sleep(every)
-    return status
+        statuses = {run_id: client.run_status(run_id) for run_id in run_ids}
+    return statuses

@@ -58,6 +58,13 @@ def record_worker(instance: dg.DagsterInstance, run_id: str) -> None:
         instance.add_run_tags(run_id, {WORKER_TAG: this_host()})
 
 
+def pool_slots(instance: dg.DagsterInstance) -> int:
+    """How many steps the gpu pool lets run at once on ``instance`` (on a CPU machine:
+    steps sharing its cores)."""
+    info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
+    return max(1, info.slot_count or instance.global_op_concurrency_default_limit or 1)
+
+
 def _alive(pid: int, written_at: float) -> bool:
     """Is the process that wrote an event at ``written_at`` still running?"""
     try:

@@ -2,10 +2,14 @@
 
 import dagster as dg
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
-from recap_dagster.orchestration.pool_watchdog import record_worker
+from recap_dagster.orchestration.pool_watchdog import pool_slots, record_worker
 from recap_dagster.training import devices
+
+#: torch's own thread count in this process (its cores, or OMP_NUM_THREADS), before any
+#: step changes it.
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -24,18 +28,31 @@ class ComputeResource(dg.ConfigurableResource):
         description="Training precision for accelerate: auto (bf16 on capable GPUs, none on "
         "CPU), no, fp16, bf16.",
     )
-    cpu_threads: int = Field(default=0, description="torch CPU threads (0 keeps torch's default).")
+    cpu_threads: int = Field(
+        default=0,
+        description="torch CPU threads per step (0: torch's default divided among the gpu "
+        "pool's slots, so that steps side by side on a CPU share its cores).",
+    )
+    _pool_slots: int = PrivateAttr(default=1)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Every GPU step uses this resource: tag its run with this machine, so that the
         # gpu pool's watchdog can tell when the run's worker has died holding a slot.
-        if context.instance is not None and context.run is not None:
-            record_worker(context.instance, context.run.run_id)
+        if context.instance is not None:
+            if context.run is not None:
+                record_worker(context.instance, context.run.run_id)
+            self._pool_slots = pool_slots(context.instance)
+
+    def threads(self) -> int:
+        """CPU threads of one step: ``cpu_threads``, else an equal share of the cores for
+        each step the gpu pool lets run at once."""
+        return self.cpu_threads or max(1, DEFAULT_THREADS // self._pool_slots)
 
     def torch_device(self) -> torch.device:
-        if self.cpu_threads > 0:
-            torch.set_num_threads(self.cpu_threads)
-        return devices.resolve_device(self.device)
+        device = devices.resolve_device(self.device)
+        if device.type == "cpu":
+            torch.set_num_threads(self.threads())
+        return device
 
     def torch_dtype(self) -> torch.dtype:
         return devices.resolve_dtype(self.dtype, self.torch_device())
