@@ -50,7 +50,8 @@ class TinyT2IConfig:
     unet_block_out_channels: tuple[int, ...] = (32, 64, 64)
     unet_cross_attention: tuple[bool, ...] = (True, True, True)
     unet_layers_per_block: int = 1
-    unet_attention_head_dim: int = 8
+    # Attention heads per level (diffusers' legacy name); one int for every level.
+    unet_attention_head_dim: int | tuple[int, ...] = 8
     unet_norm_num_groups: int = 8
     # Text encoder (CLIP). Its width is the UNet's cross-attention dim.
     text_hidden_size: int = 128
