@@ -61,7 +61,10 @@ def record_worker(instance: dg.DagsterInstance, run_id: str) -> None:
 def pool_slots(instance: dg.DagsterInstance) -> int:
     """How many steps the gpu pool lets run at once on ``instance`` (on a CPU machine:
     steps sharing its cores)."""
-    info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:  # no pools: one step at a time
+        return 1
+    info = storage.get_concurrency_info(GPU_POOL)
     return max(1, info.slot_count or instance.global_op_concurrency_default_limit or 1)
 
 
