@@ -59,17 +59,18 @@ def test_an_in_progress_partition_counts_by_its_steps() -> None:
         "sd_checkpoints": AssetProgress(2, 0, 2, 0),
     }
     weights = {"miniworld_corpus": 1.0, "base_captioner_model": 9.0, "sd_checkpoints": 10.0}
-    # Step 1,300 of 2,500: 0.52 of its weight; sd_checkpoints' two have no progress yet.
+    # Step 1,300 of 2,500: 0.52 of its weight; sd_checkpoints' two have no progress yet
+    # (waiting for the pool, say): nothing done.
     done, total = progress.counts(weights, {"base_captioner_model": [1300 / 2500]})
-    assert done == pytest.approx(1.0 + 9.0 * 0.52 + 10.0 * 2 * 0.5)
+    assert done == pytest.approx(1.0 + 9.0 * 0.52)
     assert total == pytest.approx(1.0 + 9.0 + 20.0)
     # One of the two known; more fractions than partitions in progress are never counted.
     fractions = {"sd_checkpoints": [0.25, 0.0, 0.9], "base_captioner_model": [0.0]}
     done, _ = progress.counts(weights, fractions)
     assert done == pytest.approx(1.0 + 0.0 + 10.0 * 0.25)
-    # Without progress: half done, as before.
+    # Without progress: only what is materialized.
     done, _ = progress.counts(weights)
-    assert done == pytest.approx(1.0 + 4.5 + 10.0)
+    assert done == pytest.approx(1.0)
 
 
 class _FakeInstance(DagsterGraphQL):

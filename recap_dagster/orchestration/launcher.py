@@ -518,14 +518,15 @@ class BackfillProgress:
     ) -> tuple[float, float]:
         """(work done, work targeted), each asset partition weighted by ``weights``. One in
         progress counts by the share of its steps done (``fractions``: ``known_fractions``),
-        as half done only where no progress is known yet."""
+        as not started where no progress is known: the backfill counts a run waiting for a
+        pool slot as in progress (counted half done, the nine fine-tunes queued behind two
+        made a main job look 45% done when a tenth of it was)."""
         fractions = fractions or {}
         done = 0.0
         for key, asset in self.assets.items():
             # The backfill's counts and the runs' logs are read apart: never more known
             # fractions than partitions in progress.
-            known = fractions.get(key, [])[: asset.in_progress]
-            in_progress = sum(known) + 0.5 * (asset.in_progress - len(known))
+            in_progress = sum(fractions.get(key, [])[: asset.in_progress])
             done += weights.get(key, 1.0) * (asset.materialized + in_progress)
         total = sum(weights.get(k, 1.0) * a.targeted for k, a in self.assets.items())
         return done, total
@@ -549,7 +550,8 @@ def follow_backfill(
 
     The estimate of the time left assumes the rest goes at the pace so far, each asset
     partition counted with its ``weights`` entry (its relative cost; default 1) times the
-    share of it done: whole when materialized, k/n while its trainer logs "step k/n".
+    share of it done: whole when materialized, k/n while its trainer logs "step k/n", none
+    before that.
     """
     weights = weights or {}
     start = time.monotonic()
