@@ -53,6 +53,11 @@ def test_quick_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert re.search(r"running: (sd_checkpoints|metric_reports) \[\d\|\w+\] \(run \w{8}\): ", out)
     assert "| recap_mix |" in out and "| alttext |" in out
+    # The verdict check as the UI shows it: a warning (not shown better) is not a failure.
+    check = re.search(r"check recap_mix_beats_alttext: (\w+)\. recap_mix is (\w+)", out)
+    assert check, out[-3000:]
+    expected = {"better": "SUCCEEDED", "not": "WARNED", "WORSE": "FAILED"}[check.group(2)]
+    assert check.group(1) == expected, check.group(0)
     # The UI and the job share one run config: the profile with the seed.
     run_config = yaml.safe_load((workdir / "run_config.yaml").read_text())
     assert run_config == profile_run_config("quick", seed=1)

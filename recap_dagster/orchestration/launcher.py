@@ -234,7 +234,7 @@ query Logs($runId: ID!, $after: String) {
 _CHECKS = """
 query Checks($key: AssetKeyInput!) {
   assetNodes(assetKeys: [$key]) { assetChecksOrError { ... on AssetChecks { checks {
-    name executionForLatestMaterialization { status evaluation { description } } } } } }
+    name executionForLatestMaterialization { status evaluation { severity description } } } } } }
 }
 """
 
@@ -342,7 +342,9 @@ class DagsterGraphQL:
         return progress
 
     def check_results(self, key: str) -> list[tuple[str, str, str]]:
-        """(check, status, description) of each check of ``key``'s latest materialization."""
+        """(check, status, description) of each check of ``key``'s latest materialization; a
+        check that failed with severity WARN has the status ``WARNED`` (Dagster's execution
+        status says FAILED for both severities: a warning is not a failed main job)."""
         nodes = self.query(_CHECKS, {"key": {"path": key.split("/")}})["assetNodes"]
         results = []
         for node in nodes:
@@ -350,6 +352,8 @@ class DagsterGraphQL:
                 execution = check["executionForLatestMaterialization"] or {}
                 evaluation = execution.get("evaluation") or {}
                 status = execution.get("status", "NOT_RUN")
+                if status == "FAILED" and evaluation.get("severity") == "WARN":
+                    status = "WARNED"
                 results.append((check["name"], status, evaluation.get("description") or ""))
         return results
 
