@@ -167,3 +167,40 @@ def test_a_step_s_progress_is_keyed_by_its_asset() -> None:
         "base_captioner_model (run run-base): base captioner step 100/2500, loss 3.0"
     )
     assert logs.cursors == {"run-base-captioner": "c"}
+
+
+class _ChecksInstance(DagsterGraphQL):
+    """Answers the checks query with canned executions."""
+
+    def __init__(self, executions: list[dict | None]) -> None:
+        super().__init__("http://fake")
+        self.executions = executions
+
+    def query(self, query: str, variables: dict | None = None) -> dict:
+        assert query is launcher._CHECKS
+        checks = [
+            {"name": f"check_{i}", "executionForLatestMaterialization": execution}
+            for i, execution in enumerate(self.executions)
+        ]
+        return {"assetNodes": [{"assetChecksOrError": {"checks": checks}}]}
+
+
+def test_a_check_that_warned_is_not_reported_as_failed() -> None:
+    """Dagster's execution status is FAILED for both severities; the main job's summary
+    tells a warning (not distinguishable) from a failure (worse)."""
+    client = _ChecksInstance(
+        [
+            {"status": "FAILED", "evaluation": {"severity": "WARN", "description": "not shown"}},
+            {"status": "FAILED", "evaluation": {"severity": "ERROR", "description": "worse"}},
+            {"status": "SUCCEEDED", "evaluation": {"severity": "ERROR", "description": "ok"}},
+            {"status": "EXECUTION_FAILED", "evaluation": None},
+            None,
+        ]
+    )
+    assert client.check_results("recap_report") == [
+        ("check_0", "WARNED", "not shown"),
+        ("check_1", "FAILED", "worse"),
+        ("check_2", "SUCCEEDED", "ok"),
+        ("check_3", "EXECUTION_FAILED", ""),
+        ("check_4", "NOT_RUN", ""),
+    ]

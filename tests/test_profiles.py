@@ -15,10 +15,16 @@ import pytest
 import torch
 import yaml
 
-from recap_dagster.miniworld.run_configs import PROFILES, PROFILES_DIR, profile_run_config
+from recap_dagster.miniworld.run_configs import (
+    PROFILES,
+    PROFILES_DIR,
+    profile_run_config,
+    profile_seeds,
+    profile_side_by_side,
+)
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.resources import ComputeResource
-from recap_dagster.resources.compute import DEFAULT_THREADS
+from recap_dagster.resources import compute as compute_module
 
 OPS_WITH_CONFIG = (
     "miniworld_corpus",
@@ -131,22 +137,23 @@ def test_profile_files_are_listed() -> None:
 
 
 def test_confirm_is_the_default_recipe_with_five_seeds_of_every_variant() -> None:
-    from recap_dagster.miniworld.run_configs import profile_seeds
     from recap_dagster.t2i.training_data import VARIANTS
 
     assert profile_run_config("confirm", seed=2) == profile_run_config("default", seed=2)
     assert profile_seeds("confirm") == {v: [0, 1, 2, 3, 4] for v in VARIANTS}
     default = profile_seeds("default")
     assert len(default["alttext"]) >= 3 and len(default["recap_mix"]) >= 3
-    from recap_dagster.miniworld.run_configs import profile_side_by_side
-
     # confirm extends default's main job: its seeds replace default's, the rest is kept.
     assert profile_side_by_side("confirm") == profile_side_by_side("default") == 2
 
 
-def test_steps_side_by_side_share_the_cores(tmp_path: Path) -> None:
+def test_steps_side_by_side_share_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a CPU each step of the gpu pool gets an equal share of torch's threads: two
     slots, half each; the trainer's processes split the step's share."""
+    # Four cores' worth, whatever this machine has: on one core halving would go unseen.
+    monkeypatch.setattr(compute_module, "DEFAULT_THREADS", 4)
     threads = {}
 
     @dg.asset(pool=GPU_POOL)
@@ -157,7 +164,7 @@ def test_steps_side_by_side_share_the_cores(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     try:
         with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-            for slots, expected in ((1, DEFAULT_THREADS), (2, max(1, DEFAULT_THREADS // 2))):
+            for slots, expected in ((1, 4), (2, 2), (8, 1)):
                 instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
                 resources = {"compute": ComputeResource(device="cpu")}
                 assert dg.materialize([step], instance=instance, resources=resources).success

@@ -256,11 +256,15 @@ def run_pipeline(profile: str = "default", seed: int = 0, port: int = 0) -> Pipe
     }
     instance = dg.DagsterInstance.get()
     # Create the gpu pool's slots now: Dagster creates them at the first claim, and two
-    # runs of a backfill doing that at once can each get a slot. On a CPU machine the
-    # profile may let steps share the cores (each gets its share of the threads: two
-    # trainings side by side outpace one with every core).
-    slots = 1 if torch.cuda.is_available() else profile_side_by_side(profile)
-    instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
+    # runs of a backfill doing that at once can each get a slot. With CUDA a slot is a
+    # GPU: the instance's own setting stands (its default, 1, where none is set). On a CPU
+    # machine the profile sets it: steps share the cores (each gets its share of the
+    # threads: two trainings side by side outpace one with every core).
+    if torch.cuda.is_available():
+        instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
+    else:
+        slots = profile_side_by_side(profile)
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
     log = settings.workdir() / "dagster_dev.log"
     workspace = settings.PROJECT_ROOT / "workspace.yaml"
     with dagster_dev(workspace, env, log, port=port) as url:

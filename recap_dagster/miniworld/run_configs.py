@@ -31,7 +31,8 @@ def profile_run_config(profile: str, seed: int = 0) -> dict[str, Any]:
 
 def _profile(profile: str) -> dict[str, Any]:
     """A profile's file; ``extends: <profile>`` takes that profile's ops (the same
-    recipes) and replaces only what this file names (``main_job``, ops' settings)."""
+    recipes) and ``main_job`` and replaces only the keys this file names (each op's
+    settings, each ``main_job`` entry)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
     data = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
@@ -59,7 +60,10 @@ def profile_side_by_side(profile: str) -> int:
     """How many pooled steps (fine-tunes, evaluations) the main job runs at once on a CPU
     machine under ``profile`` (its ``main_job: side_by_side``, default 1): the gpu pool's
     slots, each step with an equal share of the cores."""
-    return int(_profile(profile).get("main_job", {}).get("side_by_side", 1))
+    slots = int(_profile(profile).get("main_job", {}).get("side_by_side", 1))
+    if slots < 1:
+        raise ValueError(f"profile {profile!r}: main_job side_by_side must be 1 or more: {slots}")
+    return slots
 
 
 def op_settings(settings: type[SettingsT], profile: str, op: str) -> SettingsT:

@@ -30,8 +30,11 @@ class ComputeResource(dg.ConfigurableResource):
     )
     cpu_threads: int = Field(
         default=0,
+        ge=0,
         description="torch CPU threads per step (0: torch's default divided among the gpu "
-        "pool's slots, so that steps side by side on a CPU share its cores).",
+        "pool's slots, so that steps side by side on a CPU share its cores; every step "
+        "with this resource takes that share, pooled or not: set it where a step runs alone "
+        "on its machine, e.g. a Kubernetes pod).",
     )
     _pool_slots: int = PrivateAttr(default=1)
 
@@ -46,11 +49,14 @@ class ComputeResource(dg.ConfigurableResource):
     def threads(self) -> int:
         """CPU threads of one step: ``cpu_threads``, else an equal share of the cores for
         each step the gpu pool lets run at once."""
-        return self.cpu_threads or max(1, DEFAULT_THREADS // self._pool_slots)
+        if self.cpu_threads > 0:
+            return self.cpu_threads
+        return max(1, DEFAULT_THREADS // self._pool_slots)
 
     def torch_device(self) -> torch.device:
         device = devices.resolve_device(self.device)
-        if device.type == "cpu":
+        # On a GPU the CPU threads only feed it: left to torch unless set explicitly.
+        if device.type == "cpu" or self.cpu_threads > 0:
             torch.set_num_threads(self.threads())
         return device
 
