@@ -155,6 +155,58 @@ def test_the_time_left_follows_the_trainers_steps(monkeypatch: pytest.MonkeyPatc
     assert "  running: base_captioner_model (run run-base): Started" in said
 
 
+def _two_assets(kept: int, captioner_in_progress: int) -> dict:
+    """Five partitions a rerun found done (weight 10 each) and one trainer (weight 10)."""
+
+    def counts(key: str, targeted: int, materialized: int, in_progress: int) -> dict:
+        return {
+            "assetKey": {"path": [key]},
+            "numPartitionsTargeted": targeted,
+            "numPartitionsMaterialized": materialized,
+            "numPartitionsInProgress": in_progress,
+            "numPartitionsFailed": 0,
+        }
+
+    return {
+        "__typename": "PartitionBackfill",
+        "status": "REQUESTED" if captioner_in_progress else "COMPLETED_SUCCESS",
+        "error": None,
+        "assetBackfillData": {
+            "assetBackfillStatuses": [
+                counts("sd_checkpoints", 5, kept, 0),
+                counts("base_captioner_model", 1, 1 - captioner_in_progress, 0)
+                | {"numPartitionsInProgress": captioner_in_progress},
+            ]
+        },
+    }
+
+
+def test_work_that_ended_at_once_does_not_set_the_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun finds five of six partitions done within seconds; the sixth trains for
+    20 minutes. Past the pace window the estimate follows the trainer alone (at the pace
+    since the start it said 0:01:03 and 0:00:44 left)."""
+    clock = iter([0.0, 10.0, 700.0, 1300.0, 1400.0])
+    fake_time = SimpleNamespace(monotonic=lambda: next(clock), sleep=lambda _: None)
+    monkeypatch.setattr(launcher, "time", fake_time)
+    client = _FakeInstance(
+        [_two_assets(5, 1)] * 3 + [_two_assets(5, 0)],
+        [
+            [_log("base_captioner_model", "base captioner step 1/2500, loss 6.021")],
+            [_log("base_captioner_model", "base captioner step 1250/2500, loss 2.1")],
+            [_log("base_captioner_model", "base captioner step 2000/2500, loss 1.9")],
+        ],
+    )
+    said: list[str] = []
+    weights = {"sd_checkpoints": 10.0, "base_captioner_model": 10.0}
+    launcher.follow_backfill(client, "b", said.append, weights=weights, every=0)
+    reports = [line for line in said if "asset partitions done" in line]
+    assert reports[0].endswith("elapsed 0:00:10, about 0:00:01 left")  # only the quick work
+    # From 10 s to 700 s: 4.996 of work in 690 s, 5 left.
+    assert reports[1].endswith("elapsed 0:11:40, about 0:11:30 left")
+    # From 700 s to 1,300 s: 3 in 600 s, 2 left.
+    assert reports[2].endswith("elapsed 0:21:40, about 0:06:40 left")
+
+
 def test_a_step_s_progress_is_keyed_by_its_asset() -> None:
     client = _FakeInstance(
         [], [[_log("base_captioner_model", "base captioner step 100/2500, loss 3.0")]]

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ TERMINAL_BACKFILL_STATES = {
 
 #: Share of the (weighted) work done before the time left is estimated.
 MIN_DONE_FOR_ESTIMATE = 0.05
+#: The estimate's pace: the work done over the last this many seconds (since the start,
+#: before that). Work that ends at once (partitions a rerun finds done: a fine-tune that
+#: already reached its steps, shards already written) would otherwise set the pace of
+#: everything left: a confirm run after the default one said "about 0:12:34 left" with
+#: ten fine-tunes, some 50 minutes, to go.
+PACE_WINDOW_S = 600.0
 
 #: How the trainers log their progress: "step 1300/2500 (52%) loss ..." (t2i through Pipes),
 #: "step 30/300 loss ..." (captioner), "base captioner step 100/2500, loss ..." (miniworld).
@@ -536,6 +543,30 @@ class BackfillProgress:
         return done, total
 
 
+@dataclass
+class Pace:
+    """The time left at the recent pace of a backfill's work (``PACE_WINDOW_S``)."""
+
+    start: float
+    window: float = PACE_WINDOW_S
+    samples: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.samples.append((self.start, 0.0))
+
+    def left(self, now: float, done: float, total: float) -> float | None:
+        """Seconds left (``total - done`` at the pace since the oldest sample in the window),
+        or None while too little is done, or nothing in the window, to tell."""
+        self.samples.append((now, done))
+        # Keep the newest sample at or before the window's start as the reference.
+        while len(self.samples) > 2 and self.samples[1][0] <= now - self.window:
+            self.samples.popleft()
+        then, done_then = self.samples[0]
+        if done < MIN_DONE_FOR_ESTIMATE * total or done <= done_then or now <= then:
+            return None
+        return (now - then) * (total - done) / (done - done_then)
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -552,13 +583,14 @@ def follow_backfill(
 ) -> BackfillProgress:
     """Poll the backfill until it ends; tell ``say`` what runs and how far it is.
 
-    The estimate of the time left assumes the rest goes at the pace so far, each asset
-    partition counted with its ``weights`` entry (its relative cost; default 1) times the
-    share of it done: whole when materialized, k/n while its trainer logs "step k/n", none
-    before that.
+    The estimate of the time left assumes the rest goes at the recent pace (``Pace``),
+    each asset partition counted with its ``weights`` entry (its relative cost; default 1)
+    times the share of it done: whole when materialized, k/n while its trainer logs "step
+    k/n", none before that.
     """
     weights = weights or {}
     start = time.monotonic()
+    pace = Pace(start)
     logs = RunLogs()
     last_report, last_lines = 0.0, [""]
     while True:
@@ -574,9 +606,10 @@ def follow_backfill(
             # Too little done says nothing yet about the pace of the rest. Past that, a
             # trainer just started (step 1/2500) adds ~0 to ``done``, as it should: counted
             # as half done, it made the rest look nearly over.
-            eta = ", estimating the time left"
-            if done >= MIN_DONE_FOR_ESTIMATE * total:
-                eta = f", about {_duration(elapsed * (total - done) / done)} left"
+            left = pace.left(now, done, total)
+            eta = (
+                ", estimating the time left" if left is None else f", about {_duration(left)} left"
+            )
             finished = sum(a.materialized for a in progress.assets.values())
             targets = sum(a.targeted for a in progress.assets.values())
             say(
