@@ -96,19 +96,21 @@ class _FakeInstance(DagsterGraphQL):
         raise AssertionError(query)
 
 
-def _backfill(status: str, base_captioner: tuple[int, int]) -> dict:
-    def counts(key: str, targeted: int, materialized: int, in_progress: int) -> dict:
-        return {
-            "assetKey": {"path": [key]},
-            "numPartitionsTargeted": targeted,
-            "numPartitionsMaterialized": materialized,
-            "numPartitionsInProgress": in_progress,
-            "numPartitionsFailed": 0,
-        }
+def _counts(key: str, targeted: int, materialized: int, in_progress: int) -> dict:
+    """One asset's partition counts in a backfill status."""
+    return {
+        "assetKey": {"path": [key]},
+        "numPartitionsTargeted": targeted,
+        "numPartitionsMaterialized": materialized,
+        "numPartitionsInProgress": in_progress,
+        "numPartitionsFailed": 0,
+    }
 
-    statuses = [counts("miniworld_corpus", 1, 1, 0), counts("base_t2i_model", 1, 1, 0)]
-    statuses.append(counts("base_captioner_model", 1, *base_captioner))
-    statuses.append(counts("sd_checkpoints", 1, 0, 0))
+
+def _backfill(status: str, base_captioner: tuple[int, int]) -> dict:
+    statuses = [_counts("miniworld_corpus", 1, 1, 0), _counts("base_t2i_model", 1, 1, 0)]
+    statuses.append(_counts("base_captioner_model", 1, *base_captioner))
+    statuses.append(_counts("sd_checkpoints", 1, 0, 0))
     return {
         "__typename": "PartitionBackfill",
         "status": status,
@@ -158,24 +160,16 @@ def test_the_time_left_follows_the_trainers_steps(monkeypatch: pytest.MonkeyPatc
 def _two_assets(kept: int, captioner_in_progress: int) -> dict:
     """Five partitions a rerun found done (weight 10 each) and one trainer (weight 10)."""
 
-    def counts(key: str, targeted: int, materialized: int, in_progress: int) -> dict:
-        return {
-            "assetKey": {"path": [key]},
-            "numPartitionsTargeted": targeted,
-            "numPartitionsMaterialized": materialized,
-            "numPartitionsInProgress": in_progress,
-            "numPartitionsFailed": 0,
-        }
-
     return {
         "__typename": "PartitionBackfill",
         "status": "REQUESTED" if captioner_in_progress else "COMPLETED_SUCCESS",
         "error": None,
         "assetBackfillData": {
             "assetBackfillStatuses": [
-                counts("sd_checkpoints", 5, kept, 0),
-                counts("base_captioner_model", 1, 1 - captioner_in_progress, 0)
-                | {"numPartitionsInProgress": captioner_in_progress},
+                _counts("sd_checkpoints", 5, kept, 0),
+                _counts(
+                    "base_captioner_model", 1, 1 - captioner_in_progress, captioner_in_progress
+                ),
             ]
         },
     }
