@@ -595,7 +595,7 @@ def test_two_processes_match_one_with_twice_the_micro_batch(world, tmp_path: Pat
         root = tmp_path / f"p{processes}"
         job = _job(world, str(root), steps=4, micro_batch_size=micro, window_shards=2)
         proc = _run_command(job, processes, tmp_path, f"p{processes}")
-        assert proc.wait(timeout=240) == 0, (tmp_path / f"p{processes}.log").read_text()[-3000:]
+        _wait_all([proc], tmp_path, f"p{processes}")
         last[processes] = json.loads(Storage(str(root)).read_text("state", "last_run.json"))
     assert last[2]["processes"] == 2 and last[1]["processes"] == 1
     # Equal up to float reassociation (the all-reduce sums two halves): within 1e-5.
@@ -613,7 +613,7 @@ def test_a_two_process_state_resumes_in_one_process(world, tmp_path: Path) -> No
     root = tmp_path / "two"
     job = _job(world, str(root), **settings)
     proc = _run_command(job, 2, tmp_path, "two")
-    assert proc.wait(timeout=240) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    _wait_all([proc], tmp_path, "two")
     store = Storage(str(root))
     # As if both processes were lost after the state at step 3 (odd: a 2-process state
     # counts 3 micro-steps, which 1 process with 2 per step must not take as mid-step).
@@ -676,25 +676,37 @@ def _run_nodes(job: TrainJob, nodes: int, tmp_path: Path, name: str, **popen):
     return procs
 
 
-def _wait_all(procs, tmp_path: Path, name: str) -> None:
-    """Every node ends well; else every node's process group is killed (none goes on
-    loading the machine) and the failure shows each node's log as it then stood."""
-    import signal
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a launch as a lost machine loses it: torchrun starts its workers in their
+    own sessions, out of reach of a killpg of the launcher's group."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _wait_all(procs: list[subprocess.Popen], tmp_path: Path, name: str) -> None:
+    """Every launch ends well (the log of one is ``name.log``; of several, one per node,
+    ``name<rank>.log``); else every launch's tree is killed (none goes on loading the
+    machine) and the failure shows each log as it then stood."""
+    files = [f"{name}.log"] if len(procs) == 1 else [f"{name}{r}.log" for r in range(len(procs))]
 
     def logs() -> str:
         return "\n".join(
-            f"--- {name}{rank}.log:\n{(tmp_path / f'{name}{rank}.log').read_text()[-2000:]}"
-            for rank in range(len(procs))
-            if (tmp_path / f"{name}{rank}.log").exists()
+            f"--- {file}:\n{(tmp_path / file).read_text()[-2000:]}"
+            for file in files
+            if (tmp_path / file).exists()
         )
 
     try:
         codes = [proc.wait(timeout=240) for proc in procs]
     except subprocess.TimeoutExpired:
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{name}: the nodes did not end within 240 s\n{logs()}")
+            _kill_tree(proc)
+        pytest.fail(f"{name}: not ended within 240 s\n{logs()}")
     assert codes == [0] * len(procs), logs()
 
 
@@ -705,7 +717,7 @@ def test_two_nodes_match_one_node_with_two_processes(world, tmp_path: Path) -> N
                 "keep_checkpoints": 1}  # fmt: skip
     one = _job(world, str(tmp_path / "one"), **settings)
     proc = _run_command(one, 2, tmp_path, "one")
-    assert proc.wait(timeout=240) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    _wait_all([proc], tmp_path, "one")
     two = _job(world, str(tmp_path / "two"), **settings)
     _wait_all(_run_nodes(two, 2, tmp_path, "two"), tmp_path, "two")
     last = {n: json.loads(Storage(str(tmp_path / n)).read_text("state", "last_run.json"))
@@ -746,11 +758,8 @@ def test_both_nodes_killed_after_a_checkpoint_resume_it(world, tmp_path: Path) -
         if "step 9/24" in seen[-1]:
             break
     assert "step 9/24" in seen[-1], "".join(seen)[-3000:]
-    for proc in procs:  # a lost machine loses its whole tree (workers in their own sessions)
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for proc in procs:
+        _kill_tree(proc)
     store = Storage(killed.storage_root)
     assert not store.dir_complete("snapshots", FINAL)
     print("killed after", store.listdir("state", killed.fingerprint()))
@@ -772,7 +781,7 @@ def test_sigkilled_run_resumes_from_s3_with_an_empty_local_disk(
     settings = {"steps": 60, "checkpoint_every": 5, "snapshot_every": 30}
     straight = _job(world, f"{s3_env}/straight", **settings)
     proc = _run_command(straight, 1, tmp_path, "straight")
-    assert proc.wait(timeout=240) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    _wait_all([proc], tmp_path, "straight")
 
     killed = _job(world, f"{s3_env}/killed", **settings)
     store = Storage(killed.storage_root)
@@ -783,17 +792,13 @@ def test_sigkilled_run_resumes_from_s3_with_an_empty_local_disk(
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
         store.fs.invalidate_cache()
         time.sleep(0.2)
-    # The whole tree, as a lost machine loses it: torchrun starts its workers in their
-    # own sessions, so killing its group alone left the trainer running on to step 60.
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # Killing the launcher's group alone left the trainer running on to step 60.
+    _kill_tree(proc)
     print("killed after", store.listdir(*state))
     assert not store.dir_complete("snapshots", FINAL)
     # Another "machine": nothing local survives; the state comes from S3 alone.
     proc = _run_command(killed, 1, tmp_path, "resumed", env={"TMPDIR": str(_empty(tmp_path, "b"))})
-    assert proc.wait(timeout=240) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    _wait_all([proc], tmp_path, "resumed")
     run = json.loads(store.read_text("state", "last_run.json"))
     assert 0 < run["resumed_from_step"] < 60
     straight_store = Storage(straight.storage_root)
