@@ -25,6 +25,7 @@ from recap_dagster.miniworld.run_configs import (
 from recap_dagster.orchestration.pool_watchdog import GPU_POOL
 from recap_dagster.resources import ComputeResource
 from recap_dagster.resources import compute as compute_module
+from recap_dagster.training import cpu_share
 
 OPS_WITH_CONFIG = (
     "miniworld_corpus",
@@ -150,16 +151,32 @@ def test_confirm_is_the_default_recipe_with_five_seeds_of_every_variant() -> Non
 def test_steps_side_by_side_share_the_cores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a CPU each step of the gpu pool gets an equal share of torch's threads: two
-    slots, half each; the trainer's processes split the step's share."""
+    """On a CPU each step of the gpu pool starts with an equal share of torch's threads:
+    two slots, half each. A training step's rebalancer then takes every core while no
+    other step runs on the machine, and half again when one does."""
     # Four cores' worth, whatever this machine has: on one core halving would go unseen.
     monkeypatch.setattr(compute_module, "DEFAULT_THREADS", 4)
+    steps = tmp_path / "steps"
+    monkeypatch.setenv(cpu_share.FOLDER_ENV, str(steps))
+    monkeypatch.setattr(cpu_share, "REBALANCE_EVERY_S", 0.0)
     threads = {}
 
     @dg.asset(pool=GPU_POOL)
     def step(compute: ComputeResource) -> None:
         compute.torch_device()
         threads["step"], threads["torch"] = compute.threads(), torch.get_num_threads()
+        threads["env"] = compute.launch_env(processes=2)["OMP_NUM_THREADS"]
+        rebalance = compute.rebalancer()
+        rebalance()
+        threads["alone"] = torch.get_num_threads()
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        try:
+            (steps / str(other.pid)).touch()
+            rebalance()
+            threads["beside_another"] = torch.get_num_threads()
+        finally:
+            other.kill()
+            other.wait()
 
     before = torch.get_num_threads()
     try:
@@ -168,9 +185,15 @@ def test_steps_side_by_side_share_the_cores(
                 instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
                 resources = {"compute": ComputeResource(device="cpu")}
                 assert dg.materialize([step], instance=instance, resources=resources).success
-                assert threads == {"step": expected, "torch": expected}
+                beside = 4 if slots == 1 else 2  # never more steps than the pool's slots
+                assert threads == {"step": expected, "torch": expected,
+                                   "env": str(max(1, expected // 2)),
+                                   "alone": 4, "beside_another": beside}  # fmt: skip
+                assert not (steps / str(os.getpid())).exists()  # the step's file went with it
             resources = {"compute": ComputeResource(device="cpu", cpu_threads=3)}
             assert dg.materialize([step], instance=instance, resources=resources).success
-            assert threads == {"step": 3, "torch": 3}
+            # Pinned threads stand, alone or not.
+            assert threads == {"step": 3, "torch": 3, "env": "1", "alone": 3,
+                               "beside_another": 3}  # fmt: skip
     finally:
         torch.set_num_threads(before)

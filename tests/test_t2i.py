@@ -50,6 +50,7 @@ from recap_dagster.t2i.train import (
     training_stream,
     write_job,
 )
+from recap_dagster.training.cpu_share import CpuShare
 
 TINY = QUICK_PROFILE.model
 #: img2dataset's parquet: the alt text is ``caption``; delivered rows are ``success``.
@@ -1147,3 +1148,31 @@ def test_a_killed_holder_does_not_keep_a_local_copy(
     cache.collect_garbage()  # as the next reader to start does
     assert not Path(path).exists() and not Path(path + LEDGER_SUFFIX).exists()
     assert len(_latent_gets(records)[name]) == 1
+
+
+def test_a_diverged_two_process_run_ends_failed_naming_the_step(world, tmp_path: Path) -> None:
+    """A loss that is not finite stops every process at the same step (it is all-reduced
+    first): torchrun ends non-zero, the log names the step, no final snapshot is written."""
+    job = _job(world, str(tmp_path / "run"), steps=6, micro_batch_size=4, window_shards=2,
+               learning_rate=1e12)  # fmt: skip
+    proc = _run_command(job, 2, tmp_path, "diverged")
+    try:
+        code = proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        pytest.fail("the diverged run did not end:\n" + (tmp_path / "diverged.log").read_text())
+    log = (tmp_path / "diverged.log").read_text()
+    assert code != 0, log[-3000:]
+    assert "training diverged: loss" in log and "at step" in log, log[-3000:]
+    assert not Storage(job.storage_root).dir_complete("snapshots", FINAL)
+
+
+def test_a_trainer_left_alone_takes_the_cores_of_its_cpu_share(world, tmp_path: Path) -> None:
+    """Launched for a step that started with half the cores (two slots), the trainer
+    takes both once it sees no other step running on the machine."""
+    share = CpuShare(cores=2, slots=2, folder=str(tmp_path / "steps"))
+    job = _job(world, str(tmp_path / "run"), steps=2)
+    with share.holding():  # as the Dagster step that launches it
+        proc = _run_command(job, 1, tmp_path, "alone", env=share.to_env(processes=1))
+        _wait_all([proc], tmp_path, "alone")
+    assert "CPU threads 1 -> 2" in (tmp_path / "alone.log").read_text()

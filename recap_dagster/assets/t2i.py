@@ -299,9 +299,10 @@ def _train_here(
     with tempfile.TemporaryDirectory(prefix="recap-sd-job-") as tmp:
         job_file = write_job(job, tmp)
         # torchrun would set one thread per process: they share this step's threads.
-        env = {"OMP_NUM_THREADS": str(max(1, compute.threads() // processes))}
         pipes_subprocess_client.run(
-            context=context, command=launch_command(job_file, processes), env=env
+            context=context,
+            command=launch_command(job_file, processes),
+            env=compute.launch_env(processes),
         )
 
 

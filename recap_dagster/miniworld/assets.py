@@ -162,8 +162,10 @@ def base_captioner_model(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     recipe = _recipe(BASE_CAPTIONER_RECIPES, config.recipe)
+    rebalance = compute.rebalancer()
 
     def on_step(step: int, loss: float) -> None:
+        rebalance()  # alone on the machine, it takes the cores the base T2I run gave back
         # Step 1 too: the main job's estimate counts it by its steps from the start.
         if step == 1 or step % 100 == 0 or step == recipe.steps:
             context.log.info(f"base captioner step {step}/{recipe.steps}, loss {loss:.3f}")
@@ -202,7 +204,9 @@ def base_t2i_model(
     # picks its device itself.
     compute.torch_device()
     context.log.info(f"building the base text-to-image model ({config.recipe}) if not cached")
-    out = build_miniworld_base(miniworld.root, models.base_t2i, recipe)
+    out = build_miniworld_base(
+        miniworld.root, models.base_t2i, recipe, between_steps=compute.rebalancer()
+    )
     return dg.MaterializeResult(
         metadata={"dagster/uri": dg.MetadataValue.path(out), "recipe": config.recipe},
         # The same version function as production's observation of a real base model.
@@ -228,8 +232,10 @@ def clip_model(
     if not models.clip:
         raise ValueError("models.clip is empty: the miniworld's CLIP needs a folder to go to")
     recipe = _recipe(CLIP_RECIPES, config.recipe)
+    rebalance = compute.rebalancer()
 
     def on_step(step: int, loss: float) -> None:
+        rebalance()
         if step == 1 or step % 100 == 0 or step == recipe.steps:
             context.log.info(f"CLIP step {step}/{recipe.steps}, loss {loss:.3f}")
 

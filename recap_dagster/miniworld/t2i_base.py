@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,9 +85,13 @@ def fit_vae(
 
 
 def build_miniworld_base(
-    miniworld_dir: str, out_dir: str, profile: str | T2IProfile = "miniworld"
+    miniworld_dir: str,
+    out_dir: str,
+    profile: str | T2IProfile = "miniworld",
+    between_steps: Callable[[], None] | None = None,
 ) -> str:
     """Pretrain (or reuse) the base model on the corpus's alt text; returns ``out_dir``.
+    ``between_steps``: the trainer's hook (the CPU share's rebalancer).
 
     The VAE is fitted first; then the corpus is encoded into a latent cache and the UNet
     and text encoder are trained on its alt text by the same trainer as RECAP's fine-tunes.
@@ -146,7 +150,7 @@ def build_miniworld_base(
         config=config,
         num_workers=0,
     )
-    result = train(job)
+    result = train(job, between_steps=between_steps)
     trained = load_pipeline(str(work / "snapshots" / FINAL), device="cpu")
     save_pipeline(
         trained,

@@ -1,11 +1,15 @@
 """Compute resource: which device, dtype and mixed precision the ML steps use."""
 
+import contextlib
+from collections.abc import Callable
+
 import dagster as dg
 import torch
 from pydantic import Field, PrivateAttr
 
 from recap_dagster.orchestration.pool_watchdog import pool_slots, record_worker
 from recap_dagster.training import devices
+from recap_dagster.training.cpu_share import CpuShare, Rebalancer
 
 #: torch's own thread count in this process (its cores, or OMP_NUM_THREADS), before any
 #: step changes it.
@@ -32,11 +36,13 @@ class ComputeResource(dg.ConfigurableResource):
         default=0,
         ge=0,
         description="torch CPU threads per step (0: torch's default divided among the gpu "
-        "pool's slots, so that steps side by side on a CPU share its cores; every step "
-        "with this resource takes that share, pooled or not: set it where a step runs alone "
-        "on its machine, e.g. a Kubernetes pod).",
+        "pool's slots, so that steps side by side on a CPU share its cores; a training "
+        "step then takes back the cores of steps that ended on its machine while it runs. "
+        "Set it to pin a step's threads).",
     )
     _pool_slots: int = PrivateAttr(default=1)
+    _share: CpuShare | None = PrivateAttr(default=None)
+    _held: contextlib.ExitStack = PrivateAttr(default_factory=contextlib.ExitStack)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Every GPU step uses this resource: tag its run with this machine, so that the
@@ -45,6 +51,13 @@ class ComputeResource(dg.ConfigurableResource):
             if context.run is not None:
                 record_worker(context.instance, context.run.run_id)
             self._pool_slots = pool_slots(context.instance)
+        # A CPU step counts among the steps sharing this machine's cores while it runs.
+        if self.cpu_threads == 0 and devices.resolve_device(self.device).type == "cpu":
+            self._share = CpuShare(cores=DEFAULT_THREADS, slots=self._pool_slots)
+            self._held.enter_context(self._share.holding())
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._held.close()
 
     def threads(self) -> int:
         """CPU threads of one step: ``cpu_threads``, else an equal share of the cores for
@@ -52,6 +65,18 @@ class ComputeResource(dg.ConfigurableResource):
         if self.cpu_threads > 0:
             return self.cpu_threads
         return max(1, DEFAULT_THREADS // self._pool_slots)
+
+    def rebalancer(self) -> Callable[[], None]:
+        """For a training loop to call between its steps: the step's threads follow the
+        steps running on this machine (a no-op with ``cpu_threads`` set, or on a GPU)."""
+        return Rebalancer(self._share) if self._share is not None else lambda: None
+
+    def launch_env(self, processes: int) -> dict[str, str]:
+        """The environment of a launch of ``processes`` processes that run this step (the
+        trainer through Pipes): they split its threads, and follow the running steps."""
+        if self._share is not None:
+            return self._share.to_env(processes)
+        return {"OMP_NUM_THREADS": str(max(1, self.threads() // processes))}
 
     def torch_device(self) -> torch.device:
         device = devices.resolve_device(self.device)

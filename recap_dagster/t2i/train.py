@@ -44,6 +44,7 @@ from recap_dagster.storage.fingerprint import VERSION_FILE, weights_fingerprint
 from recap_dagster.storage.root import Storage
 from recap_dagster.t2i import runs
 from recap_dagster.t2i.stream import CaptionSource, DataPosition, LatentStream, StreamSpec
+from recap_dagster.training.cpu_share import CpuShare, Rebalancer
 from recap_dagster.training.substrate import (
     Checkpoints,
     check_lr_scheduler,
@@ -393,8 +394,11 @@ def train(
     *,
     on_progress: ProgressFn | None = None,
     on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+    between_steps: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Run (or resume) ``job`` in this process, one of N when launched by torchrun."""
+    """Run (or resume) ``job`` in this process, one of N when launched by torchrun.
+    ``between_steps`` is called on every process before each step (the CPU share's
+    rebalancer)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -528,6 +532,8 @@ def train(
     samples = 0
     truncated = torch.zeros((), dtype=torch.long, device=device)
     for step in range(start_step + 1, config.steps + 1):
+        if between_steps is not None:
+            between_steps()
         step_loss = torch.zeros((), device=device)
         for _ in range(accum):
             batch = next(batches)
@@ -685,7 +691,10 @@ def main(argv: list[str] | None = None) -> int:
         def snapshot(entry: dict[str, Any]) -> None:
             say(f"snapshot {entry['name']} (step {entry['step']}, version {entry['version']})")
 
-        result = train(job, on_progress=progress, on_snapshot=snapshot)
+        # Launched for a CPU step of a pool: its threads follow the steps on this machine.
+        share = CpuShare.from_env()
+        rebalance = Rebalancer(share) if share is not None else None
+        result = train(job, on_progress=progress, on_snapshot=snapshot, between_steps=rebalance)
         summary = {
             "processes": result.processes,
             "nodes": nodes,
