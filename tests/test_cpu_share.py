@@ -89,3 +89,16 @@ def test_a_launch_gets_the_share_through_its_environment(
     assert CpuShare.from_env() == CpuShare(cores=4, slots=2, processes=2, folder=str(tmp_path))
     monkeypatch.delenv(SHARE_ENV)
     assert CpuShare.from_env() is None
+
+
+def test_a_dead_steps_pid_taken_by_a_later_process_does_not_count(tmp_path: Path) -> None:
+    share = CpuShare(cores=4, slots=2, folder=str(tmp_path))
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        stale = tmp_path / str(later.pid)
+        stale.touch()
+        os.utime(stale, (1.0, 1.0))  # written long before that process started
+        assert share.running() == 0 and not stale.exists()
+    finally:
+        later.kill()
+        later.wait()

@@ -31,11 +31,25 @@ SHARE_ENV = "RECAP_CPU_SHARE"
 FOLDER_ENV = "RECAP_CPU_STEPS_DIR"
 #: Seconds between two looks at the folder (a listing and a pid check per step).
 REBALANCE_EVERY_S = 5.0
+#: Clock rounding between a process's start time and its file's mtime.
+PID_REUSE_SLACK_S = 1.0
 
 
 def steps_folder() -> str:
     """This machine's folder of running CPU steps."""
     return os.environ.get(FOLDER_ENV) or os.path.join(tempfile.gettempdir(), "recap-cpu-steps")
+
+
+def _holder_alive(entry: os.DirEntry) -> bool:
+    """Is the step that wrote this file still running? A process that started after the
+    file was written reuses a dead step's pid."""
+    if not entry.name.isdigit():
+        return False
+    try:
+        started = psutil.Process(int(entry.name)).create_time()
+        return started <= entry.stat().st_mtime + PID_REUSE_SLACK_S
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,7 @@ class CpuShare:
         alive = 0
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.folder):
-                if entry.name.isdigit() and psutil.pid_exists(int(entry.name)):
+                if _holder_alive(entry):
                     alive += 1
                 else:  # a killed step's file (or a stray): its cores are free
                     with contextlib.suppress(FileNotFoundError):
