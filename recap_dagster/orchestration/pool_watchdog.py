@@ -31,11 +31,10 @@ from pathlib import Path
 import dagster as dg
 import psutil
 
+from recap_dagster.training.processes import process_alive
+
 GPU_POOL = "gpu"
 WORKER_TAG = "recap/worker_host"
-# A process whose start time is later than an event it supposedly wrote is a new process
-# that reuses the pid; the slack covers clock rounding between psutil and Dagster.
-PID_REUSE_SLACK_SECONDS = 1.0
 IN_PROGRESS = {
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
@@ -66,18 +65,6 @@ def pool_slots(instance: dg.DagsterInstance) -> int:
         return 1
     info = storage.get_concurrency_info(GPU_POOL)
     return max(1, info.slot_count or instance.global_op_concurrency_default_limit or 1)
-
-
-def _alive(pid: int, written_at: float) -> bool:
-    """Is the process that wrote an event at ``written_at`` still running?"""
-    try:
-        process = psutil.Process(pid)
-        return (
-            process.status() != psutil.STATUS_ZOMBIE
-            and process.create_time() <= written_at + PID_REUSE_SLACK_SECONDS
-        )
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _clock(timestamp: float) -> str:
@@ -149,7 +136,7 @@ def worker_is_dead(run: dg.DagsterRun, events: list[dg.EventLogEntry]) -> str | 
         for event in events
         if event.dagster_event and event.dagster_event.pid
     }
-    if not pids or any(_alive(pid, at) for pid, at in pids):
+    if not pids or any(process_alive(pid, at) for pid, at in pids):
         return None
     listed = ", ".join(str(pid) for pid in sorted({pid for pid, _ in pids}))
     return f"no process of the run is alive on {name} (pid {listed})"

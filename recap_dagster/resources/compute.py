@@ -64,7 +64,7 @@ class ComputeResource(dg.ConfigurableResource):
         each step the gpu pool lets run at once."""
         if self.cpu_threads > 0:
             return self.cpu_threads
-        return max(1, DEFAULT_THREADS // self._pool_slots)
+        return CpuShare(cores=DEFAULT_THREADS, slots=self._pool_slots).starting_threads()
 
     def rebalancer(self) -> Callable[[], None]:
         """For a training loop to call between its steps: the step's threads follow the
@@ -76,7 +76,8 @@ class ComputeResource(dg.ConfigurableResource):
         trainer through Pipes): they split its threads, and follow the running steps."""
         if self._share is not None:
             return self._share.to_env(processes)
-        return {"OMP_NUM_THREADS": str(max(1, self.threads() // processes))}
+        pinned = CpuShare(cores=self.threads(), slots=1, processes=processes)
+        return {"OMP_NUM_THREADS": str(pinned.starting_threads())}
 
     def torch_device(self) -> torch.device:
         device = devices.resolve_device(self.device)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
+from recap_dagster.training.processes import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ SHARE_ENV = "RECAP_CPU_SHARE"
 FOLDER_ENV = "RECAP_CPU_STEPS_DIR"
 #: Seconds between two looks at the folder (a listing and a pid check per step).
 REBALANCE_EVERY_S = 5.0
-#: Clock rounding between a process's start time and its file's mtime.
-PID_REUSE_SLACK_S = 1.0
 
 
 def steps_folder() -> str:
@@ -41,14 +39,12 @@ def steps_folder() -> str:
 
 
 def _holder_alive(entry: os.DirEntry) -> bool:
-    """Is the step that wrote this file still running? A process that started after the
-    file was written reuses a dead step's pid."""
+    """Is the step that wrote this file still running?"""
     if not entry.name.isdigit():
         return False
     try:
-        started = psutil.Process(int(entry.name)).create_time()
-        return started <= entry.stat().st_mtime + PID_REUSE_SLACK_S
-    except (psutil.NoSuchProcess, FileNotFoundError):
+        return process_alive(int(entry.name), entry.stat().st_mtime)
+    except FileNotFoundError:
         return False
 
 
@@ -90,9 +86,9 @@ class CpuShare:
         return alive
 
     @contextlib.contextmanager
-    def holding(self, pid: int | None = None) -> Iterator[None]:
-        """This process (``pid``) counts as a running step while the block runs."""
-        path = Path(self.folder, str(pid or os.getpid()))
+    def holding(self) -> Iterator[None]:
+        """This process counts as a running step while the block runs."""
+        path = Path(self.folder, str(os.getpid()))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         try:
