@@ -63,11 +63,28 @@ def test_table_over_seeds_comparison_position_and_figures() -> None:
     assert "## Against alttext" in built.markdown and "**better**" in built.markdown
     position = {p["variant"]: p for p in built.positions}
     assert position["recap_mix"]["chance"] is not None and position["recap_mix"]["above_chance"]
-    assert position["base"]["above_chance"] is None  # one evaluation: not judged
-    assert "Not judged (one seed): base." in built.markdown
+    # One evaluation: judged over its images (it never places the object: below chance).
+    assert position["base"]["judged_over"] == "images (one seed)"
+    assert position["recap_mix"]["judged_over"] == "seeds"
+    assert position["base"]["above_chance"] is False
+    at_chance = next(line for line in built.markdown.splitlines() if "At chance" in line)
+    assert "base" in at_chance and "recap_mix" not in at_chance
     assert set(built.figures) == {"recap_fid_vs_steps.png", "recap_object_accuracy_vs_steps.png"}
     assert all(png.startswith(b"\x89PNG") for png in built.figures.values())
     assert "clip_score" not in built.table["alttext"]  # columns nobody measured are left out
+
+
+def test_the_report_says_when_recap_mix_places_at_chance_and_the_oracle_does_not() -> None:
+    reports, rows = _world(gain=0.0)
+    for variant, placed in (("recap_mix", 0.0), ("oracle", 0.9)):
+        reports[variant] = [_report(0, 0.5, 1.0, placed, 5.0)]
+        rows[variant] = _rows(variant, 0, 0.5, 1.0, placed)
+    built = build_report(reports, rows)
+    position = {p["variant"]: p for p in built.positions}
+    assert position["oracle"]["above_chance"] and position["recap_mix"]["above_chance"] is False
+    assert "recap_mix sits at chance while oracle" in built.markdown
+    rows["oracle"] = _rows("oracle", 0, 0.5, 1.0, 0.0)
+    assert "oracle sits at chance too" in build_report(reports, rows).markdown
 
 
 def test_the_check_passes_on_better_warns_on_indistinct_and_fails_on_worse() -> None:

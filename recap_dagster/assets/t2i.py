@@ -85,7 +85,8 @@ POSITION_NOTES = {
     "chance": "exact-cell accuracy of placement ignoring the text, given the objects found",
     "given_found": "position accuracy over images where every placed object was found",
     "relative_position": "GenEval's form: placed objects stand as the prompt's do",
-    "above_chance": "accuracy minus chance above zero over seeds (95% t interval)",
+    "above_chance": "accuracy minus chance above zero (95% t interval over judged_over)",
+    "judged_over": "seeds; from one seed, its images (that run only, not the recipe)",
 }
 # Column descriptions of the report tables: what an empty cell and a delta column mean.
 REPORT_COLUMN_NOTES = {

@@ -20,6 +20,7 @@ from recap_dagster.evaluation.human_stats import human_markdown
 from recap_dagster.evaluation.metrics import MetricReport, all_placed_found
 from recap_dagster.evaluation.plots import image_grid, line_plot, markdown_image, markdown_table
 from recap_dagster.evaluation.world import EvalPrompt
+from recap_dagster.t2i.training_data import ORACLE
 
 # (metric, label, higher is better)
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -162,8 +163,9 @@ def comparison_markdown(results: Sequence[MetricComparison]) -> str:
 def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, object]]:
     """Per variant: position accuracy beside its chance level (placement ignoring the text,
     given what was found), the ratio, position given the objects found and the relation
-    form, each a mean over seeds; and whether accuracy minus chance is above zero over
-    seeds (the t interval of the seeds' excess; None from one seed: not judged)."""
+    form, each a mean over seeds; and whether accuracy minus chance is above zero: a t
+    interval over the seeds' excess, or, from one seed, over its images (``judged_over``:
+    that run's placement, not the recipe's, whose seeds vary more)."""
     out = []
     for variant, rows in rows_by_variant.items():
         accuracy = comparison.seed_means(rows, "position_accuracy")
@@ -173,9 +175,17 @@ def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, 
         given = comparison.seed_means(all_placed_found(rows), "position_accuracy")
         relative = comparison.seed_means(rows, "relative_position")
         common = sorted(set(accuracy) & set(chance))
-        excess: Interval | None = (
-            t_interval([accuracy[s] - chance[s] for s in common]) if common else None
-        )
+        if len(common) > 1:
+            judged_over = "seeds"
+            excess: Interval | None = t_interval([accuracy[s] - chance[s] for s in common])
+        else:
+            judged_over = "images (one seed)"
+            per_image = [
+                float(r["position_accuracy"]) - float(r["position_chance"])
+                for r in rows
+                if r.get("position_accuracy") is not None and r.get("position_chance") is not None
+            ]
+            excess = t_interval(per_image) if per_image else None
         mean_acc = _mean(accuracy)
         mean_chance = _mean(chance)
         out.append(
@@ -190,6 +200,7 @@ def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, 
                 "above_chance": None
                 if excess is None or excess.low is None
                 else excess.excludes_zero() > 0,
+                "judged_over": judged_over,
             }
         )
     return out
@@ -207,13 +218,22 @@ def position_markdown(rows: Sequence[dict[str, object]]) -> str:
     unjudged = [str(r["variant"]) for r in rows if r["above_chance"] is None]
     notes = []
     if at_chance:
-        notes.append(
-            f"At chance (accuracy minus chance not above zero over seeds): {', '.join(at_chance)}."
-        )
+        notes.append(f"At chance (accuracy minus chance not above zero): {', '.join(at_chance)}.")
     if unjudged:
-        notes.append(f"Not judged (one seed): {', '.join(unjudged)}.")
+        notes.append(f"Not judged (too few images): {', '.join(unjudged)}.")
     if not notes:
         notes.append("Every variant places objects above chance.")
+    above = {str(r["variant"]): r["above_chance"] for r in rows}
+    if above.get(MIX) is False and above.get(ORACLE) is True:
+        notes.append(
+            f"{MIX} sits at chance while {ORACLE} (trained on the true descriptions) does "
+            "not: the recaptions' positions do not teach placement that the true ones do."
+        )
+    elif above.get(MIX) is False and above.get(ORACLE) is False:
+        notes.append(
+            f"{ORACLE} sits at chance too: this model does not learn placement from any "
+            "captions, so the report cannot say whether RECAP's positions help."
+        )
     note = " ".join(notes)
     return "\n\n".join(
         [
