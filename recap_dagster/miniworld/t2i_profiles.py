@@ -59,7 +59,28 @@ objects found / 9):
   With 16x16 cross-attention and 8 heads (0.673 s) a step cost 2.8x.
 
 No variant reaches position at 3x chance yet: the oracle (true descriptions, every
-position stated in the long half) places objects no better than about 2x chance.
+position stated in the long half) places objects no better than about 2x chance. Why, as
+measured later (``benchmarks/position_follows_text.py``; oracle fine-tunes, seed 0, the
+40 validation position prompts and 18 single-object ones with a stated cell, CFG 7):
+
+- The layout comes from the initial noise, not the prompt: one noise seed with "a blue
+  square <cell>" for all nine cells gives the same layout for every cell (6 of 6 seeds).
+  CFG 4, 10 or 14 changes nothing (1.1-1.5x chance on the validation position prompts).
+- The schedule never hides it: one object's latent (norm ~34 in the scaled latent
+  space) is still 3.0 noise standard deviations visible at SD's noisiest training
+  timestep (5.2 at t=900, 10.6 at t=750), so the denoiser reads the layout off its input
+  at every timestep and never needs the position words.
+- Not the captions: an oracle fine-tuned on captions in the prompts' own words, every
+  object with its cell in every caption, placed at 1.15x chance (objects 0.30).
+- Tried and not taken, each with a base rebuilt for it: v-prediction with SD's betas
+  rescaled to zero terminal SNR ("trailing" sampling): 1.69x, objects 0.35 (0.56 before);
+  offset noise 0.1: 1.59x, objects 0.32; beta_end 0.02 (the object 0.66 sigma visible at
+  the last timestep, 1.66 at t=900): 1.06x, objects 0.32, 10 of 12 seeds one layout for
+  every cell; v-prediction with beta_end 0.03 (0.41 sigma at t=900): objects 0.20, the
+  400-step base does not learn to draw under so much noise, and a 1,200-step base under it
+  did worse (objects 0.12, single objects never found): v-prediction under this recipe
+  (Min-SNR, lr 1e-3, DPM-Solver) is itself unproven here, so the next try is epsilon with a
+  noisier schedule and a longer base, or the noisiest timesteps drawn more often.
 
 ``QUICK_PROFILE`` exercises the same code paths in seconds for tests.
 """
