@@ -86,7 +86,9 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
 Key = tuple[int, int]  # (prompt_index, image)
 
 
-def _by_seed(rows: Iterable[Mapping], metric: str) -> dict[int, dict[Key, float]]:
+def by_seed(rows: Iterable[Mapping], metric: str) -> dict[int, dict[Key, float]]:
+    """Each training seed's graded values of ``metric`` by (prompt, image); missing and NaN
+    values (a metric a prompt has none of) left out."""
     out: dict[int, dict[Key, float]] = defaultdict(dict)
     for row in rows:
         value = row.get(metric)
@@ -97,7 +99,7 @@ def _by_seed(rows: Iterable[Mapping], metric: str) -> dict[int, dict[Key, float]
 
 def seed_means(rows: Iterable[Mapping], metric: str) -> dict[int, float]:
     """Each training seed's mean of ``metric`` over its graded images."""
-    return {s: float(np.mean(list(v.values()))) for s, v in sorted(_by_seed(rows, metric).items())}
+    return {s: float(np.mean(list(v.values()))) for s, v in sorted(by_seed(rows, metric).items())}
 
 
 def paired_differences(
@@ -105,7 +107,7 @@ def paired_differences(
 ) -> dict[int, dict[int, list[float]]]:
     """``{seed: {prompt_index: [variant - baseline per image]}}`` over the (seed, prompt,
     image) both graded."""
-    ours, theirs = _by_seed(rows, metric), _by_seed(baseline_rows, metric)
+    ours, theirs = by_seed(rows, metric), by_seed(baseline_rows, metric)
     out: dict[int, dict[int, list[float]]] = {}
     for seed in sorted(set(ours) & set(theirs)):
         per_prompt: dict[int, list[float]] = defaultdict(list)

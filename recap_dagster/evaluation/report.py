@@ -180,10 +180,13 @@ def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, 
             excess: Interval | None = t_interval([accuracy[s] - chance[s] for s in common])
         else:
             judged_over = "images (one seed)"
+            hits, chances = (
+                comparison.by_seed(rows, m) for m in ("position_accuracy", "position_chance")
+            )
             per_image = [
-                float(r["position_accuracy"]) - float(r["position_chance"])
-                for r in rows
-                if r.get("position_accuracy") is not None and r.get("position_chance") is not None
+                hits[s][key] - chances[s][key]
+                for s in hits
+                for key in hits[s].keys() & chances[s].keys()
             ]
             excess = t_interval(per_image) if per_image else None
         mean_acc = _mean(accuracy)
