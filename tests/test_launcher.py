@@ -38,17 +38,15 @@ def test_the_latest_step_k_of_n_of_each_running_step() -> None:
         "sd_checkpoints": (500, 1000),
         "captioner_checkpoint": (30, 300),
     }
-    # Read on from there: a step that succeeded is whole (its run may still count it in
-    # progress while another step runs), one that failed drops out.
+    # Read on from there: a step that ended drops out. One that succeeded too: the
+    # backfill may already count it materialized, and its 1.0 must not go to a queued
+    # partition (it would count twice).
     later = [
         _log("captioner_checkpoint", "Finished", "ExecutionStepSuccessEvent"),
         _log("base_captioner_model", "Failed", "ExecutionStepFailureEvent"),
         _log("sd_checkpoints", "step 600/1000 (60%) loss 0.1100"),
     ]
-    assert step_progress(later, step_progress(events)) == {
-        "captioner_checkpoint": (300, 300),
-        "sd_checkpoints": (600, 1000),
-    }
+    assert step_progress(later, step_progress(events)) == {"sd_checkpoints": (600, 1000)}
 
 
 def test_an_in_progress_partition_counts_by_its_steps() -> None:
@@ -250,3 +248,43 @@ def test_a_check_that_warned_is_not_reported_as_failed() -> None:
         ("check_3", "EXECUTION_FAILED", ""),
         ("check_4", "NOT_RUN", ""),
     ]
+
+
+class _SecondLaunchFails:
+    """A client whose first run launches (and succeeds on its second look) and whose
+    second launch is refused."""
+
+    def __init__(self) -> None:
+        self.launched: list[list[str]] = []
+        self.looks = 0
+
+    def launch_run(self, keys: list[str]) -> str:
+        if self.launched:
+            raise launcher.LaunchError("run of ['b'] not launched: PythonError")
+        self.launched.append(keys)
+        return "run-first"
+
+    def run_status(self, run_id: str) -> str:
+        self.looks += 1
+        return "STARTED" if self.looks < 2 else "SUCCESS"
+
+    def running_steps(self, runs: dict, logs: RunLogs) -> list:
+        return []
+
+    def failures(self, runs: dict) -> list[str]:
+        return []
+
+
+def test_a_refused_launch_fails_the_step_but_the_launched_run_is_followed(monkeypatch) -> None:
+    from recap_dagster.miniworld import pipeline
+
+    monkeypatch.setattr(launcher.time, "sleep", lambda seconds: None)
+    client = _SecondLaunchFails()
+    summary = pipeline.PipelineSummary("test")
+    assert not pipeline.run_assets(client, summary, "models", ["a"], ["b"])  # type: ignore[arg-type]
+    assert client.launched == [["a"]]
+    # Followed to its end, not left behind unwatched; the refusal is in the summary.
+    assert client.looks >= 2
+    assert "run run-firs: SUCCESS" in summary.lines[0]
+    assert "not launched: run of ['b'] not launched" in summary.lines[0]
+    assert not summary.succeeded

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from recap_dagster.orchestration.retries import is_transient
+from recap_dagster.training.cpu_share import CpuShare
 from recap_dagster.training.per_device import (
     DeviceShare,
     Emit,
@@ -25,6 +26,12 @@ CPU = torch.device("cpu")
 def _echo(share: DeviceShare, emit: Emit) -> tuple[int, tuple[str, ...]]:
     emit({"rank": share.rank})
     return share.rank, share.shards
+
+
+def _threads_before_and_after_an_event(share: DeviceShare, emit: Emit) -> tuple[int, int]:
+    before = torch.get_num_threads()
+    emit({"rank": share.rank})
+    return before, torch.get_num_threads()
 
 
 def _network_error_on_rank_1(share: DeviceShare, emit: Emit) -> int:
@@ -54,6 +61,38 @@ def test_two_processes_return_in_rank_order_and_a_failure_keeps_its_cause() -> N
     assert isinstance(failed.value.__cause__, ConnectionError)
     assert "connection reset reading b" in str(failed.value)
     assert is_transient(failed.value)  # the step's retry policy still sees a network error
+
+
+def test_cpu_processes_split_the_steps_share_and_follow_it(tmp_path) -> None:
+    # A step with a quarter of 8 cores (4 slots) runs on two CPU processes: each starts
+    # with 1 thread. At its first event the step is the only one holding a file on the
+    # machine (this process, its parent): all 8 cores, 4 each.
+    share = CpuShare(cores=8, slots=4, folder=str(tmp_path))
+    with share.holding():
+        results = run_per_device(
+            _threads_before_and_after_an_event, ["a", "b"], [CPU, CPU], cpu=share
+        )
+        assert results == [(1, 4), (1, 4)]
+        # One process: the work runs here, which follows the share at its events too.
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert run_per_device(_threads_before_and_after_an_event, ["a"], [CPU], cpu=share) == [
+                (2, 8)
+            ]
+        finally:
+            torch.set_num_threads(before)
+
+
+def test_without_a_share_cpu_processes_split_this_processs_threads() -> None:
+    # Not the machine's cores (a step pinned to 2 threads keeps to 2 over its processes).
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = run_per_device(_threads_before_and_after_an_event, ["a", "b"], [CPU, CPU])
+    finally:
+        torch.set_num_threads(before)
+    assert results == [(1, 1), (1, 1)]
 
 
 # A feeder (this script's process) forks a DataLoader-like worker and waits to be killed.

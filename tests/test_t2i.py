@@ -857,7 +857,13 @@ def test_generate_is_deterministic(tokenizer_dir: str) -> None:
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again, strict=True)
     )
     # Another batching gives the same noise per image; only float rounding may differ.
-    rebatched = generate(pipe, prompts, seeds, batch_size=2, **kw)
+    # The hook between denoising steps (the CPU share's rebalancer) runs after each one of
+    # each batch and changes nothing.
+    calls: list[None] = []
+    rebatched = generate(
+        pipe, prompts, seeds, batch_size=2, between_steps=lambda: calls.append(None), **kw
+    )
+    assert len(calls) == 2 * 3
     for a, b in zip(first, rebatched, strict=True):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[2]))

@@ -124,6 +124,7 @@ def t2i_latents(
         on_event=lambda e: context.log.info(
             f"latents of shard {e['shard']} ({e['done']}/{e['of']} of process {e['rank']})"
         ),
+        cpu=compute.cpu_share(),
     )
     return dg.MaterializeResult(
         metadata={

@@ -154,7 +154,11 @@ def recaptioned_shards(
             f"({', '.join(str(d) for d in on)}), one model load each"
         )
         result = core.recaption_group(
-            job, shards, on, on_event=lambda event: context.log.info(_progress_line(event))
+            job,
+            shards,
+            on,
+            on_event=lambda event: context.log.info(_progress_line(event)),
+            cpu=compute.cpu_share(),
         )
     total, captioned = result.total, result.captioned
     generation = result.generation

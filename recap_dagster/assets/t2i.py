@@ -455,6 +455,7 @@ def _evaluate(
         settings=eval_settings,
         clip_model=models.clip or None,
         log=context.log.info,
+        between_steps=compute.rebalancer(),
     )
     overall = result.report.overall
     return dg.MaterializeResult(

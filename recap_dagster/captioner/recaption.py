@@ -39,6 +39,7 @@ from recap_dagster.corpus.decoding import DEFAULT_MAX_PIXELS, STATUS_OK
 from recap_dagster.corpus.human_captions import clip_token_counter
 from recap_dagster.corpus.reading import LaionRecord
 from recap_dagster.storage.root import Storage
+from recap_dagster.training.cpu_share import CpuShare
 from recap_dagster.training.devices import dtype_name
 from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
@@ -555,10 +556,12 @@ def recaption_group(
     shards: Sequence[str],
     devices: Sequence[torch.device],
     on_event: Emit | None = None,
+    cpu: CpuShare | None = None,
 ) -> ShareResult:
-    """A group's shards recaptioned by one process per device (:func:`run_per_device`);
-    the processes' results merged, per-shard lines in shard order."""
-    results = run_per_device(partial(recaption_share, job), shards, devices, on_event)
+    """A group's shards recaptioned by one process per device (:func:`run_per_device`, with
+    the step's ``cpu`` share); the processes' results merged, per-shard lines in shard
+    order."""
+    results = run_per_device(partial(recaption_share, job), shards, devices, on_event, cpu)
     merged = ShareResult(results[0].generation)
     for result in results:
         if result.generation != merged.generation:

@@ -173,12 +173,14 @@ def evaluate_variant(
     settings: EvalSettings,
     clip_model: str | None = None,
     log: Callable[[str], None] = lambda message: None,
+    between_steps: Callable[[], None] | None = None,
 ) -> VariantEvaluation:
     """Generate and grade images of every snapshot under ``checkpoint_parts`` (a variant's
     fine-tune with training seed ``seed``; only the last snapshot with
     ``evaluate_snapshots`` off), or of ``base_model`` (its local directory and version: the
     floor, step 0), and write its report and the final snapshot's graded rows.
-    ``clip_model`` (a CLIP-family directory or hub id; None: not scored) adds CLIP score."""
+    ``clip_model`` (a CLIP-family directory or hub id; None: not scored) adds CLIP score.
+    ``between_steps`` runs between denoising steps (the CPU share's rebalancer)."""
     if base_model is not None:
         snapshots = [{"step": 0, "name": base_model[0], "version": base_model[1]}]
     else:
@@ -209,6 +211,7 @@ def evaluate_variant(
             guidance_scale=settings.guidance_scale,
             num_inference_steps=settings.num_inference_steps,
             batch_size=settings.batch_size,
+            between_steps=between_steps,
         )
         images = as_jpeg(images, settings.jpeg_quality)
         final = evaluate_generations(

@@ -169,15 +169,27 @@ def run_assets(
 ) -> bool:
     """Materialize the unpartitioned assets of each of ``key_sets`` in a run of its own, the
     runs side by side; follow them to their end and record the outcome (with why a run
-    failed) in ``summary``."""
+    failed) in ``summary``. A run that cannot be launched fails the step, but the runs
+    launched before it are still followed to their end: they work on, and a next try
+    finds their results."""
     start = time.perf_counter()
-    run_ids = [client.launch_run(keys) for keys in key_sets]
-    for run_id, keys in zip(run_ids, key_sets, strict=True):
-        _say(f"{step}: run {run_id[:8]} of {len(keys)} assets launched")
+    run_ids: list[str] = []
+    not_launched = ""
+    for keys in key_sets:
+        try:
+            run_ids.append(client.launch_run(keys))
+        except (LaunchError, OSError) as exc:
+            not_launched = f"a run of {len(keys)} assets not launched: {exc}"
+            _say(f"{step}: {not_launched}")
+            break
+        _say(f"{step}: run {run_ids[-1][:8]} of {len(keys)} assets launched")
     statuses = follow_runs(client, run_ids, _say)
-    outcome = ", ".join(f"run {run_id[:8]}: {status}" for run_id, status in statuses.items())
+    outcome = ", ".join(
+        [f"run {run_id[:8]}: {status}" for run_id, status in statuses.items()]
+        + ([not_launched] if not_launched else [])
+    )
     summary.add(step, time.perf_counter() - start, outcome)
-    succeeded = all(status == "SUCCESS" for status in statuses.values())
+    succeeded = not not_launched and all(status == "SUCCESS" for status in statuses.values())
     if not succeeded:
         failed = [run_id for run_id, status in statuses.items() if status != "SUCCESS"]
         summary.lines.extend(f"  failed: {line}" for line in client.failures(of_run(*failed)))

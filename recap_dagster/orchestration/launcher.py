@@ -51,10 +51,9 @@ PACE_WINDOW_S = 600.0
 STEP_PROGRESS = re.compile(r"\bstep (\d+)/(\d+)\b")
 
 #: Events after which a step no longer runs: its last "step k/n" no longer tells the rest.
-#: (A step that succeeded counts whole until its run ends: the backfill may count its
-#: partition in progress until then, when another step of the run still runs.)
-_STEP_SUCCESS = "ExecutionStepSuccessEvent"
+#: A success too: the partition is then materialized, or is about to be counted so.
 _STEP_ENDS = {
+    "ExecutionStepSuccessEvent",
     "ExecutionStepFailureEvent",
     "ExecutionStepSkippedEvent",
     "ExecutionStepUpForRetryEvent",
@@ -445,16 +444,13 @@ def step_progress(
 ) -> dict[str, tuple[int, int]]:
     """Step key -> (k, n) of the latest "step k/n" each running step of a run logged: read on
     from ``known`` (what its earlier events said) through ``events`` (its newer log events,
-    oldest first, as ``logsForRun`` gives them); a step that failed drops out, one that
-    succeeded is whole."""
+    oldest first, as ``logsForRun`` gives them); a step that ended drops out. One that
+    succeeded is not counted whole: the backfill may already count its partition as
+    materialized, and its 1.0 would then be credited to a partition still queued."""
     progress = dict(known or {})
     for event in events:
         step = event.get("stepKey")
         if not step:
-            continue
-        if event.get("__typename") == _STEP_SUCCESS:
-            n = progress.get(step, (1, 1))[1]
-            progress[step] = (n, n)
             continue
         if event.get("__typename") in _STEP_ENDS:
             progress.pop(step, None)

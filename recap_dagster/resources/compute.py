@@ -66,9 +66,15 @@ class ComputeResource(dg.ConfigurableResource):
             return self.cpu_threads
         return CpuShare(cores=DEFAULT_THREADS, slots=self._pool_slots).starting_threads()
 
+    def cpu_share(self) -> CpuShare | None:
+        """This step's share of the machine's cores while it runs on the CPU (None with
+        ``cpu_threads`` set, or on a GPU)."""
+        return self._share
+
     def rebalancer(self) -> Callable[[], None]:
-        """For a training loop to call between its steps: the step's threads follow the
-        steps running on this machine (a no-op with ``cpu_threads`` set, or on a GPU)."""
+        """For a loop to call between its pieces of work (training steps, sampling steps):
+        the step's threads follow the steps running on this machine (a no-op without a
+        :meth:`cpu_share`)."""
         return Rebalancer(self._share) if self._share is not None else lambda: None
 
     def launch_env(self, processes: int) -> dict[str, str]:

@@ -31,6 +31,7 @@ from recap_dagster.corpus.dataset import (
 )
 from recap_dagster.storage.fingerprint import model_fingerprint
 from recap_dagster.storage.root import Storage
+from recap_dagster.training.cpu_share import CpuShare
 from recap_dagster.training.devices import dtype_name
 from recap_dagster.training.per_device import DeviceShare, Emit, run_per_device
 
@@ -362,10 +363,12 @@ def cache_group(
     shards: list[str],
     devices: list[torch.device],
     on_event: Emit | None = None,
+    cpu: CpuShare | None = None,
 ) -> CacheStats:
-    """A group's latents cached by one process per device (:func:`run_per_device`)."""
+    """A group's latents cached by one process per device (:func:`run_per_device`, with the
+    step's ``cpu`` share)."""
     storage_dtype(job.dtype)  # a bad name fails here, not in every process
     total = CacheStats()
-    for stats in run_per_device(partial(cache_share, job), shards, devices, on_event):
+    for stats in run_per_device(partial(cache_share, job), shards, devices, on_event, cpu):
         total.merge_parallel(stats)
     return total

@@ -7,7 +7,9 @@ writes every finished shard itself: the writes are atomic, so a killed process l
 files that a retry keeps, and the processes die with the one that spawned them. Progress
 events and each process's result come back over one queue; the caller relays the events as
 they arrive (the Dagster run's log) and merges the results. With one device the work runs
-here, in this process, with nothing spawned.
+here, in this process, with nothing spawned. On the CPU the processes split the step's
+threads, and with a :class:`CpuShare` they follow the steps running on the machine (the
+rebalancer, at each progress event).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.multiprocessing
 from torch.multiprocessing.spawn import ProcessException
+
+from recap_dagster.training.cpu_share import CpuShare, Rebalancer
 
 Result = TypeVar("Result")
 #: Receives a progress event (a JSON-able dict) from any process.
@@ -46,6 +50,22 @@ class DeviceShare:
 class _Run(Generic[Result]):
     work: Callable[[DeviceShare, Emit], Result]
     shares: tuple[DeviceShare, ...]
+    threads: int  # each CPU process's torch threads at its start
+    cpu: CpuShare | None  # the step's share of the cores, split over the processes
+
+
+def _following(emit: Emit, cpu: CpuShare | None) -> Emit:
+    """``emit``, rebalancing this process's threads first (between two pieces of work, in
+    the thread that computes) when the step has a CPU share."""
+    if cpu is None:
+        return emit
+    rebalance = Rebalancer(cpu)
+
+    def emit_and_rebalance(event: dict[str, Any]) -> None:
+        rebalance()
+        emit(event)
+
+    return emit_and_rebalance
 
 
 def used_devices(devices: Sequence[torch.device], shards: Sequence[str]) -> list[torch.device]:
@@ -118,11 +138,13 @@ def _run_share(rank: int, run: _Run[Any], results: Any, parent: int) -> None:
     share = run.shares[rank]
     device = torch.device(share.device)
     use_device(device)
+    cpu = run.cpu if device.type == "cpu" else None
     if device.type == "cpu":
-        # Processes sharing the CPU split its cores instead of each taking all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // share.processes))
+        # Processes sharing the CPU split the step's threads, not each all of the cores.
+        torch.set_num_threads(run.threads)
+    emit = _following(lambda event: results.put(("event", rank, event)), cpu)
     try:
-        result = run.work(share, lambda event: results.put(("event", rank, event)))
+        result = run.work(share, emit)
     except BaseException as exc:
         results.put(("error", rank, (traceback.format_exc(), _picklable(exc))))
         raise
@@ -155,6 +177,7 @@ def run_per_device(
     shards: Sequence[str],
     devices: Sequence[torch.device],
     on_event: Emit | None = None,
+    cpu: CpuShare | None = None,
 ) -> list[Result]:
     """``work(share, emit)`` for each device's share of ``shards``, one process per device
     (spawned, so CUDA starts clean in each); the results in rank order.
@@ -163,16 +186,21 @@ def run_per_device(
     or a ``functools.partial`` of one with picklable arguments). A process that raises
     stops the others; :class:`ProcessFailed` is raised here from its exception (so a
     network error stays recognisable as one) and what the processes wrote stays written.
+    Processes on the CPU split this process's torch threads, or ``cpu`` (the step's share
+    of the machine's cores), which they then follow as steps start and end.
     """
     shares = share_shards(shards, devices)
     on_event = on_event or _ignore
     if len(shares) == 1:
-        use_device(torch.device(shares[0].device))
-        return [work(shares[0], on_event)]
+        device = torch.device(shares[0].device)
+        use_device(device)
+        return [work(shares[0], _following(on_event, cpu if device.type == "cpu" else None))]
+    split = None if cpu is None else CpuShare(cpu.cores, cpu.slots, len(shares), cpu.folder)
+    threads = split.starting_threads() if split else max(1, torch.get_num_threads() // len(shares))
     results_queue = torch.multiprocessing.get_context("spawn").Queue()
     processes = torch.multiprocessing.start_processes(
         _run_share,
-        args=(_Run(work, tuple(shares)), results_queue, os.getpid()),
+        args=(_Run(work, tuple(shares), threads, split), results_queue, os.getpid()),
         nprocs=len(shares),
         join=False,
         start_method="spawn",
