@@ -81,6 +81,17 @@ measured later (``benchmarks/position_follows_text.py``; oracle fine-tunes, seed
   did worse (objects 0.12, single objects never found): v-prediction under this recipe
   (Min-SNR, lr 1e-3, DPM-Solver) is itself unproven here, so the next try is epsilon with a
   noisier schedule and a longer base, or the noisiest timesteps drawn more often.
+- Min-SNR weights an x0 error by min(SNR, 5) whatever the prediction type, so at the
+  noisiest timesteps, where only the text can say where an object goes, it leaves
+  v-prediction no more signal than epsilon. Plain v-prediction loss (weight 1 + SNR there)
+  was tried too, on its own 400-step base: with SD's betas 1.42x (single objects 1.64x),
+  objects 0.31; with zero terminal SNR 0.82x, objects 0.27. Not taken.
+- Not the length of the fine-tune: the oracle trained for 2,400 steps instead of 1,200
+  (snapshots every 600; 4 images per prompt: 160 two-object and 72 single-object position
+  images) finds more objects as it trains (both objects of a position prompt 0.26, 0.48,
+  0.57, 0.71 at 600, 1,200, 1,800, 2,400 steps; object accuracy 0.56 -> 0.73 at 1,200 ->
+  2,400) but places them no better: 2.0x, 1.9x, 2.0x, 1.8x chance (single objects 0.7x,
+  2.0x, 2.0x, 1.9x). Placement from the text plateaus at about 2x chance by 1,200 steps.
 
 ``QUICK_PROFILE`` exercises the same code paths in seconds for tests.
 """
