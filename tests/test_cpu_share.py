@@ -102,3 +102,16 @@ def test_a_dead_steps_pid_taken_by_a_later_process_does_not_count(tmp_path: Path
     finally:
         later.kill()
         later.wait()
+
+
+def test_a_rebalancer_that_cannot_read_the_folder_keeps_the_threads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A recaptioning step must not fail because the steps' folder cannot be read.
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    before = torch.get_num_threads()
+    with caplog.at_level(logging.WARNING):
+        Rebalancer(CpuShare(cores=8, slots=1, folder=str(not_a_folder)))()
+    assert torch.get_num_threads() == before
+    assert "CPU share not rebalanced" in caplog.text

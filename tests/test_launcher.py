@@ -272,6 +272,8 @@ class _SecondLaunchFails:
         return []
 
     def failures(self, runs: dict) -> list[str]:
+        # Never asked with no run ids: that would be every failed run of the instance.
+        assert runs["runIds"]
         return []
 
 

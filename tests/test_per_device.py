@@ -64,22 +64,25 @@ def test_two_processes_return_in_rank_order_and_a_failure_keeps_its_cause() -> N
 
 
 def test_cpu_processes_split_the_steps_share_and_follow_it(tmp_path) -> None:
-    # A step with a quarter of 8 cores (4 slots) runs on two CPU processes: each starts
-    # with 1 thread. At its first event the step is the only one holding a file on the
-    # machine (this process, its parent): all 8 cores, 4 each.
+    # A step with a quarter of 8 cores (4 slots) runs on two CPU processes. From their
+    # start they follow the steps running on the machine: with the step (this process,
+    # their parent) alone, all 8 cores, 4 each; beside another step, 2 each.
     share = CpuShare(cores=8, slots=4, folder=str(tmp_path))
+    work, shards = _threads_before_and_after_an_event, ["a", "b"]
     with share.holding():
-        results = run_per_device(
-            _threads_before_and_after_an_event, ["a", "b"], [CPU, CPU], cpu=share
-        )
-        assert results == [(1, 4), (1, 4)]
-        # One process: the work runs here, which follows the share at its events too.
+        assert run_per_device(work, shards, [CPU, CPU], cpu=share) == [(4, 4), (4, 4)]
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        try:
+            (tmp_path / str(other.pid)).touch()
+            assert run_per_device(work, shards, [CPU, CPU], cpu=share) == [(2, 2), (2, 2)]
+        finally:
+            other.kill()
+            other.wait()
+        # One process: the work runs here, which follows the share too.
         before = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
-            assert run_per_device(_threads_before_and_after_an_event, ["a"], [CPU], cpu=share) == [
-                (2, 8)
-            ]
+            assert run_per_device(work, ["a"], [CPU], cpu=share) == [(8, 8)]
         finally:
             torch.set_num_threads(before)
 

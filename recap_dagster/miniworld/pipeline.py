@@ -190,8 +190,8 @@ def run_assets(
     )
     summary.add(step, time.perf_counter() - start, outcome)
     succeeded = not not_launched and all(status == "SUCCESS" for status in statuses.values())
-    if not succeeded:
-        failed = [run_id for run_id, status in statuses.items() if status != "SUCCESS"]
+    failed = [run_id for run_id, status in statuses.items() if status != "SUCCESS"]
+    if failed:  # (no run ids would be no filter: every failed run of the instance)
         summary.lines.extend(f"  failed: {line}" for line in client.failures(of_run(*failed)))
     summary.succeeded &= succeeded
     return succeeded

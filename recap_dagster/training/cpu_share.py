@@ -129,7 +129,12 @@ class Rebalancer:
         if now - self._last < self.every:
             return
         self._last = now
-        threads, before = self.share.threads_now(), torch.get_num_threads()
+        try:
+            threads = self.share.threads_now()
+        except OSError as exc:  # the folder unreadable: keep the threads, never fail the step
+            log.warning("CPU share not rebalanced: %s", exc)
+            return
+        before = torch.get_num_threads()
         if threads != before:
             torch.set_num_threads(threads)
             log.info("CPU threads %d -> %d (the steps on this machine changed)", before, threads)

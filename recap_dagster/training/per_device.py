@@ -60,6 +60,7 @@ def _following(emit: Emit, cpu: CpuShare | None) -> Emit:
     if cpu is None:
         return emit
     rebalance = Rebalancer(cpu)
+    rebalance()  # at the start too: a process with one shard would never follow it
 
     def emit_and_rebalance(event: dict[str, Any]) -> None:
         rebalance()
