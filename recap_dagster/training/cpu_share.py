@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from recap_dagster.training.processes import process_alive
@@ -97,9 +97,13 @@ class CpuShare:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def split(self, processes: int) -> CpuShare:
+        """This step's share, run by ``processes`` processes: each one's part of it."""
+        return replace(self, processes=processes)
+
     def to_env(self, processes: int) -> dict[str, str]:
         """The environment that gives this share to a launch of ``processes`` processes."""
-        share = CpuShare(self.cores, self.slots, processes, self.folder)
+        share = self.split(processes)
         return {
             SHARE_ENV: json.dumps(asdict(share)),
             "OMP_NUM_THREADS": str(share.starting_threads()),

@@ -51,7 +51,7 @@ class _Run(Generic[Result]):
     work: Callable[[DeviceShare, Emit], Result]
     shares: tuple[DeviceShare, ...]
     threads: int  # each CPU process's torch threads at its start
-    cpu: CpuShare | None  # the step's share of the cores, split over the processes
+    cpu: CpuShare | None  # on the CPU: the step's share of the cores, split over the processes
 
 
 def _following(emit: Emit, cpu: CpuShare | None) -> Emit:
@@ -139,11 +139,10 @@ def _run_share(rank: int, run: _Run[Any], results: Any, parent: int) -> None:
     share = run.shares[rank]
     device = torch.device(share.device)
     use_device(device)
-    cpu = run.cpu if device.type == "cpu" else None
     if device.type == "cpu":
         # Processes sharing the CPU split the step's threads, not each all of the cores.
         torch.set_num_threads(run.threads)
-    emit = _following(lambda event: results.put(("event", rank, event)), cpu)
+    emit = _following(lambda event: results.put(("event", rank, event)), run.cpu)
     try:
         result = run.work(share, emit)
     except BaseException as exc:
@@ -192,11 +191,12 @@ def run_per_device(
     """
     shares = share_shards(shards, devices)
     on_event = on_event or _ignore
+    if torch.device(shares[0].device).type != "cpu":  # the devices are all of one kind
+        cpu = None
     if len(shares) == 1:
-        device = torch.device(shares[0].device)
-        use_device(device)
-        return [work(shares[0], _following(on_event, cpu if device.type == "cpu" else None))]
-    split = None if cpu is None else CpuShare(cpu.cores, cpu.slots, len(shares), cpu.folder)
+        use_device(torch.device(shares[0].device))
+        return [work(shares[0], _following(on_event, cpu))]
+    split = None if cpu is None else cpu.split(len(shares))
     threads = split.starting_threads() if split else max(1, torch.get_num_threads() // len(shares))
     results_queue = torch.multiprocessing.get_context("spawn").Queue()
     processes = torch.multiprocessing.start_processes(
