@@ -348,7 +348,8 @@ def test_miniworld_world_grades_captions() -> None:
 def test_position_read_as_found_chance_and_relation() -> None:
     """A red circle asked at (0, 0) left of a blue square at (0, 2): found at (1, 0) and
     (1, 1) it misses both cells but keeps the relation; with the square missing, half the
-    placed objects are found and no relation holds."""
+    placed objects are found and no relation holds; chance counts every cell a kind
+    occupies."""
     from recap_dagster.miniworld.evaluator import Detection, position_reading
     from recap_dagster.miniworld.scenes import PromptTruth, Requirement
 
@@ -365,5 +366,10 @@ def test_position_read_as_found_chance_and_relation() -> None:
     assert position_reading(swapped, truth)["relative_position"] == 0.0
     one = position_reading(both[:1], truth)
     assert one == {"position_found": 0.5, "position_chance": 0.5 / 9, "relative_position": 0.0}
+    # Three red circles occupy three cells: a text-blind placement hits (0, 0) 3 times in 9.
+    # Two copies in one cell (two detections, one cell) count that cell once.
+    copies = [Detection("red", "circle", 1, c, 50) for c in range(3)]
+    copies += [Detection("blue", "square", 2, 2, 50), Detection("blue", "square", 2, 2, 40)]
+    assert position_reading(copies, truth)["position_chance"] == (3 + 1) / 2 / 9
     unplaced = PromptTruth("p", "single_object", (Requirement("red", "circle"),))
     assert set(position_reading(both, unplaced).values()) == {None}

@@ -242,7 +242,8 @@ def position_markdown(rows: Sequence[dict[str, object]]) -> str:
         [
             "## Position against chance",
             "Chance: the exact-cell accuracy of placement that ignores the text, given the "
-            "objects found (object accuracy / 9 on a 3x3 grid); given found: accuracy over "
+            "objects drawn (the cells each asked-for kind occupies / 9 on a 3x3 grid: extra "
+            "copies raise it); given found: accuracy over "
             "images where every placed object was found; relative position: GenEval's form, "
             "the placed objects stand as the prompt's do (left/right, above/below).",
             markdown_table(list(rows[0]), cells),

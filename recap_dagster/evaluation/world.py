@@ -28,7 +28,7 @@ IMAGE_METRICS = (
     "all_correct",  # 1.0 when everything the prompt asks for holds
     # Position, read three more ways: how many placed objects were found at all, what
     # position accuracy placement that ignores the text would score (the chance level given
-    # what was found; None where the world cannot say), and GenEval's relation form ("A left
+    # what was drawn; None where the world cannot say), and GenEval's relation form ("A left
     # of B": the placed objects stand as the prompt's positions do; None unless two placed).
     "position_found",
     "position_chance",

@@ -355,14 +355,19 @@ def _sign(value: int) -> int:
 def position_reading(detections: Sequence[Detection], truth: PromptTruth) -> dict[str, Any]:
     """The placed requirements read beyond exact cells: the fraction found anywhere
     (``position_found``), the exact-cell accuracy that placement ignoring the text would
-    score given that (``position_chance``: one cell in ``GRID**2``) and, for two placed
-    objects, whether some detected pair stands as the stated cells do, left/right and
-    above/below (``relative_position``, GenEval's form). None where nothing is placed."""
+    score with the same detections (``position_chance``: the cells a requirement's kind
+    occupies, out of ``GRID**2``, since any copy in the stated cell counts as a hit: three
+    red circles hit a stated cell 3 times in 9 by luck) and, for two placed objects,
+    whether some detected pair stands as the stated cells do, left/right and above/below
+    (``relative_position``, GenEval's form). None where nothing is placed."""
     placed = [r for r in truth.requirements if r.cell is not None]
     if not placed:
         return {"position_found": None, "position_chance": None, "relative_position": None}
-    kinds = {d.kind for d in detections}
-    found = sum((r.colour, r.shape) in kinds for r in placed) / len(placed)
+    cells: dict[tuple[str, str], set[tuple[int, int]]] = {}
+    for d in detections:
+        cells.setdefault(d.kind, set()).add((d.row, d.col))
+    occupied = [len(cells.get((r.colour, r.shape), ())) for r in placed]
+    found = sum(n > 0 for n in occupied) / len(placed)
     relative: float | None = None
     if len(placed) == 2:
         a, b = placed
@@ -379,7 +384,7 @@ def position_reading(detections: Sequence[Detection], truth: PromptTruth) -> dic
         )
     return {
         "position_found": found,
-        "position_chance": found / GRID**2,
+        "position_chance": sum(occupied) / len(placed) / GRID**2,
         "relative_position": relative,
     }
 
