@@ -93,6 +93,29 @@ measured later (``benchmarks/position_follows_text.py``; oracle fine-tunes, seed
   2,400) but places them no better: 2.0x, 1.9x, 2.0x, 1.8x chance (single objects 0.7x,
   2.0x, 2.0x, 1.9x). Placement from the text plateaus at about 2x chance by 1,200 steps.
 
+All the ratios above use the chance of that time, objects found / 9. Any drawn copy in
+the stated cell is a hit, so chance is the cells the asked-for kind occupies / 9 (stop 40,
+``miniworld/evaluator.py``); re-graded that way (4 images per prompt), the oracle of this
+profile places at 1.28x chance on the 40 position prompts (1.87x before) and 1.21x on the
+18 single objects (1.98x): hardly above chance. The 2,400-step oracle: 1.03x (1.78x
+before), single objects 1.04x; v-prediction under zero terminal SNR, plain loss: 1.02x.
+Why, and what else failed:
+
+- The denoiser does not read the position words. One-object scenes noised at t and
+  denoised with the true cell, a wrong cell or no prompt (``x0_error_at_timestep``): the
+  predicted clean latent's error with the true cell equals that with a wrong cell to the
+  third digit at t = 300, 600, 800, 900 and 999 (this profile's oracle: 0.3415 vs 0.3410
+  at 900, 0.9961 vs 0.9970 at 999), in every oracle measured: v-prediction with and
+  without zero terminal SNR too, where the last timestep hides the layout and only the
+  words could give it (0.5697 vs 0.5696). The colour and shape words do lower it.
+- Not the UNet's sense of place: SD's UNet has no position embedding (a feature learns
+  where it is only from zero padding). A fixed sine-cosine embedding of (row, column)
+  added after ``conv_in``, on a base rebuilt with it: 1.05x chance (single objects 0.98x),
+  objects 0.44; with v-prediction, zero terminal SNR and plain v loss 0.98x, objects 0.28;
+  with cross-attention at 16x16 as well 0.88x (single 1.59x), objects 0.33. In each the
+  x0 error with the true and a wrong cell stayed equal (0.3949 vs 0.3943 at t=999 for the
+  last). Not taken.
+
 ``QUICK_PROFILE`` exercises the same code paths in seconds for tests.
 """
 
