@@ -74,7 +74,8 @@ def _encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 
 def position_word_use(pipe, timesteps: tuple[int, ...]) -> dict[int, dict[str, float]]:
     """Mean x0 error (per latent element) with the true cell, a wrong cell and no prompt, for
-    one-object scenes noised at each of ``timesteps``."""
+    one-object scenes noised at each of ``timesteps`` (skipping a zero-SNR one for an
+    epsilon model, whose x0 estimate divides by zero)."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -87,6 +88,8 @@ def position_word_use(pipe, timesteps: tuple[int, ...]) -> dict[int, dict[str, f
         for t in timesteps:
             sums[t] = {"true_cell": 0.0, "wrong_cell": 0.0, "no_prompt": 0.0}
             alpha = scheduler.alphas_cumprod[t]
+            if alpha == 0 and not v_prediction:
+                continue  # epsilon at zero SNR: no x0 estimate to score
             for colour, shape in KINDS:
                 scenes = [Scene((SceneObject(colour, shape, r, c),)) for r, c in cells]
                 images = [render(scene, resolution) for scene in scenes]
@@ -151,7 +154,7 @@ def main() -> None:
                 "seeds_with_one_layout_for_all_cells": f"{fixed_layouts}/{args.seeds}",
                 "layout_margin_sigma_at_timestep": layout_margin(pipe, args.beta_end),
                 "x0_error_at_timestep": position_word_use(
-                    pipe, (600, 800, 900, pipe.scheduler.config.num_train_timesteps - 1)
+                    pipe, (300, 600, 800, 900, pipe.scheduler.config.num_train_timesteps - 1)
                 ),
             }
         )

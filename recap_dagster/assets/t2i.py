@@ -82,7 +82,8 @@ COMPARISON_NOTES = {
     "paper_difference": "the paper's relative change at alttext's value",
 }
 POSITION_NOTES = {
-    "chance": "exact-cell accuracy of placement ignoring the text, given the objects found",
+    "chance": "exact-cell accuracy of placement ignoring the text, given the objects drawn "
+    "(the cells each asked-for kind occupies / 9)",
     "given_found": "position accuracy over images where every placed object was found",
     "relative_position": "GenEval's form: placed objects stand as the prompt's do",
     "above_chance": "accuracy minus chance above zero (95% t interval over judged_over)",

@@ -162,7 +162,7 @@ def comparison_markdown(results: Sequence[MetricComparison]) -> str:
 
 def position_rows(rows_by_variant: dict[str, Sequence[dict]]) -> list[dict[str, object]]:
     """Per variant: position accuracy beside its chance level (placement ignoring the text,
-    given what was found), the ratio, position given the objects found and the relation
+    given what was drawn), the ratio, position given the objects found and the relation
     form, each a mean over seeds; and whether accuracy minus chance is above zero: a t
     interval over the seeds' excess, or, from one seed, over its images (``judged_over``:
     that run's placement, not the recipe's, whose seeds vary more)."""
