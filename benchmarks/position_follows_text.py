@@ -64,17 +64,9 @@ def layout_margin(pipe, beta_end: float | None) -> dict[int, float]:
     return {t: round(norm * float(snr[t].sqrt()), 2) for t in (500, 750, 900, last)}
 
 
-def _encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids  # fmt: skip
-    return pipe.text_encoder(ids)[0]
-
-
 def position_word_use(pipe, timesteps: tuple[int, ...]) -> dict[int, dict[str, float]]:
     """Mean x0 error (per latent element) with the true cell, a wrong cell and no prompt, for
-    one-object scenes noised at each of ``timesteps`` (skipping a zero-SNR one for an
+    one-object scenes noised at each of ``timesteps`` (leaving out a zero-SNR one for an
     epsilon model, whose x0 estimate divides by zero)."""
     from diffusers import DDPMScheduler
 
@@ -82,29 +74,32 @@ def position_word_use(pipe, timesteps: tuple[int, ...]) -> dict[int, dict[str, f
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    sums: dict[int, dict[str, float]] = {}
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
+
     with torch.no_grad():
-        empty = _encode_prompts(pipe, [""])
+        # Per kind: its nine scenes' clean latents and the nine stated cells' prompts, then
+        # the empty prompt; the same for every timestep.
+        kinds = []
+        for colour, shape in KINDS:
+            images = [render(Scene((SceneObject(colour, shape, *c),)), resolution) for c in cells]
+            clean = pipe.vae.encode(pixels(images, resolution)).latent_dist.mean
+            stated = [prompt_text((Requirement(colour, shape, 1, c),), "position") for c in cells]
+            kinds.append((clean * pipe.vae.config.scaling_factor, encode([*stated, ""])))
+        errors: dict[int, dict[str, float]] = {}
         for t in timesteps:
-            sums[t] = {"true_cell": 0.0, "wrong_cell": 0.0, "no_prompt": 0.0}
             alpha = scheduler.alphas_cumprod[t]
             if alpha == 0 and not v_prediction:
                 continue  # epsilon at zero SNR: no x0 estimate to score
-            for colour, shape in KINDS:
-                scenes = [Scene((SceneObject(colour, shape, r, c),)) for r, c in cells]
-                images = [render(scene, resolution) for scene in scenes]
-                clean = pipe.vae.encode(pixels(images, resolution)).latent_dist.mean
-                clean = clean * pipe.vae.config.scaling_factor
+            sums = {"true_cell": 0.0, "wrong_cell": 0.0, "no_prompt": 0.0}
+            for clean, texts in kinds:
                 noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(t))
                 noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
-                texts = _encode_prompts(
-                    pipe,
-                    [prompt_text((Requirement(colour, shape, 1, c),), "position") for c in cells],
-                )
                 for i in range(len(cells)):
                     # Scene i under all nine stated cells, then under the empty prompt.
-                    inputs = noisy[i : i + 1].expand(len(cells) + 1, -1, -1, -1)
-                    pred = pipe.unet(inputs, t, torch.cat([texts, empty])).sample
+                    inputs = noisy[i : i + 1].expand(len(texts), -1, -1, -1)
+                    pred = pipe.unet(inputs, t, texts).sample
                     x0 = (
                         alpha.sqrt() * inputs - (1 - alpha).sqrt() * pred
                         if v_prediction
@@ -112,11 +107,12 @@ def position_word_use(pipe, timesteps: tuple[int, ...]) -> dict[int, dict[str, f
                     )
                     err = ((x0 - clean[i : i + 1]) ** 2).mean(dim=(1, 2, 3))
                     wrong = (err[: len(cells)].sum() - err[i]) / (len(cells) - 1)
-                    sums[t]["true_cell"] += float(err[i])
-                    sums[t]["wrong_cell"] += float(wrong)
-                    sums[t]["no_prompt"] += float(err[-1])
-    n = len(KINDS) * len(cells)
-    return {t: {k: round(v / n, 4) for k, v in row.items()} for t, row in sums.items()}
+                    sums["true_cell"] += float(err[i])
+                    sums["wrong_cell"] += float(wrong)
+                    sums["no_prompt"] += float(err[-1])
+            n = len(KINDS) * len(cells)
+            errors[t] = {k: round(v / n, 4) for k, v in sums.items()}
+    return errors
 
 
 def main() -> None:
